@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The PHP suite: generate the PHP code from idl/fae.thrift into a temp dir, start faed on two free loopback
+# ports, run tests/php/test_fae.php (with plain PHP, then again with the thrift_protocol extension if it can be
+# loaded), stop faed by PID (SIGTERM, SIGKILL after 10 s) and require exit code 0 from it.
+#
+#   tests/php/run.sh                 # uses target/debug/faed
+#   FAED_BIN=/path/to/faed tests/php/run.sh
+#   PHP=php8.2 THRIFT=/usr/bin/thrift tests/php/run.sh
+set -u
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+IDL="$ROOT/idl/fae.thrift"
+FAED_BIN=${FAED_BIN:-$ROOT/target/debug/faed}
+PHP=${PHP:-php}
+THRIFT=${THRIFT:-thrift}
+HOST=127.0.0.1
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/fae-php.XXXXXX")
+FAED_PID=""
+
+stop_faed() {
+    # Stop faed by PID: SIGTERM, then SIGKILL after 10 s. Sets FAED_RC.
+    FAED_RC=""
+    [ -n "$FAED_PID" ] || return 0
+    if kill -0 "$FAED_PID" 2>/dev/null; then
+        kill -TERM "$FAED_PID" 2>/dev/null
+        for _ in $(seq 100); do
+            kill -0 "$FAED_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$FAED_PID" 2>/dev/null; then
+            echo "run.sh: faed (pid $FAED_PID) still alive 10 s after SIGTERM, sending SIGKILL" >&2
+            kill -KILL "$FAED_PID" 2>/dev/null
+        fi
+    fi
+    wait "$FAED_PID" 2>/dev/null
+    FAED_RC=$?
+    FAED_PID=""
+}
+
+cleanup() {
+    stop_faed
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fail() {
+    echo "run.sh: $*" >&2
+    if [ -s "$TMP/faed.log" ]; then
+        echo "---- faed log (tail) ----" >&2
+        tail -n 40 "$TMP/faed.log" >&2
+    fi
+    exit 1
+}
+
+# ---- generated code ----
+GEN="$TMP/gen-php"
+mkdir -p "$GEN"
+if ! "$THRIFT" --gen php -out "$GEN" "$IDL" 2>"$TMP/thrift.err"; then
+    if grep -q 'reserved' "$TMP/thrift.err"; then
+        # thrift >= 0.13's PHP generator refuses argument names that are PHP-generator keywords (e.g. `args`).
+        # Argument names never go on the wire (only ids and types do), so rename them in a copy.
+        echo "run.sh: warning: $(cat "$TMP/thrift.err")" >&2
+        echo "run.sh: warning: generating from a copy of the IDL with argument 'args' renamed to 'sqlArgs'" >&2
+        sed -E 's/\b(list<string>|list<list<string>>) args([,)])/\1 sqlArgs\2/g' "$IDL" > "$TMP/fae.thrift"
+        "$THRIFT" --gen php -out "$GEN" "$TMP/fae.thrift" || fail "thrift --gen php failed"
+    else
+        cat "$TMP/thrift.err" >&2
+        fail "thrift --gen php failed"
+    fi
+fi
+[ -f "$GEN/fun/rpc/FunServantClient.php" ] || fail "generated code not where expected: $GEN/fun/rpc"
+
+# ---- the server ----
+[ -x "$FAED_BIN" ] || fail "faed binary not found or not executable: $FAED_BIN (set FAED_BIN)"
+read -r RPC_PORT ADMIN_PORT < <("$PHP" -r '
+    $a = stream_socket_server("tcp://127.0.0.1:0"); $b = stream_socket_server("tcp://127.0.0.1:0");
+    $p = function ($s) { $n = stream_socket_get_name($s, false); return substr($n, strrpos($n, ":") + 1); };
+    echo $p($a), " ", $p($b), "\n";')
+[ -n "${ADMIN_PORT:-}" ] || fail "could not pick free ports"
+
+"$FAED_BIN" --listen "$HOST:$RPC_PORT" --admin "$HOST:$ADMIN_PORT" --log-level warn \
+    </dev/null >"$TMP/faed.log" 2>&1 &
+FAED_PID=$!
+
+up=""
+for _ in $(seq 100); do  # 10 s
+    kill -0 "$FAED_PID" 2>/dev/null || { wait "$FAED_PID"; rc=$?; FAED_PID=""; fail "faed exited with code $rc before listening"; }
+    if (exec 3<>"/dev/tcp/$HOST/$RPC_PORT") 2>/dev/null; then
+        up=1
+        break
+    fi
+    sleep 0.1
+done
+[ -n "$up" ] || fail "faed did not accept on $HOST:$RPC_PORT within 10 s"
+
+# ---- the suite ----
+status=0
+echo "== php (plain TBinaryProtocol) =="
+"$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+
+if ! "$PHP" -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null &&
+   "$PHP" -d extension=thrift_protocol.so -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null; then
+    echo "== php (thrift_protocol extension, TBinaryProtocolAccelerated) =="
+    "$PHP" -d extension=thrift_protocol.so "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+else
+    echo "== php: thrift_protocol extension not loadable (or already loaded): accelerated run skipped =="
+fi
+
+kill -0 "$FAED_PID" 2>/dev/null || { status=1; echo "run.sh: faed died during the tests" >&2; }
+stop_faed
+if [ "$FAED_RC" != "0" ]; then
+    echo "run.sh: faed exited with code $FAED_RC after SIGTERM, want 0" >&2
+    status=1
+fi
+[ $status -eq 0 ] || { [ -s "$TMP/faed.log" ] && { echo "---- faed log (tail) ----" >&2; tail -n 40 "$TMP/faed.log" >&2; }; }
+exit $status

@@ -1,0 +1,205 @@
+"""Shared fixtures: Thrift code generation, one faed for the whole session, client factories.
+
+Run from the repository root:  /usr/bin/python3 -m pytest tests/python -q
+Environment: FAED_BIN (default <repo>/target/debug/faed), THRIFT (default `thrift`).
+"""
+
+import importlib
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+IDL = REPO / "idl" / "fae.thrift"
+FAED_BIN = os.environ.get("FAED_BIN", str(REPO / "target" / "debug" / "faed"))
+THRIFT = os.environ.get("THRIFT", "thrift")
+HOST = "127.0.0.1"
+START_TIMEOUT = 10.0  # seconds for faed to accept on its RPC port
+STOP_TIMEOUT = 10.0   # seconds for faed to exit after SIGTERM
+
+
+def free_ports(n):
+    """n distinct loopback ports that were free a moment ago (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---- generated code ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rpc(tmp_path_factory):
+    """Generate the Python code from idl/fae.thrift into a temp dir and import it (plus clients/python).
+
+    Returns a namespace: FunServant, ttypes, Context, TCacheMissed, TApplicationException, fae_client,
+    ctx(rid=..., reason=..., uid=...) -> a valid Context by default.
+    """
+    out = tmp_path_factory.mktemp("gen-py")
+    try:
+        r = subprocess.run([THRIFT, "--gen", "py", "-out", str(out), str(IDL)],
+                           capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.fail("thrift compiler %r not found (set THRIFT)" % THRIFT)
+    if r.returncode != 0:
+        pytest.fail("thrift --gen py failed (%d):\n%s%s" % (r.returncode, r.stdout, r.stderr))
+    sys.path.insert(0, str(out))
+    sys.path.insert(0, str(REPO / "clients" / "python"))
+    FunServant = importlib.import_module("fun.rpc.FunServant")
+    ttypes = importlib.import_module("fun.rpc.ttypes")
+    fae_client = importlib.import_module("fae_client")
+    from thrift.Thrift import TApplicationException
+
+    def ctx(rid=None, reason="pytest", uid=1):
+        if rid is None:
+            rid = random.randint(1, (1 << 62))
+        return ttypes.Context(rid=rid, reason=reason, uid=uid)
+
+    return types.SimpleNamespace(
+        FunServant=FunServant, ttypes=ttypes, Context=ttypes.Context, TCacheMissed=ttypes.TCacheMissed,
+        TApplicationException=TApplicationException, fae_client=fae_client, ctx=ctx, gen_dir=out)
+
+
+# ---- the server -------------------------------------------------------------------------------------
+
+class Faed(object):
+    def __init__(self, proc, rpc_port, admin_port, log_path):
+        self.proc = proc
+        self.host = HOST
+        self.port = rpc_port
+        self.admin_port = admin_port
+        self.log_path = log_path
+
+    @property
+    def addr(self):
+        return "%s:%d" % (self.host, self.port)
+
+    @property
+    def admin_url(self):
+        return "http://%s:%d" % (self.host, self.admin_port)
+
+    def log_tail(self, n=4000):
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def faed(tmp_path_factory):
+    """Start faed on two free loopback ports; stop it with SIGTERM at the end and require exit code 0."""
+    if not (os.path.isfile(FAED_BIN) and os.access(FAED_BIN, os.X_OK)):
+        pytest.fail("faed binary not found or not executable: %s (set FAED_BIN)" % FAED_BIN)
+    rpc_port, admin_port = free_ports(2)
+    log_path = tmp_path_factory.mktemp("faed") / "faed.log"
+    argv = [FAED_BIN, "--listen", "%s:%d" % (HOST, rpc_port), "--admin", "%s:%d" % (HOST, admin_port),
+            "--log-level", "warn"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    server = Faed(proc, rpc_port, admin_port, log_path)
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        rc = proc.poll()
+        if rc is not None:
+            pytest.fail("faed exited with code %s before accepting on %s\n%s\nlog:\n%s"
+                        % (rc, server.addr, " ".join(argv), server.log_tail()))
+        try:
+            socket.create_connection((HOST, rpc_port), timeout=0.5).close()
+            break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail("faed did not accept on %s within %.0fs\n%s\nlog:\n%s"
+                        % (server.addr, START_TIMEOUT, " ".join(argv), server.log_tail()))
+        time.sleep(0.05)
+
+    yield server
+
+    if proc.poll() is not None:
+        pytest.fail("faed died during the tests with code %s\nlog:\n%s" % (proc.returncode, server.log_tail()))
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("faed did not exit within %.0fs of SIGTERM (killed)\nlog:\n%s"
+                    % (STOP_TIMEOUT, server.log_tail()))
+    if rc != 0:
+        pytest.fail("faed exited with code %s after SIGTERM, want 0\nlog:\n%s" % (rc, server.log_tail()))
+
+
+# ---- raw generated clients --------------------------------------------------------------------------
+
+class Conn(object):
+    """One connection: the generated FunServant.Client plus its transport and protocol."""
+
+    def __init__(self, rpc, faed, framed):
+        from thrift.protocol import TBinaryProtocol
+        from thrift.transport import TSocket, TTransport
+        self.sock = TSocket.TSocket(faed.host, faed.port)
+        self.sock.setTimeout(10000)
+        self.transport = (TTransport.TFramedTransport(self.sock) if framed
+                          else TTransport.TBufferedTransport(self.sock))
+        self.transport.open()
+        self.protocol = TBinaryProtocol.TBinaryProtocol(self.transport)
+        self.client = rpc.FunServant.Client(self.protocol)
+
+    def close(self):
+        self.transport.close()
+
+
+@pytest.fixture
+def connect(rpc, faed):
+    """Factory: connect(framed=False) -> Conn; every Conn is closed at the end of the test."""
+    conns = []
+
+    def make(framed=False):
+        c = Conn(rpc, faed, framed)
+        conns.append(c)
+        return c
+
+    yield make
+    for c in conns:
+        c.close()
+
+
+@pytest.fixture(params=["buffered", "framed"])
+def transport_kind(request):
+    return request.param
+
+
+@pytest.fixture
+def conn(connect, transport_kind):
+    """A Conn over TBufferedTransport, then (second run) over TFramedTransport; TBinaryProtocol."""
+    return connect(framed=(transport_kind == "framed"))
+
+
+@pytest.fixture
+def client(conn):
+    return conn.client
+
+
+@pytest.fixture
+def uniq(request):
+    """A prefix unique to this test run and test (the server is shared by all tests)."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")
+    return "pytest-%d-%08x-%s" % (os.getpid(), random.getrandbits(32), name)

@@ -1,0 +1,200 @@
+//! The admin HTTP endpoint: Prometheus text at `/metrics`, JSON at `/api/stats`, and an index page at `/`.
+//!
+//! A deliberately small HTTP/1.1 server on one thread: requests are tiny, infrequent and answered from
+//! counters, and a connection that does not send its request within two seconds is dropped.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::engine::kernel::Gate;
+use crate::engine::metrics::{bucket_upper, LoopMetrics, Snapshot, BUCKETS, SLOTS};
+use crate::engine::EngineError;
+use crate::servant::{misc, Servants};
+
+/// What the admin endpoint reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub metrics: Vec<Arc<LoopMetrics>>,
+    pub servants: Arc<Servants>,
+    pub gate: Arc<Gate>,
+}
+
+/// Binds the admin address and serves it on a thread of its own.
+pub fn spawn(addr: SocketAddr, state: AdminState) -> Result<(), EngineError> {
+    let listener = TcpListener::bind(addr).map_err(|source| EngineError::Admin { addr, source })?;
+    std::thread::Builder::new()
+        .name("fae-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => {
+                        if let Err(e) = handle(s, &state) {
+                            tracing::debug!(error = %e, "admin request");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "admin accept"),
+                }
+            }
+        })
+        .map_err(|source| EngineError::Admin { addr, source })?;
+    tracing::info!(%addr, "admin HTTP");
+    Ok(())
+}
+
+fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 8192];
+    let mut len = 0;
+    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+        if len == buf.len() {
+            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", "request too large\n");
+        }
+        let n = s.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut s, "405 Method Not Allowed", "text/plain", "GET only\n");
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match path {
+        "/metrics" => respond(&mut s, "200 OK", "text/plain; version=0.0.4", &prometheus(state)),
+        "/api/stats" => respond(&mut s, "200 OK", "application/json", &stats_json(state).to_string()),
+        "/" => respond(&mut s, "200 OK", "text/html; charset=utf-8", INDEX),
+        _ => respond(&mut s, "404 Not Found", "text/plain", "not found\n"),
+    }
+}
+
+fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body.as_bytes())
+}
+
+const INDEX: &str = "<!doctype html><title>fae</title><h1>fae</h1>\
+<p><a href=\"/metrics\">/metrics</a> (Prometheus) · <a href=\"/api/stats\">/api/stats</a> (JSON)</p>\n";
+
+/// Histogram bounds exported to Prometheus: powers of four of nanoseconds, which fall on bucket edges.
+fn prometheus_bounds() -> impl Iterator<Item = (usize, f64)> {
+    (0..BUCKETS)
+        .filter(|&i| {
+            let u = bucket_upper(i);
+            u >= 1024 && u.is_power_of_two() && u.trailing_zeros() % 2 == 0
+        })
+        .map(|i| (i, bucket_upper(i) as f64 / 1e9))
+}
+
+pub fn prometheus(state: &AdminState) -> String {
+    let snap = Snapshot::merge(&state.metrics);
+    let mut o = String::with_capacity(16 << 10);
+    let _ = writeln!(o, "# HELP fae_calls_total Calls answered, by method.\n# TYPE fae_calls_total counter");
+    for slot in 0..SLOTS {
+        let name = Snapshot::slot_name(slot);
+        let _ = writeln!(o, "fae_calls_total{{method=\"{name}\"}} {}", snap.methods[slot].calls);
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_call_errors_total Calls answered with a TApplicationException, by method.\n\
+         # TYPE fae_call_errors_total counter"
+    );
+    for slot in 0..SLOTS {
+        let name = Snapshot::slot_name(slot);
+        let _ = writeln!(o, "fae_call_errors_total{{method=\"{name}\"}} {}", snap.methods[slot].errors);
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_call_duration_seconds Time to run a call on its event loop.\n\
+         # TYPE fae_call_duration_seconds histogram"
+    );
+    for slot in 0..SLOTS {
+        let m = &snap.methods[slot];
+        if m.calls == 0 {
+            continue;
+        }
+        let name = Snapshot::slot_name(slot);
+        let mut cum = 0;
+        let mut next = 0;
+        for (i, le) in prometheus_bounds() {
+            cum += m.latency[next..=i].iter().sum::<u64>();
+            next = i + 1;
+            let _ = writeln!(o, "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"{le}\"}} {cum}");
+        }
+        let total: u64 = m.latency.iter().sum();
+        let _ = writeln!(o, "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"+Inf\"}} {total}");
+        let _ = writeln!(o, "fae_call_duration_seconds_count{{method=\"{name}\"}} {total}");
+    }
+    let lc = state.servants.lcache.stats();
+    for (name, kind, help, v) in [
+        ("fae_sessions", "gauge", "Open sessions.", snap.sessions),
+        ("fae_sessions_accepted_total", "counter", "Sessions accepted.", snap.accepted),
+        ("fae_protocol_errors_total", "counter", "Malformed messages (session closed).", snap.protocol_errors),
+        ("fae_slow_calls_total", "counter", "Calls slower than metrics.slow_call_ms.", snap.slow_calls),
+        ("fae_deadline_exceeded_total", "counter", "Calls refused after their deadline.", snap.deadline_exceeded),
+        ("fae_sessions_timed_out_total", "counter", "Sessions closed for idleness or a stalled message.", snap.timed_out_sessions),
+        ("fae_received_bytes_total", "counter", "Bytes received from clients.", snap.bytes_in),
+        ("fae_sent_bytes_total", "counter", "Bytes sent to clients.", snap.bytes_out),
+        ("fae_lcache_items", "gauge", "Entries in the local cache.", lc.items as u64),
+        ("fae_lcache_bytes", "gauge", "Bytes charged to the local cache.", lc.bytes as u64),
+        ("fae_locks_held", "gauge", "Locks held and not expired.", state.servants.lock.held() as u64),
+        ("fae_registry_nodes", "gauge", "Nodes in the registry.", state.servants.registry.len() as u64),
+        ("fae_uptime_seconds", "gauge", "Seconds since start.", state.servants.misc.uptime_secs()),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    o
+}
+
+pub fn stats_json(state: &AdminState) -> serde_json::Value {
+    let snap = Snapshot::merge(&state.metrics);
+    let methods: serde_json::Map<String, serde_json::Value> = (0..SLOTS)
+        .filter(|&slot| snap.methods[slot].calls > 0)
+        .map(|slot| {
+            let m = &snap.methods[slot];
+            (
+                Snapshot::slot_name(slot).to_owned(),
+                json!({
+                    "calls": m.calls,
+                    "errors": m.errors,
+                    "p50_us": m.quantile_us(0.5),
+                    "p99_us": m.quantile_us(0.99),
+                    "p999_us": m.quantile_us(0.999),
+                }),
+            )
+        })
+        .collect();
+    let lc = state.servants.lcache.stats();
+    json!({
+        "version": misc::VERSION,
+        "build": misc::BUILD_ID,
+        "uptime_secs": state.servants.misc.uptime_secs(),
+        "loops": state.metrics.len(),
+        "sessions": snap.sessions,
+        "sessions_accepted": snap.accepted,
+        "sessions_timed_out": snap.timed_out_sessions,
+        "protocol_errors": snap.protocol_errors,
+        "slow_calls": snap.slow_calls,
+        "deadline_exceeded": snap.deadline_exceeded,
+        "bytes_in": snap.bytes_in,
+        "bytes_out": snap.bytes_out,
+        "calls": snap.methods.iter().map(|m| m.calls).sum::<u64>(),
+        "errors": snap.methods.iter().map(|m| m.errors).sum::<u64>(),
+        "lcache": {"items": lc.items, "bytes": lc.bytes},
+        "locks_held": state.servants.lock.held(),
+        "registry_nodes": state.servants.registry.len(),
+        "methods": methods,
+    })
+}

@@ -1,0 +1,182 @@
+//! fae: the command-line client — ping a node, make one call, or benchmark.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use fae::client::{self, bench, Transport};
+
+#[derive(Parser, Debug)]
+#[command(name = "fae", version, about = "fae command-line client")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TransportArg {
+    Buffered,
+    Framed,
+}
+
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Transport {
+        match t {
+            TransportArg::Buffered => Transport::Buffered,
+            TransportArg::Framed => Transport::Framed,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Calls ping and prints the node's answer.
+    Ping {
+        /// host:port of a faed node
+        addr: String,
+        #[arg(long, value_enum, default_value = "buffered")]
+        transport: TransportArg,
+        #[arg(long = "timeout-ms", default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Calls METHOD with ARGS and prints the result or the exception (exit 1).
+    ///
+    /// Examples: `fae call 127.0.0.1:9001 lc_set k v`, `fae call 127.0.0.1:9001 id_decode 123456789`.
+    Call {
+        addr: String,
+        method: String,
+        args: Vec<String>,
+        #[arg(long, value_enum, default_value = "buffered")]
+        transport: TransportArg,
+        #[arg(long = "timeout-ms", default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Closed-loop load: prints calls/s, p50/p99/p999 latency and errors.
+    Bench {
+        addr: String,
+        /// Concurrent connections.
+        #[arg(short = 'c', long, default_value_t = 64)]
+        connections: usize,
+        /// Calls in flight per connection (pipelined).
+        #[arg(short = 'd', long, default_value_t = 1)]
+        depth: usize,
+        /// Measured seconds.
+        #[arg(short = 't', long = "duration", default_value_t = 10.0)]
+        duration_secs: f64,
+        /// Unmeasured seconds before the measurement.
+        #[arg(long = "warmup", default_value_t = 1.0)]
+        warmup_secs: f64,
+        /// Methods and weights, e.g. `noop` or `noop:3,lc_get:1` (noop, ping, id_next, lc_get, lc_set).
+        #[arg(short = 'm', long, default_value = "noop")]
+        mix: String,
+        /// Value bytes for lc_set and the keys lc_get reads.
+        #[arg(long = "value-size", default_value_t = 100)]
+        value_size: usize,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        #[arg(long, value_enum, default_value = "buffered")]
+        transport: TransportArg,
+        /// Client event-loop threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// The server's pid: report its CPU time per call (from /proc).
+        #[arg(long = "server-pid")]
+        server_pid: Option<u32>,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Ping {
+            addr,
+            transport,
+            timeout_ms,
+        } => one_call(&addr, "ping", &[], transport.into(), timeout_ms),
+        Cmd::Call {
+            addr,
+            method,
+            args,
+            transport,
+            timeout_ms,
+        } => one_call(&addr, &method, &args, transport.into(), timeout_ms),
+        Cmd::Bench {
+            addr,
+            connections,
+            depth,
+            duration_secs,
+            warmup_secs,
+            mix,
+            value_size,
+            keys,
+            transport,
+            threads,
+            server_pid,
+            json,
+        } => {
+            let mix = match bench::parse_mix(&mix) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("fae bench: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let cfg = bench::BenchConfig {
+                addr,
+                connections: connections.max(1),
+                depth: depth.max(1),
+                duration: Duration::from_secs_f64(duration_secs.max(0.1)),
+                warmup: Duration::from_secs_f64(warmup_secs.max(0.0)),
+                mix,
+                value_size,
+                keys: keys.max(1),
+                transport: transport.into(),
+                threads,
+                server_pid,
+                progress: !json,
+            };
+            match bench::run(&cfg) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    } else {
+                        println!("{report}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fae bench: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn one_call(addr: &str, method: &str, args: &[String], transport: Transport, timeout_ms: u64) -> ExitCode {
+    let mut c = match client::connect(addr, transport, Duration::from_millis(timeout_ms)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fae: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client::call(&mut c, method, args) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ client::CallFailure::Usage(_)) => {
+            eprintln!("fae: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! faed: the fae daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use fae::admin::{self, AdminState};
+use fae::config::Config;
+use fae::engine::Server;
+
+/// faed serves the FunServant Thrift API. With no flags it runs on built-in defaults: RPC on 127.0.0.1:9001,
+/// admin HTTP on 127.0.0.1:9101.
+#[derive(Parser, Debug)]
+#[command(name = "faed", version = concat!(env!("CARGO_PKG_VERSION"), " (build ", env!("FAE_BUILD_ID_OR_DEV"), ")"))]
+struct Cli {
+    /// Configuration file (TOML); see etc/faed.toml for every key and its default.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Check a configuration file and exit: 0 if valid, 2 with the reason if not.
+    #[arg(long = "check-config", value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// RPC address (overrides server.listen).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Admin HTTP address (overrides admin.listen).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    /// Log filter (overrides log.level): error, warn, info, debug, trace.
+    #[arg(long = "log-level")]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(path) = &cli.check_config {
+        return match Config::load(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("faed: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let mut cfg = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("faed: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(a) = cli.listen {
+        cfg.server.listen = a;
+    }
+    if let Some(a) = cli.admin {
+        cfg.admin.listen = a;
+    }
+    if let Some(l) = cli.log_level {
+        cfg.log.level = l;
+    }
+    if let Err(e) = cfg.validate() {
+        eprintln!("faed: {e}");
+        return ExitCode::from(2);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log.level))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("faed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
+    // Signals are blocked into an iterator before any thread starts, so every thread inherits the handler.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let server = Server::start(cfg)?;
+    if cfg.admin.enabled {
+        admin::spawn(
+            cfg.admin.listen,
+            AdminState {
+                metrics: server.metrics.clone(),
+                servants: server.servants.clone(),
+                gate: server.gate.clone(),
+            },
+        )?;
+    }
+    let stopper = server.stopper();
+    std::thread::Builder::new()
+        .name("fae-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "draining: no new sessions, finishing in-flight calls");
+                stopper.stop();
+            }
+        })?;
+    server.join()?;
+    tracing::info!("stopped");
+    Ok(())
+}

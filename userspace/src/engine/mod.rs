@@ -1,0 +1,141 @@
+//! Listeners, sessions, dispatch, flow control and shutdown. The engine owns no business logic: it reaches
+//! the servants through one dispatch table, and it never knows which transport gave it bytes.
+
+pub mod kernel;
+pub mod metrics;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::servant::Servants;
+use kernel::{Gate, KernelLoop};
+use metrics::LoopMetrics;
+use session::Env;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start an event loop: {0}")]
+    Loop(std::io::Error),
+    #[error("cannot serve the admin HTTP on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running node: its loops, its shared state, and the switch that stops it.
+pub struct Server {
+    pub servants: Arc<Servants>,
+    pub metrics: Vec<Arc<LoopMetrics>>,
+    pub gate: Arc<Gate>,
+    stopping: Arc<AtomicBool>,
+    wakers: Vec<Arc<mio::Waker>>,
+    loops: Vec<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Server {
+    /// Binds every listener first (so that a taken port is reported before anything runs), then starts one
+    /// loop thread per listener.
+    pub fn start(cfg: &Config) -> Result<Server, EngineError> {
+        let s = &cfg.server;
+        let servants = Arc::new(Servants::new(cfg));
+        let env = Arc::new(Env {
+            servants: servants.clone(),
+            limits: s.limits(),
+            call_timeout: Duration::from_millis(s.call_timeout_ms),
+            slow_call: Duration::from_millis(cfg.metrics.slow_call_ms),
+            message_timeout: Duration::from_millis(s.message_timeout_ms),
+            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+            max_pending_reply: s.max_pending_reply_bytes,
+        });
+        let gate = Arc::new(Gate::new(s.max_sessions));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let n = s.loops();
+        let mut built = Vec::with_capacity(n);
+        let mut metrics = Vec::with_capacity(n);
+        let mut wakers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let listener = kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| EngineError::Listen {
+                addr: s.listen,
+                source,
+            })?;
+            let m = Arc::new(LoopMetrics::default());
+            let (lp, waker) = KernelLoop::new(
+                listener,
+                env.clone(),
+                m.clone(),
+                gate.clone(),
+                stopping.clone(),
+                Duration::from_millis(s.shutdown_timeout_ms),
+            )
+            .map_err(EngineError::Loop)?;
+            built.push(lp);
+            metrics.push(m);
+            wakers.push(waker);
+        }
+        let loops = built
+            .into_iter()
+            .enumerate()
+            .map(|(i, lp)| {
+                std::thread::Builder::new()
+                    .name(format!("fae-loop-{i}"))
+                    .spawn(move || lp.run())
+                    .map_err(EngineError::Loop)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(listen = %s.listen, loops = n, "serving FunServant over kernel TCP");
+        Ok(Server {
+            servants,
+            metrics,
+            gate,
+            stopping,
+            wakers,
+            loops,
+        })
+    }
+
+    /// A handle that stops the server from another thread (a signal handler thread, a test).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            stopping: self.stopping.clone(),
+            wakers: self.wakers.clone(),
+        }
+    }
+
+    /// Waits for every loop to finish draining.
+    pub fn join(self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for h in self.loops {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(_) => result = Err(std::io::Error::other("an event loop panicked")),
+            }
+        }
+        result
+    }
+}
+
+#[derive(Clone)]
+pub struct Stopper {
+    stopping: Arc<AtomicBool>,
+    wakers: Vec<Arc<mio::Waker>>,
+}
+
+impl Stopper {
+    /// Stop accepting, finish in-flight calls and unsent replies, then let the loops end.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}

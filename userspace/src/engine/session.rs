@@ -1,0 +1,209 @@
+//! A session: one client's byte stream in, its replies out. It knows nothing of sockets, so the kernel path
+//! and the kernel-bypass path drive the same code.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
+use crate::servant::{Method, Servants};
+use crate::wire::{self, mtype, AppErrorKind, Args, Limits, MessageHeader, Reader, Reply, Transport};
+
+/// What every session of a node shares.
+pub struct Env {
+    pub servants: Arc<Servants>,
+    pub limits: Limits,
+    pub call_timeout: Duration,
+    pub slow_call: Duration,
+    pub message_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_pending_reply: usize,
+}
+
+/// Inbound buffer capacity kept between messages; a larger one (after a big message) is given back.
+const KEEP_CAPACITY: usize = 64 << 10;
+
+#[derive(Default)]
+pub struct Session {
+    /// Bytes of a message that has not fully arrived.
+    pending: Vec<u8>,
+    /// Replies not yet sent.
+    pub out: Vec<u8>,
+    transport: Option<Transport>,
+    /// When the first byte of the pending message arrived.
+    partial_since: Option<Instant>,
+    /// A protocol violation was answered: send what is in `out`, then close.
+    closing: bool,
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The session must be closed once `out` is sent.
+    pub fn closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Replies are waiting past the limit: stop reading requests until the client reads its replies.
+    pub fn backlogged(&self, env: &Env) -> bool {
+        self.out.len() >= env.max_pending_reply
+    }
+
+    /// A message begun longer ago than the message timeout (a client trickling bytes or gone silent
+    /// mid-message).
+    pub fn stalled(&self, env: &Env, now: Instant) -> bool {
+        self.partial_since
+            .is_some_and(|t| now.saturating_duration_since(t) > env.message_timeout)
+    }
+
+    /// Takes bytes that arrived and answers every whole message among them into `out`.
+    pub fn on_bytes(&mut self, data: &[u8], env: &Env, metrics: &LoopMetrics, now: Instant) {
+        if self.closing {
+            return;
+        }
+        if self.pending.is_empty() {
+            let used = serve(data, self, env, metrics, now);
+            if used < data.len() && !self.closing {
+                self.pending.extend_from_slice(&data[used..]);
+                self.partial_since = Some(now);
+            }
+        } else {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(data);
+            let used = serve(&pending, self, env, metrics, now);
+            pending.drain(..used);
+            if pending.is_empty() {
+                self.partial_since = None;
+                if pending.capacity() > KEEP_CAPACITY {
+                    pending = Vec::new();
+                }
+            } else if used > 0 {
+                self.partial_since = Some(now);
+            }
+            if !self.closing {
+                self.pending = pending;
+            }
+        }
+    }
+
+    /// After `out` was sent in part or whole.
+    pub fn sent(&mut self, n: usize) {
+        if n >= self.out.len() {
+            self.out.clear();
+            if self.out.capacity() > KEEP_CAPACITY {
+                self.out = Vec::new();
+            }
+        } else {
+            self.out.drain(..n);
+        }
+    }
+
+    /// Whether a message has begun to arrive and is not complete.
+    pub fn mid_message(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+/// Serves whole messages from the start of `buf`; returns the bytes used.
+fn serve(buf: &[u8], s: &mut Session, env: &Env, metrics: &LoopMetrics, received: Instant) -> usize {
+    let mut used = 0;
+    let mut started = Instant::now();
+    loop {
+        match wire::scan(&buf[used..], s.transport, &env.limits) {
+            Ok(None) => return used,
+            Ok(Some(frame)) => {
+                s.transport = Some(frame.transport);
+                used += frame.consumed;
+                started = call(frame.message, frame.transport, s, env, metrics, received, started);
+            }
+            Err(bad) => {
+                metrics.add(&metrics.protocol_errors, 1);
+                let (name, seqid) = bad.header.map_or((&b""[..], 0), |h| (h.name, h.seqid));
+                tracing::debug!(error = %bad.error, "malformed message; closing the session");
+                Reply::app_error(
+                    &mut s.out,
+                    bad.transport.unwrap_or(Transport::Buffered),
+                    name,
+                    seqid,
+                    AppErrorKind::ProtocolError,
+                    &bad.error.to_string(),
+                );
+                s.closing = true;
+                return used;
+            }
+        }
+    }
+}
+
+/// Runs one whole message and appends its reply; returns the time it finished (the next call's start).
+fn call(
+    message: &[u8],
+    transport: Transport,
+    s: &mut Session,
+    env: &Env,
+    metrics: &LoopMetrics,
+    received: Instant,
+    started: Instant,
+) -> Instant {
+    let mut r = Reader::new(message);
+    // `scan` has walked the whole message, so its header reads.
+    let Ok(header) = MessageHeader::read(&mut r) else {
+        return started;
+    };
+    let app_error = |out: &mut Vec<u8>, kind, msg: &str| {
+        Reply::app_error(out, transport, header.name, header.seqid, kind, msg)
+    };
+    let Some(method) = Method::from_name(header.name) else {
+        let name = String::from_utf8_lossy(header.name);
+        app_error(&mut s.out, AppErrorKind::UnknownMethod, &format!("unknown method {name:?}"));
+        metrics.call(UNKNOWN_SLOT, 0, true);
+        return started;
+    };
+    if header.mtype != mtype::CALL && header.mtype != mtype::ONEWAY {
+        let msg = format!("message type {} is not a call", header.mtype);
+        app_error(&mut s.out, AppErrorKind::InvalidMessageType, &msg);
+        metrics.call(method as usize, 0, true);
+        return started;
+    }
+    if started.saturating_duration_since(received) > env.call_timeout {
+        metrics.add(&metrics.deadline_exceeded, 1);
+        let msg = format!("{}: deadline of {:?} passed before the call could run", method.name(), env.call_timeout);
+        app_error(&mut s.out, AppErrorKind::InternalError, &msg);
+        metrics.call(method as usize, 0, true);
+        return started;
+    }
+    let mark = s.out.len();
+    let result = match Args::read(&mut r, &env.limits) {
+        Ok(args) => {
+            let mut reply = Reply::begin(&mut s.out, transport, header.name, header.seqid);
+            match env.servants.call(method, &args, &mut reply) {
+                Ok(()) => {
+                    reply.finish();
+                    Ok(())
+                }
+                Err(e) => {
+                    reply.abort();
+                    Err(e)
+                }
+            }
+        }
+        Err(e) => Err(crate::servant::CallError::from(wire::ArgError::from(e))),
+    };
+    let error = result.is_err();
+    if let Err(e) = result {
+        s.out.truncate(mark);
+        app_error(&mut s.out, e.kind, &format!("{}: {}", method.name(), e.message));
+    }
+    if header.mtype == mtype::ONEWAY {
+        s.out.truncate(mark);
+    }
+    let done = Instant::now();
+    let took = done.saturating_duration_since(started);
+    metrics.call(method as usize, took.as_nanos() as u64, error);
+    if took > env.slow_call {
+        metrics.add(&metrics.slow_calls, 1);
+        tracing::warn!(method = method.name(), took_us = took.as_micros() as u64, "slow call");
+    }
+    done
+}

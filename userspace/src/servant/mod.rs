@@ -1,0 +1,162 @@
+//! The FunServant API, one module per group. Servants know `wire` argument views and reply encoders, never
+//! sockets; the engine reaches them through [`Servants::call`], the one dispatch table.
+
+pub mod idgen;
+pub mod lcache;
+pub mod lock;
+pub mod misc;
+pub mod registry;
+
+use crate::config::Config;
+use crate::wire::{AppErrorKind, ArgError, Args, Context, Reply};
+
+macro_rules! methods {
+    ($($variant:ident = $name:literal,)*) => {
+        /// Every method of `idl/fae.thrift`, in the order of API.md.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Method { $($variant,)* }
+
+        impl Method {
+            /// All methods, indexed by `Method as usize`.
+            pub const ALL: &'static [Method] = &[$(Method::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self { $(Method::$variant => $name,)* }
+            }
+
+            pub fn from_name(name: &[u8]) -> Option<Method> {
+                match name { $(n if n == $name.as_bytes() => Some(Method::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+methods! {
+    Noop = "noop",
+    Ping = "ping",
+    IdNext = "id_next",
+    IdNextWithTag = "id_next_with_tag",
+    IdDecode = "id_decode",
+    LcSet = "lc_set",
+    LcGet = "lc_get",
+    LcDel = "lc_del",
+    Lock = "lock",
+    Unlock = "unlock",
+    McSet = "mc_set",
+    McGet = "mc_get",
+    McAdd = "mc_add",
+    McDelete = "mc_delete",
+    McIncrement = "mc_increment",
+    RdCall = "rd_call",
+    MyQuery = "my_query",
+    MyBulkExec = "my_bulk_exec",
+    MyQueryShards = "my_query_shards",
+    MyMerge = "my_merge",
+    MyEvict = "my_evict",
+    ZkCreate = "zk_create",
+    ZkChildren = "zk_children",
+    ZkDel = "zk_del",
+}
+
+/// Why a call got no result: answered as a `TApplicationException`, the session stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    pub kind: AppErrorKind,
+    pub message: String,
+}
+
+impl CallError {
+    pub fn new(kind: AppErrorKind, message: impl Into<String>) -> Self {
+        CallError {
+            kind,
+            message: message.into(),
+        }
+    }
+    /// A request the servant refuses (bad argument value, limit reached).
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self::new(AppErrorKind::Unknown, message)
+    }
+}
+
+impl From<ArgError> for CallError {
+    fn from(e: ArgError) -> Self {
+        CallError::new(AppErrorKind::ProtocolError, e.to_string())
+    }
+}
+
+/// Every call but `noop` and `id_decode` must say who asks and why (API.md).
+fn checked_context<'a>(args: &Args<'a>) -> Result<Context<'a>, CallError> {
+    let ctx = args.context()?;
+    if ctx.rid == 0 {
+        return Err(CallError::refused("invalid context: rid must be non-zero"));
+    }
+    if ctx.reason.is_empty() {
+        return Err(CallError::refused("invalid context: reason must not be empty"));
+    }
+    Ok(ctx)
+}
+
+/// All servants of one node, shared by every event loop.
+pub struct Servants {
+    pub misc: misc::Misc,
+    pub idgen: idgen::IdGen,
+    pub lcache: lcache::LCache,
+    pub lock: lock::Locks,
+    pub registry: registry::Registry,
+}
+
+impl Servants {
+    pub fn new(cfg: &Config) -> Self {
+        Servants {
+            misc: misc::Misc::new(cfg.node.id),
+            idgen: idgen::IdGen::new(&cfg.idgen),
+            lcache: lcache::LCache::new(&cfg.lcache),
+            lock: lock::Locks::new(&cfg.lock),
+            registry: registry::Registry::new(&cfg.registry),
+        }
+    }
+
+    /// Runs one call, writing its result struct's fields into `reply`.
+    pub fn call(&self, method: Method, args: &Args<'_>, reply: &mut Reply<'_>) -> Result<(), CallError> {
+        use Method::*;
+        let out = reply.enc();
+        match method {
+            Noop => out.field_i32(0, args.i32(1, "x")?),
+            IdDecode => {
+                // API.md: id_decode takes a Context but does not require a valid one.
+                idgen::decode(args.i64(2, "id")?, out);
+            }
+            _ => {
+                let _ctx = checked_context(args)?;
+                match method {
+                    Ping => self.misc.ping(out),
+                    IdNext => out.field_i64(0, self.idgen.next(0)?),
+                    IdNextWithTag => out.field_i64(0, self.idgen.next_with_tag(args.i16(2, "tag")?)?),
+                    LcSet => out.field_bool(0, self.lcache.set(args.bytes(2, "key")?, args.bytes(3, "value")?)),
+                    LcGet => self.lcache.get(args.bytes(2, "key")?, out),
+                    LcDel => self.lcache.del(args.bytes(2, "key")?),
+                    Lock => out.field_bool(0, self.lock.lock(args.bytes(3, "key")?)),
+                    Unlock => self.lock.unlock(args.bytes(3, "key")?),
+                    ZkCreate => {
+                        let created = self.registry.create(args.bytes(2, "path")?, args.bytes(3, "data")?)?;
+                        out.field_bool(0, created)
+                    }
+                    ZkChildren => self.registry.children(args.bytes(2, "path")?, out)?,
+                    ZkDel => out.field_bool(0, self.registry.delete(args.bytes(2, "path")?)?),
+                    McSet | McGet | McAdd | McDelete | McIncrement | RdCall | MyQuery | MyBulkExec
+                    | MyQueryShards | MyMerge | MyEvict => {
+                        return Err(CallError::new(
+                            AppErrorKind::UnknownMethod,
+                            format!(
+                                "{} is declared in fae.thrift but no back-end servant serves it on this node yet",
+                                method.name()
+                            ),
+                        ))
+                    }
+                    Noop | IdDecode => unreachable!("handled above"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
