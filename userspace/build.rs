@@ -11,7 +11,10 @@ fn main() {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty());
-    println!("cargo:rustc-env=FAE_BUILD_ID_OR_DEV={}", rev.as_deref().unwrap_or("dev"));
+    println!(
+        "cargo:rustc-env=FAE_BUILD_ID_OR_DEV={}",
+        rev.as_deref().unwrap_or("dev")
+    );
     println!("cargo:rerun-if-changed=../.git/HEAD");
     println!("cargo:rerun-if-changed=../.git/refs/heads");
 }

@@ -58,17 +58,8 @@ fail() {
 GEN="$TMP/gen-php"
 mkdir -p "$GEN"
 if ! "$THRIFT" --gen php -out "$GEN" "$IDL" 2>"$TMP/thrift.err"; then
-    if grep -q 'reserved' "$TMP/thrift.err"; then
-        # thrift >= 0.13's PHP generator refuses argument names that are PHP-generator keywords (e.g. `args`).
-        # Argument names never go on the wire (only ids and types do), so rename them in a copy.
-        echo "run.sh: warning: $(cat "$TMP/thrift.err")" >&2
-        echo "run.sh: warning: generating from a copy of the IDL with argument 'args' renamed to 'sqlArgs'" >&2
-        sed -E 's/\b(list<string>|list<list<string>>) args([,)])/\1 sqlArgs\2/g' "$IDL" > "$TMP/fae.thrift"
-        "$THRIFT" --gen php -out "$GEN" "$TMP/fae.thrift" || fail "thrift --gen php failed"
-    else
-        cat "$TMP/thrift.err" >&2
-        fail "thrift --gen php failed"
-    fi
+    cat "$TMP/thrift.err" >&2
+    fail "thrift --gen php failed"
 fi
 [ -f "$GEN/fun/rpc/FunServantClient.php" ] || fail "generated code not where expected: $GEN/fun/rpc"
 

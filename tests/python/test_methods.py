@@ -3,6 +3,7 @@ TFramedTransport (the `client` fixture is parametrized), TBinaryProtocol."""
 
 import os
 import re
+import threading
 import time
 
 import pytest
@@ -230,3 +231,72 @@ def test_zk_invalid_path(client, rpc, uniq, method, bad):
     with pytest.raises(rpc.TApplicationException):
         getattr(client, method)(*args)
     assert PING_RE.match(client.ping(rpc.ctx()))  # session still usable
+
+
+# ---- concurrency (several connections at once) ------------------------------------------------------
+
+def _run_threads(n, target):
+    errors, threads = [], []
+
+    def wrap(i):
+        try:
+            target(i)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    for i in range(n):
+        t = threading.Thread(target=wrap, args=(i,))
+        threads.append(t)
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+def test_id_next_unique_across_connections(connect, rpc):
+    n, per = 4, 500
+    conns = [connect(framed=(i % 2 == 1)) for i in range(n)]
+    got = [None] * n
+
+    def work(i):
+        got[i] = [conns[i].client.id_next(rpc.ctx()) for _ in range(per)]
+
+    _run_threads(n, work)
+    all_ids = [x for ids in got for x in ids]
+    assert len(set(all_ids)) == n * per, "duplicate ids across connections"
+    for ids in got:
+        assert all(b > a for a, b in zip(ids, ids[1:]))
+
+
+def test_lock_one_winner(connect, rpc, uniq):
+    n = 8
+    key = uniq + "-contended"
+    conns = [connect() for _ in range(n)]
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def work(i):
+        barrier.wait(10)
+        results[i] = conns[i].client.lock(rpc.ctx(), "race", key)
+
+    _run_threads(n, work)
+    assert results.count(True) == 1, results
+    conns[0].client.unlock(rpc.ctx(), "race", key)
+    assert conns[1].client.lock(rpc.ctx(), "race", key) is True
+    conns[1].client.unlock(rpc.ctx(), "race", key)
+
+
+def test_zk_create_one_winner(connect, rpc, uniq):
+    n = 8
+    path = "/" + uniq + "/node"
+    conns = [connect() for _ in range(n)]
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def work(i):
+        barrier.wait(10)
+        results[i] = conns[i].client.zk_create(rpc.ctx(), path, "d%d" % i)
+
+    _run_threads(n, work)
+    assert results.count(True) == 1, results
+    assert conns[0].client.zk_del(rpc.ctx(), "/" + uniq) is True

@@ -16,7 +16,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("config key {key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
@@ -114,7 +117,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig {
+            level: "info".into(),
+        }
     }
 }
 
@@ -276,11 +281,17 @@ impl Config {
             "at least one per shard",
         )?;
         check(self.lock.ttl_ms >= 1, "lock.ttl_ms", "at least 1 ms")?;
-        check(self.log.level.parse::<tracing_subscriber::filter::EnvFilter>().is_ok(), "log.level", format!("cannot parse {:?}", self.log.level))?;
+        check(
+            self.log
+                .level
+                .parse::<tracing_subscriber::filter::EnvFilter>()
+                .is_ok(),
+            "log.level",
+            format!("cannot parse {:?}", self.log.level),
+        )?;
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -288,7 +299,11 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nthreadz = 2\n", "x.toml").unwrap_err();
+        let err = Config::from_toml(
+            "[server]\nlisten = \"127.0.0.1:1\"\nthreadz = 2\n",
+            "x.toml",
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("threadz"), "{msg}");
         let err = Config::from_toml("[nosuch]\n", "x.toml").unwrap_err();
@@ -299,7 +314,11 @@ mod tests {
     fn sample_config_lists_every_default() {
         let text = include_str!("../../etc/faed.toml");
         let cfg = Config::from_toml(text, "etc/faed.toml").unwrap();
-        assert_eq!(cfg, Config::default(), "etc/faed.toml and the built-in defaults differ");
+        assert_eq!(
+            cfg,
+            Config::default(),
+            "etc/faed.toml and the built-in defaults differ"
+        );
     }
 
     #[test]

@@ -10,5 +10,6 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod fuzzing;
 pub mod servant;
 pub mod wire;

@@ -53,7 +53,12 @@ fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
         if len == buf.len() {
-            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", "request too large\n");
+            return respond(
+                &mut s,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request too large\n",
+            );
         }
         let n = s.read(&mut buf[len..])?;
         if n == 0 {
@@ -69,8 +74,18 @@ fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
     }
     let path = target.split('?').next().unwrap_or("");
     match path {
-        "/metrics" => respond(&mut s, "200 OK", "text/plain; version=0.0.4", &prometheus(state)),
-        "/api/stats" => respond(&mut s, "200 OK", "application/json", &stats_json(state).to_string()),
+        "/metrics" => respond(
+            &mut s,
+            "200 OK",
+            "text/plain; version=0.0.4",
+            &prometheus(state),
+        ),
+        "/api/stats" => respond(
+            &mut s,
+            "200 OK",
+            "application/json",
+            &stats_json(state).to_string(),
+        ),
         "/" => respond(&mut s, "200 OK", "text/html; charset=utf-8", INDEX),
         _ => respond(&mut s, "404 Not Found", "text/plain", "not found\n"),
     }
@@ -101,10 +116,17 @@ fn prometheus_bounds() -> impl Iterator<Item = (usize, f64)> {
 pub fn prometheus(state: &AdminState) -> String {
     let snap = Snapshot::merge(&state.metrics);
     let mut o = String::with_capacity(16 << 10);
-    let _ = writeln!(o, "# HELP fae_calls_total Calls answered, by method.\n# TYPE fae_calls_total counter");
+    let _ = writeln!(
+        o,
+        "# HELP fae_calls_total Calls answered, by method.\n# TYPE fae_calls_total counter"
+    );
     for slot in 0..SLOTS {
         let name = Snapshot::slot_name(slot);
-        let _ = writeln!(o, "fae_calls_total{{method=\"{name}\"}} {}", snap.methods[slot].calls);
+        let _ = writeln!(
+            o,
+            "fae_calls_total{{method=\"{name}\"}} {}",
+            snap.methods[slot].calls
+        );
     }
     let _ = writeln!(
         o,
@@ -113,7 +135,11 @@ pub fn prometheus(state: &AdminState) -> String {
     );
     for slot in 0..SLOTS {
         let name = Snapshot::slot_name(slot);
-        let _ = writeln!(o, "fae_call_errors_total{{method=\"{name}\"}} {}", snap.methods[slot].errors);
+        let _ = writeln!(
+            o,
+            "fae_call_errors_total{{method=\"{name}\"}} {}",
+            snap.methods[slot].errors
+        );
     }
     let _ = writeln!(
         o,
@@ -131,27 +157,96 @@ pub fn prometheus(state: &AdminState) -> String {
         for (i, le) in prometheus_bounds() {
             cum += m.latency[next..=i].iter().sum::<u64>();
             next = i + 1;
-            let _ = writeln!(o, "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"{le}\"}} {cum}");
+            let _ = writeln!(
+                o,
+                "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"{le}\"}} {cum}"
+            );
         }
         let total: u64 = m.latency.iter().sum();
-        let _ = writeln!(o, "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"+Inf\"}} {total}");
-        let _ = writeln!(o, "fae_call_duration_seconds_count{{method=\"{name}\"}} {total}");
+        let _ = writeln!(
+            o,
+            "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            o,
+            "fae_call_duration_seconds_count{{method=\"{name}\"}} {total}"
+        );
     }
     let lc = state.servants.lcache.stats();
     for (name, kind, help, v) in [
         ("fae_sessions", "gauge", "Open sessions.", snap.sessions),
-        ("fae_sessions_accepted_total", "counter", "Sessions accepted.", snap.accepted),
-        ("fae_protocol_errors_total", "counter", "Malformed messages (session closed).", snap.protocol_errors),
-        ("fae_slow_calls_total", "counter", "Calls slower than metrics.slow_call_ms.", snap.slow_calls),
-        ("fae_deadline_exceeded_total", "counter", "Calls refused after their deadline.", snap.deadline_exceeded),
-        ("fae_sessions_timed_out_total", "counter", "Sessions closed for idleness or a stalled message.", snap.timed_out_sessions),
-        ("fae_received_bytes_total", "counter", "Bytes received from clients.", snap.bytes_in),
-        ("fae_sent_bytes_total", "counter", "Bytes sent to clients.", snap.bytes_out),
-        ("fae_lcache_items", "gauge", "Entries in the local cache.", lc.items as u64),
-        ("fae_lcache_bytes", "gauge", "Bytes charged to the local cache.", lc.bytes as u64),
-        ("fae_locks_held", "gauge", "Locks held and not expired.", state.servants.lock.held() as u64),
-        ("fae_registry_nodes", "gauge", "Nodes in the registry.", state.servants.registry.len() as u64),
-        ("fae_uptime_seconds", "gauge", "Seconds since start.", state.servants.misc.uptime_secs()),
+        (
+            "fae_sessions_accepted_total",
+            "counter",
+            "Sessions accepted.",
+            snap.accepted,
+        ),
+        (
+            "fae_protocol_errors_total",
+            "counter",
+            "Malformed messages (session closed).",
+            snap.protocol_errors,
+        ),
+        (
+            "fae_slow_calls_total",
+            "counter",
+            "Calls slower than metrics.slow_call_ms.",
+            snap.slow_calls,
+        ),
+        (
+            "fae_deadline_exceeded_total",
+            "counter",
+            "Calls refused after their deadline.",
+            snap.deadline_exceeded,
+        ),
+        (
+            "fae_sessions_timed_out_total",
+            "counter",
+            "Sessions closed for idleness or a stalled message.",
+            snap.timed_out_sessions,
+        ),
+        (
+            "fae_received_bytes_total",
+            "counter",
+            "Bytes received from clients.",
+            snap.bytes_in,
+        ),
+        (
+            "fae_sent_bytes_total",
+            "counter",
+            "Bytes sent to clients.",
+            snap.bytes_out,
+        ),
+        (
+            "fae_lcache_items",
+            "gauge",
+            "Entries in the local cache.",
+            lc.items as u64,
+        ),
+        (
+            "fae_lcache_bytes",
+            "gauge",
+            "Bytes charged to the local cache.",
+            lc.bytes as u64,
+        ),
+        (
+            "fae_locks_held",
+            "gauge",
+            "Locks held and not expired.",
+            state.servants.lock.held() as u64,
+        ),
+        (
+            "fae_registry_nodes",
+            "gauge",
+            "Nodes in the registry.",
+            state.servants.registry.len() as u64,
+        ),
+        (
+            "fae_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            state.servants.misc.uptime_secs(),
+        ),
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }

@@ -157,7 +157,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn one_call(addr: &str, method: &str, args: &[String], transport: Transport, timeout_ms: u64) -> ExitCode {
+fn one_call(
+    addr: &str,
+    method: &str,
+    args: &[String],
+    transport: Transport,
+    timeout_ms: u64,
+) -> ExitCode {
     let mut c = match client::connect(addr, transport, Duration::from_millis(timeout_ms)) {
         Ok(c) => c,
         Err(e) => {

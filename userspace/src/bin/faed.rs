@@ -103,7 +103,10 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
         .name("fae-signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "draining: no new sessions, finishing in-flight calls");
+                tracing::info!(
+                    signal = sig,
+                    "draining: no new sessions, finishing in-flight calls"
+                );
                 stopper.stop();
             }
         })?;

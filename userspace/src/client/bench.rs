@@ -50,8 +50,12 @@ pub fn parse_mix(s: &str) -> Result<Vec<(Method, u32)>, String> {
             let (name, w) = part.split_once(':').unwrap_or((part, "1"));
             let m = Method::from_name(name.trim().as_bytes())
                 .filter(|m| supported.contains(m))
-                .ok_or_else(|| format!("bench method {name:?}: one of noop, ping, id_next, lc_get, lc_set"))?;
-            let w: u32 = w.parse().map_err(|_| format!("weight {w:?} is not a number"))?;
+                .ok_or_else(|| {
+                    format!("bench method {name:?}: one of noop, ping, id_next, lc_get, lc_set")
+                })?;
+            let w: u32 = w
+                .parse()
+                .map_err(|_| format!("weight {w:?} is not a number"))?;
             Ok((m, w))
         })
         .collect()
@@ -142,7 +146,14 @@ struct Shared {
     stop: AtomicBool,
 }
 
-fn encode_call(out: &mut Vec<u8>, transport: Transport, m: Method, seq: i32, key: &[u8], value: &[u8]) {
+fn encode_call(
+    out: &mut Vec<u8>,
+    transport: Transport,
+    m: Method,
+    seq: i32,
+    key: &[u8],
+    value: &[u8],
+) {
     let start = out.len();
     if transport == Transport::Framed {
         out.extend_from_slice(&[0; 4]);
@@ -184,7 +195,14 @@ fn populate(cfg: &BenchConfig, addr: SocketAddr) -> io::Result<()> {
     for chunk in (0..cfg.keys).collect::<Vec<_>>().chunks(256) {
         let mut out = Vec::new();
         for &i in chunk {
-            encode_call(&mut out, cfg.transport, Method::LcSet, i as i32 + 1, &key_for(i), &value);
+            encode_call(
+                &mut out,
+                cfg.transport,
+                Method::LcSet,
+                i as i32 + 1,
+                &key_for(i),
+                &value,
+            );
         }
         s.write_all(&out)?;
         let mut inbuf = Vec::new();
@@ -193,10 +211,14 @@ fn populate(cfg: &BenchConfig, addr: SocketAddr) -> io::Result<()> {
         while got < chunk.len() {
             let n = s.read(&mut buf)?;
             if n == 0 {
-                return Err(io::Error::other("server closed the connection while populating"));
+                return Err(io::Error::other(
+                    "server closed the connection while populating",
+                ));
             }
             inbuf.extend_from_slice(&buf[..n]);
-            while let Ok(Some(f)) = crate::wire::scan(&inbuf, Some(cfg.transport), &Limits::default()) {
+            while let Ok(Some(f)) =
+                crate::wire::scan(&inbuf, Some(cfg.transport), &Limits::default())
+            {
                 let used = f.consumed;
                 inbuf.drain(..used);
                 got += 1;
@@ -230,7 +252,9 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         let hist = Arc::new(LoopMetrics::default());
         hists.push(hist.clone());
         let (cfg, shared) = (cfg.clone(), shared.clone());
-        handles.push(std::thread::spawn(move || drive(&cfg, addr, n, &shared, &hist)));
+        handles.push(std::thread::spawn(move || {
+            drive(&cfg, addr, n, &shared, &hist)
+        }));
     }
     std::thread::sleep(cfg.warmup);
     let cpu0 = cfg.server_pid.map(process_cpu_us).transpose()?;
@@ -257,7 +281,8 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     let cpu1 = cfg.server_pid.map(process_cpu_us).transpose()?;
     shared.stop.store(true, Ordering::Release);
     for h in handles {
-        h.join().map_err(|_| io::Error::other("bench thread panicked"))??;
+        h.join()
+            .map_err(|_| io::Error::other("bench thread panicked"))??;
     }
     let calls = shared.calls.load(Ordering::Relaxed);
     let snap = Snapshot::merge(&hists);
@@ -297,7 +322,13 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     })
 }
 
-fn drive(cfg: &BenchConfig, addr: SocketAddr, n: usize, shared: &Shared, hist: &LoopMetrics) -> io::Result<()> {
+fn drive(
+    cfg: &BenchConfig,
+    addr: SocketAddr,
+    n: usize,
+    shared: &Shared,
+    hist: &LoopMetrics,
+) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(n);
     let value = vec![b'v'; cfg.value_size];
@@ -315,8 +346,11 @@ fn drive(cfg: &BenchConfig, addr: SocketAddr, n: usize, shared: &Shared, hist: &
         s.set_nodelay(true)?;
         s.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(s);
-        poll.registry()
-            .register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)?;
+        poll.registry().register(
+            &mut stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         let mut c = Conn {
             stream,
             out: Vec::new(),

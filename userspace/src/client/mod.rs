@@ -4,6 +4,7 @@
 pub mod bench;
 #[allow(clippy::all, dead_code)]
 pub mod fun_rpc;
+pub mod peer;
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use thrift::protocol::{TBinaryInputProtocol, TBinaryOutputProtocol};
 use thrift::transport::{
-    TBufferedReadTransport, TBufferedWriteTransport, TFramedReadTransport, TFramedWriteTransport, TReadTransport,
-    TWriteTransport,
+    TBufferedReadTransport, TBufferedWriteTransport, TFramedReadTransport, TFramedWriteTransport,
+    TReadTransport, TWriteTransport,
 };
 
 pub use crate::wire::Transport;
@@ -39,14 +40,20 @@ pub fn connect_stream(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
             Err(e) => last = e,
         }
     }
-    Err(io::Error::new(last.kind(), format!("cannot connect to {addr}: {last}")))
+    Err(io::Error::new(
+        last.kind(),
+        format!("cannot connect to {addr}: {last}"),
+    ))
 }
 
 /// A generated client over a new connection.
 pub fn connect(addr: &str, transport: Transport, timeout: Duration) -> io::Result<Client> {
     let stream = connect_stream(addr, timeout)?;
     let rd = stream.try_clone()?;
-    let (r, w): (Box<dyn TReadTransport + Send>, Box<dyn TWriteTransport + Send>) = match transport {
+    let (r, w): (
+        Box<dyn TReadTransport + Send>,
+        Box<dyn TWriteTransport + Send>,
+    ) = match transport {
         Transport::Buffered => (
             Box::new(TBufferedReadTransport::new(rd)),
             Box::new(TBufferedWriteTransport::new(stream)),
@@ -78,7 +85,10 @@ pub fn call(client: &mut Client, method: &str, args: &[String]) -> Result<String
         if args.len() == n {
             Ok(())
         } else {
-            Err(CallFailure::Usage(format!("{method} takes {n} argument(s), got {}", args.len())))
+            Err(CallFailure::Usage(format!(
+                "{method} takes {n} argument(s), got {}",
+                args.len()
+            )))
         }
     };
     let int = |s: &str| -> Result<i64, CallFailure> {
@@ -173,7 +183,9 @@ fn describe(e: &thrift::Error) -> String {
                 format!("exception: {u}")
             }
         }
-        thrift::Error::Application(a) => format!("TApplicationException({:?}): {}", a.kind, a.message),
+        thrift::Error::Application(a) => {
+            format!("TApplicationException({:?}): {}", a.kind, a.message)
+        }
         thrift::Error::Transport(t) => format!("transport error ({:?}): {}", t.kind, t.message),
         thrift::Error::Protocol(p) => format!("protocol error ({:?}): {}", p.kind, p.message),
     }

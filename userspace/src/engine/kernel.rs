@@ -36,7 +36,9 @@ impl Gate {
     }
     fn try_enter(&self) -> bool {
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
             .is_ok()
     }
     fn leave(&self) {
@@ -95,7 +97,8 @@ impl KernelLoop {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         Ok((
             KernelLoop {
                 poll,
@@ -141,7 +144,10 @@ impl KernelLoop {
                 if self.conns.is_empty() || now >= deadline {
                     let left = self.conns.len();
                     if left > 0 {
-                        tracing::warn!(sessions = left, "shutdown timeout: closing sessions with unsent replies");
+                        tracing::warn!(
+                            sessions = left,
+                            "shutdown timeout: closing sessions with unsent replies"
+                        );
                     }
                     return Ok(());
                 }
@@ -242,7 +248,8 @@ impl KernelLoop {
             .conns
             .iter()
             .filter(|(_, c)| {
-                c.session.stalled(&self.env, now) || now.saturating_duration_since(c.last_active) > idle
+                c.session.stalled(&self.env, now)
+                    || now.saturating_duration_since(c.last_active) > idle
             })
             .map(|(k, _)| k)
             .collect();

@@ -97,7 +97,10 @@ impl LoopMetrics {
     }
     pub fn session_closed(&self) {
         let c = &self.sessions;
-        c.store(c.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
+        c.store(
+            c.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -180,9 +183,26 @@ mod tests {
 
     #[test]
     fn buckets_cover_their_values() {
-        for ns in [0u64, 1, 3, 4, 5, 7, 8, 100, 1000, 123_456, 1 << 20, 5_000_000_000] {
+        for ns in [
+            0u64,
+            1,
+            3,
+            4,
+            5,
+            7,
+            8,
+            100,
+            1000,
+            123_456,
+            1 << 20,
+            5_000_000_000,
+        ] {
             let b = bucket(ns);
-            assert!(ns < bucket_upper(b), "{ns} in bucket {b} < {}", bucket_upper(b));
+            assert!(
+                ns < bucket_upper(b),
+                "{ns} in bucket {b} < {}",
+                bucket_upper(b)
+            );
             if b > 0 {
                 assert!(ns >= bucket_upper(b - 1), "{ns} below bucket {b}");
             }

@@ -20,11 +20,17 @@ use session::Env;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start an event loop: {0}")]
     Loop(std::io::Error),
     #[error("cannot serve the admin HTTP on {addr}: {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running node: its loops, its shared state, and the switch that stops it.
@@ -59,9 +65,11 @@ impl Server {
         let mut metrics = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
         for _ in 0..n {
-            let listener = kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| EngineError::Listen {
-                addr: s.listen,
-                source,
+            let listener = kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| {
+                EngineError::Listen {
+                    addr: s.listen,
+                    source,
+                }
             })?;
             let m = Arc::new(LoopMetrics::default());
             let (lp, waker) = KernelLoop::new(

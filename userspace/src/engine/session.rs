@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
 use crate::servant::{Method, Servants};
-use crate::wire::{self, mtype, AppErrorKind, Args, Limits, MessageHeader, Reader, Reply, Transport};
+use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Reply, Transport};
 
 /// What every session of a node shares.
 pub struct Env {
@@ -106,16 +106,23 @@ impl Session {
 }
 
 /// Serves whole messages from the start of `buf`; returns the bytes used.
-fn serve(buf: &[u8], s: &mut Session, env: &Env, metrics: &LoopMetrics, received: Instant) -> usize {
+fn serve(
+    buf: &[u8],
+    s: &mut Session,
+    env: &Env,
+    metrics: &LoopMetrics,
+    received: Instant,
+) -> usize {
     let mut used = 0;
     let mut started = Instant::now();
+    let mut args = Args::new(&env.limits);
     loop {
-        match wire::scan(&buf[used..], s.transport, &env.limits) {
+        match wire::next_call(&buf[used..], s.transport, &env.limits, &mut args) {
             Ok(None) => return used,
-            Ok(Some(frame)) => {
-                s.transport = Some(frame.transport);
-                used += frame.consumed;
-                started = call(frame.message, frame.transport, s, env, metrics, received, started);
+            Ok(Some(c)) => {
+                s.transport = Some(c.transport);
+                used += c.consumed;
+                started = call(&c, &args, s, env, metrics, received, started);
             }
             Err(bad) => {
                 metrics.add(&metrics.protocol_errors, 1);
@@ -138,25 +145,25 @@ fn serve(buf: &[u8], s: &mut Session, env: &Env, metrics: &LoopMetrics, received
 
 /// Runs one whole message and appends its reply; returns the time it finished (the next call's start).
 fn call(
-    message: &[u8],
-    transport: Transport,
+    c: &Call<'_>,
+    args: &Args<'_>,
     s: &mut Session,
     env: &Env,
     metrics: &LoopMetrics,
     received: Instant,
     started: Instant,
 ) -> Instant {
-    let mut r = Reader::new(message);
-    // `scan` has walked the whole message, so its header reads.
-    let Ok(header) = MessageHeader::read(&mut r) else {
-        return started;
-    };
+    let (header, transport) = (&c.header, c.transport);
     let app_error = |out: &mut Vec<u8>, kind, msg: &str| {
         Reply::app_error(out, transport, header.name, header.seqid, kind, msg)
     };
     let Some(method) = Method::from_name(header.name) else {
         let name = String::from_utf8_lossy(header.name);
-        app_error(&mut s.out, AppErrorKind::UnknownMethod, &format!("unknown method {name:?}"));
+        app_error(
+            &mut s.out,
+            AppErrorKind::UnknownMethod,
+            &format!("unknown method {name:?}"),
+        );
         metrics.call(UNKNOWN_SLOT, 0, true);
         return started;
     };
@@ -168,32 +175,35 @@ fn call(
     }
     if started.saturating_duration_since(received) > env.call_timeout {
         metrics.add(&metrics.deadline_exceeded, 1);
-        let msg = format!("{}: deadline of {:?} passed before the call could run", method.name(), env.call_timeout);
+        let msg = format!(
+            "{}: deadline of {:?} passed before the call could run",
+            method.name(),
+            env.call_timeout
+        );
         app_error(&mut s.out, AppErrorKind::InternalError, &msg);
         metrics.call(method as usize, 0, true);
         return started;
     }
     let mark = s.out.len();
-    let result = match Args::read(&mut r, &env.limits) {
-        Ok(args) => {
-            let mut reply = Reply::begin(&mut s.out, transport, header.name, header.seqid);
-            match env.servants.call(method, &args, &mut reply) {
-                Ok(()) => {
-                    reply.finish();
-                    Ok(())
-                }
-                Err(e) => {
-                    reply.abort();
-                    Err(e)
-                }
-            }
+    let mut reply = Reply::begin(&mut s.out, transport, header.name, header.seqid);
+    let result = match env.servants.call(method, args, &mut reply) {
+        Ok(()) => {
+            reply.finish();
+            Ok(())
         }
-        Err(e) => Err(crate::servant::CallError::from(wire::ArgError::from(e))),
+        Err(e) => {
+            reply.abort();
+            Err(e)
+        }
     };
     let error = result.is_err();
     if let Err(e) = result {
         s.out.truncate(mark);
-        app_error(&mut s.out, e.kind, &format!("{}: {}", method.name(), e.message));
+        app_error(
+            &mut s.out,
+            e.kind,
+            &format!("{}: {}", method.name(), e.message),
+        );
     }
     if header.mtype == mtype::ONEWAY {
         s.out.truncate(mark);
@@ -203,7 +213,11 @@ fn call(
     metrics.call(method as usize, took.as_nanos() as u64, error);
     if took > env.slow_call {
         metrics.add(&metrics.slow_calls, 1);
-        tracing::warn!(method = method.name(), took_us = took.as_micros() as u64, "slow call");
+        tracing::warn!(
+            method = method.name(),
+            took_us = took.as_micros() as u64,
+            "slow call"
+        );
     }
     done
 }

@@ -53,7 +53,9 @@ impl IdGen {
 
     pub fn next_with_tag(&self, tag: i16) -> Result<i64, CallError> {
         if !(0..=MAX_TAG).contains(&tag) {
-            return Err(CallError::refused(format!("tag {tag} out of range 0..{MAX_TAG}")));
+            return Err(CallError::refused(format!(
+                "tag {tag} out of range 0..{MAX_TAG}"
+            )));
         }
         self.next(tag as u64)
     }
@@ -168,11 +170,18 @@ mod tests {
     fn clock_stepping_back_never_duplicates() {
         let now = Arc::new(AtomicI64::new(5_000));
         let n = now.clone();
-        let g = IdGen::with_clock(&cfg(0), Box::new(move || EPOCH_MS + n.load(Ordering::Relaxed) as u64));
+        let g = IdGen::with_clock(
+            &cfg(0),
+            Box::new(move || EPOCH_MS + n.load(Ordering::Relaxed) as u64),
+        );
         let a = g.next(0).unwrap();
         now.store(4_000, Ordering::Relaxed); // one second back
         let err = g.next(0).unwrap_err();
-        assert!(err.message.contains("backwards by 1000 ms"), "{}", err.message);
+        assert!(
+            err.message.contains("backwards by 1000 ms"),
+            "{}",
+            err.message
+        );
         now.store(5_000, Ordering::Relaxed);
         let b = g.next(0).unwrap();
         assert!(b > a);
@@ -184,7 +193,9 @@ mod tests {
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let g = g.clone();
-                std::thread::spawn(move || (0..20_000).map(|_| g.next(0).unwrap()).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    (0..20_000).map(|_| g.next(0).unwrap()).collect::<Vec<_>>()
+                })
             })
             .collect();
         let mut all = HashSet::new();

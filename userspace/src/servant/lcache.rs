@@ -3,8 +3,6 @@
 //! Sharded by key hash so that event loops rarely meet on one lock; each shard holds its share of both
 //! bounds and evicts its least recently used entries until it is under them.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 
@@ -55,9 +53,7 @@ impl LCache {
     }
 
     fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, Shard> {
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        let i = (h.finish() as usize) % self.shards.len();
+        let i = super::shard_of(key, self.shards.len());
         // A panic while holding a shard cannot leave it inconsistent beyond one entry: keep serving.
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -111,19 +107,24 @@ impl LCache {
     }
 
     pub fn stats(&self) -> LcacheStats {
-        self.shards.iter().fold(LcacheStats::default(), |mut acc, s| {
-            let s = s.lock().unwrap_or_else(|p| p.into_inner());
-            acc.items += s.lru.len();
-            acc.bytes += s.bytes;
-            acc
-        })
+        self.shards
+            .iter()
+            .fold(LcacheStats::default(), |mut acc, s| {
+                let s = s.lock().unwrap_or_else(|p| p.into_inner());
+                acc.items += s.lru.len();
+                acc.bytes += s.bytes;
+                acc
+            })
     }
 }
 
 /// The declared exception `TCacheMissed` as result field 1.
 pub fn cache_missed(out: &mut Encoder<'_>, key: &[u8]) {
     out.field_begin(ttype::STRUCT, 1);
-    out.field_fmt(11, format_args!("key not found: {}", String::from_utf8_lossy(key)));
+    out.field_fmt(
+        11,
+        format_args!("key not found: {}", String::from_utf8_lossy(key)),
+    );
     out.stop();
 }
 
@@ -162,7 +163,10 @@ mod tests {
         assert_eq!(c.lookup(b"k1"), None, "least recently used goes first");
         assert!(c.lookup(b"k0").is_some());
         assert!(c.stats().bytes <= 3 * cost(b"k0", &[0; 100]));
-        assert!(!c.set(b"huge", &vec![0; 1000]), "larger than the whole shard");
+        assert!(
+            !c.set(b"huge", &vec![0; 1000]),
+            "larger than the whole shard"
+        );
         c.set(b"k0", &[9; 10]);
         c.del(b"k0");
         assert_eq!(c.stats().items, 2);

@@ -3,9 +3,7 @@
 //! Node-local for now; the cluster routes each key to the node owning its vbucket, which makes a lock held
 //! on that node a cluster lock.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,9 +38,7 @@ impl Locks {
     }
 
     fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, Shard> {
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS]
+        self.shards[super::shard_of(key, SHARDS)]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }

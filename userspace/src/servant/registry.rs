@@ -18,7 +18,8 @@ pub struct Registry {
 }
 
 fn check_path(path: &[u8], max_path: usize) -> Result<&str, CallError> {
-    let p = std::str::from_utf8(path).map_err(|_| CallError::refused("registry path is not UTF-8"))?;
+    let p =
+        std::str::from_utf8(path).map_err(|_| CallError::refused("registry path is not UTF-8"))?;
     if p.len() > max_path {
         return Err(CallError::refused(format!(
             "registry path of {} bytes exceeds {max_path}",
@@ -93,7 +94,10 @@ impl Registry {
         let prefix = format!("{p}/");
         let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
         Ok(nodes
-            .range::<str, _>((std::ops::Bound::Excluded(prefix.as_str()), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Excluded(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(k, _)| k.starts_with(&prefix))
             .filter(|(k, _)| !k[prefix.len()..].contains('/'))
             .map(|(k, _)| k[prefix.len()..].to_owned())
@@ -109,7 +113,10 @@ impl Registry {
             return Ok(false);
         }
         let below: Vec<String> = nodes
-            .range::<str, _>((std::ops::Bound::Excluded(prefix.as_str()), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Excluded(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(k, _)| k.starts_with(&prefix))
             .map(|(k, _)| k.clone())
             .collect();
@@ -164,7 +171,10 @@ mod tests {
             assert!(r.create(p, b"").is_err(), "{:?}", p);
         }
         assert!(r.create(b"/x", &[0; 17]).is_err());
-        assert!(r.create(b"/1/2/3/4/5/6/7/8/9/10/11", b"").is_err(), "node cap");
+        assert!(
+            r.create(b"/1/2/3/4/5/6/7/8/9/10/11", b"").is_err(),
+            "node cap"
+        );
         assert!(r.is_empty());
     }
 }

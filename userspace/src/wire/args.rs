@@ -85,9 +85,26 @@ macro_rules! accessor {
 }
 
 impl<'a> Args<'a> {
+    /// No arguments yet; [`Args::read_into`] fills them.
+    pub fn new(limits: &Limits) -> Self {
+        Args {
+            vals: [None; MAX_ARG_ID + 1],
+            limits: *limits,
+        }
+    }
+
     /// Reads the argument struct at the reader's position.
     pub fn read(r: &mut Reader<'a>, limits: &Limits) -> Result<Self, WireError> {
-        let mut vals = [None; MAX_ARG_ID + 1];
+        let mut args = Args::new(limits);
+        args.read_into(r)?;
+        Ok(args)
+    }
+
+    /// Reads the argument struct at the reader's position into `self` (cleared first).
+    pub fn read_into(&mut self, r: &mut Reader<'a>) -> Result<(), WireError> {
+        let limits = &self.limits;
+        let vals = &mut self.vals;
+        *vals = [None; MAX_ARG_ID + 1];
         while let Some((id, t)) = r.field()? {
             let v = match t {
                 ttype::BOOL => Value::Bool(r.bool()?),
@@ -117,10 +134,7 @@ impl<'a> Args<'a> {
                 vals[id as usize] = Some(v);
             }
         }
-        Ok(Args {
-            vals,
-            limits: *limits,
-        })
+        Ok(())
     }
 
     fn get(&self, id: i16, name: &'static str) -> Result<Value<'a>, ArgError> {

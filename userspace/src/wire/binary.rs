@@ -211,7 +211,13 @@ pub fn skip(r: &mut Reader<'_>, t: u8, limits: &Limits, depth: usize) -> Result<
     Ok(())
 }
 
-fn skip_n(r: &mut Reader<'_>, elem: u8, n: usize, limits: &Limits, depth: usize) -> Result<(), WireError> {
+fn skip_n(
+    r: &mut Reader<'_>,
+    elem: u8,
+    n: usize,
+    limits: &Limits,
+    depth: usize,
+) -> Result<(), WireError> {
     // Fixed-size elements are skipped in one step rather than one by one.
     let fixed = match elem {
         ttype::BOOL | ttype::BYTE => Some(1),
@@ -283,8 +289,13 @@ mod tests {
             ..Limits::default()
         };
         // in a whole message: truncated; in one still arriving, more than a message may hold
-        assert_eq!(Reader::new(&b).list_header(&small).unwrap_err(), WireError::Truncated);
-        let err = Reader::with_cap(&b, 1 << 20).list_header(&small).unwrap_err();
+        assert_eq!(
+            Reader::new(&b).list_header(&small).unwrap_err(),
+            WireError::Truncated
+        );
+        let err = Reader::with_cap(&b, 1 << 20)
+            .list_header(&small)
+            .unwrap_err();
         assert!(matches!(err, WireError::TooLong { .. }), "{err}");
     }
 
@@ -304,12 +315,18 @@ mod tests {
     #[test]
     fn negative_and_overlong_strings() {
         let b = (-5i32).to_be_bytes();
-        assert_eq!(Reader::new(&b).bytes().unwrap_err(), WireError::NegativeLength(-5));
+        assert_eq!(
+            Reader::new(&b).bytes().unwrap_err(),
+            WireError::NegativeLength(-5)
+        );
         let mut b = 10i32.to_be_bytes().to_vec();
         b.extend_from_slice(b"short");
         assert_eq!(Reader::new(&b).bytes().unwrap_err(), WireError::Truncated);
         // the same string in a message still arriving: wait for more, unless it cannot fit
-        assert_eq!(Reader::with_cap(&b, 1000).bytes().unwrap_err(), WireError::Truncated);
+        assert_eq!(
+            Reader::with_cap(&b, 1000).bytes().unwrap_err(),
+            WireError::Truncated
+        );
         let err = Reader::with_cap(&b, 12).bytes().unwrap_err();
         assert!(matches!(err, WireError::TooLong { .. }), "{err}");
     }

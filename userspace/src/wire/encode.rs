@@ -104,7 +104,13 @@ impl<'b> Reply<'b> {
         Self::begin_kind(out, transport, name, mtype::REPLY, seqid)
     }
 
-    fn begin_kind(out: &'b mut Vec<u8>, transport: Transport, name: &[u8], kind: u8, seqid: i32) -> Self {
+    fn begin_kind(
+        out: &'b mut Vec<u8>,
+        transport: Transport,
+        name: &[u8],
+        kind: u8,
+        seqid: i32,
+    ) -> Self {
         let start = out.len();
         if transport == Transport::Framed {
             out.extend_from_slice(&[0; 4]);

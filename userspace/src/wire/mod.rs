@@ -13,7 +13,7 @@ mod frame;
 pub use args::{ArgError, Args, Context, ListIter, Value, MAX_ARG_ID};
 pub use binary::{skip, MessageHeader, Reader};
 pub use encode::{AppErrorKind, Encoder, Reply};
-pub use frame::{scan, Frame, Malformed, Transport};
+pub use frame::{next_call, scan, Call, Frame, Malformed, Transport};
 
 /// Thrift type ids (the `TType` of every Apache Thrift library).
 pub mod ttype {
@@ -73,7 +73,9 @@ pub enum WireError {
     #[error("bad protocol version word {0:#010x}: expected a strict TBinaryProtocol message (0x8001....)")]
     BadVersion(u32),
     /// the first byte does not start a binary message, a compact message or a frame
-    #[error("unrecognised transport: first byte {0:#04x} starts neither a binary message nor a frame")]
+    #[error(
+        "unrecognised transport: first byte {0:#04x} starts neither a binary message nor a frame"
+    )]
     UnknownTransport(u8),
     /// negative length
     #[error("negative length {0}")]

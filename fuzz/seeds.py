@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed inputs of the fuzz corpora (fuzz/corpus/*/seed-*): well-formed calls of every
+shape fae serves, in both transports, and the malformed shapes the robustness tests use. The fuzzer grows
+the corpus from these; `cargo test` replays all of it."""
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STOP, BOOL, I16, I32, I64, STRING, STRUCT, LIST = 0, 2, 6, 8, 10, 11, 12, 15
+
+
+def s(b):
+    b = b if isinstance(b, bytes) else b.encode()
+    return struct.pack(">i", len(b)) + b
+
+
+def field(t, fid, payload):
+    return struct.pack(">bh", t, fid) + payload
+
+
+def ctx(rid=1, reason="seed"):
+    return field(STRUCT, 1, field(I64, 1, struct.pack(">q", rid)) + field(STRING, 2, s(reason))
+                 + field(I64, 3, struct.pack(">q", 0)) + bytes([STOP]))
+
+
+def call(name, seq, args):
+    return struct.pack(">I", 0x80010001) + s(name) + struct.pack(">i", seq) + args + bytes([STOP])
+
+
+def framed(m):
+    return struct.pack(">i", len(m)) + m
+
+
+calls = {
+    "noop": call("noop", 1, field(I32, 1, struct.pack(">i", 7))),
+    "ping": call("ping", 2, ctx()),
+    "id_next": call("id_next", 3, ctx()),
+    "id_tag": call("id_next_with_tag", 4, ctx() + field(I16, 2, struct.pack(">h", 5))),
+    "id_decode": call("id_decode", 5, ctx() + field(I64, 2, struct.pack(">q", 1 << 40))),
+    "lc_set": call("lc_set", 6, ctx() + field(STRING, 2, s("k")) + field(STRING, 3, s(b"\x00\xffv"))),
+    "lc_get": call("lc_get", 7, ctx() + field(STRING, 2, s("k"))),
+    "lc_del": call("lc_del", 8, ctx() + field(STRING, 2, s("k"))),
+    "lock": call("lock", 9, ctx() + field(STRING, 2, s("r")) + field(STRING, 3, s("k"))),
+    "unlock": call("unlock", 10, ctx() + field(STRING, 2, s("r")) + field(STRING, 3, s("k"))),
+    "zk_create": call("zk_create", 11, ctx() + field(STRING, 2, s("/a/b")) + field(STRING, 3, s("d"))),
+    "zk_children": call("zk_children", 12, ctx() + field(STRING, 2, s("/a"))),
+    "zk_del": call("zk_del", 13, ctx() + field(STRING, 2, s("/a"))),
+    "rd_call": call("rd_call", 14, ctx() + field(STRING, 2, s("GET")) + field(STRING, 3, s("p"))
+                    + field(LIST, 4, bytes([STRING]) + struct.pack(">i", 2) + s("k") + s("v"))),
+    "bad_ctx": call("ping", 15, ctx(rid=0)),
+    "unknown": call("no_such_method", 16, b""),
+}
+bad = {
+    "bad_version": struct.pack(">I", 0x80020001) + s("noop") + struct.pack(">i", 1) + bytes([STOP]),
+    "huge_frame": struct.pack(">I", 0x7FFFFFFF),
+    "string_past_end": framed(struct.pack(">I", 0x80010001) + s("lc_get") + struct.pack(">i", 1)
+                              + struct.pack(">bh", STRING, 2) + struct.pack(">i", 1000) + b"abc"),
+    "deep": call("noop", 1, struct.pack(">bh", STRUCT, 1) * 200),
+    "huge_list": call("rd_call", 1, struct.pack(">bh", LIST, 4) + bytes([I64]) + struct.pack(">i", 1 << 30)),
+    "compact": bytes([0x82, 0x21, 0x01, 0x04]) + b"noop",
+}
+seeds = dict(calls)
+seeds["pipelined"] = b"".join(calls.values())
+seeds["pipelined_framed"] = b"".join(framed(m) for m in calls.values())
+for k, v in calls.items():
+    seeds["framed_" + k] = framed(v)
+seeds.update(bad)
+
+for target, prefix in (("wire_decode", b""), ("session", b"\x07")):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in seeds.items():
+        with open(os.path.join(d, "seed-" + name), "wb") as f:
+            f.write(prefix + data)
+print(f"wrote {len(seeds)} seeds per target")

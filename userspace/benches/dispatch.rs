@@ -1,0 +1,129 @@
+//! In-process cost of the protocol layer per call, sockets excluded: decode a call, run it, encode the
+//! reply. fae's zero-copy `wire` + `Session` against the Apache `thrift` crate's generated processor and
+//! `TBinaryInputProtocol`/`TBinaryOutputProtocol` over in-memory transports, on the same pipelined input.
+//!
+//! Run: `cargo bench --bench dispatch` (prints ns per call for each; no assertions).
+
+use std::hint::black_box;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fae::client::fun_rpc::FunServantSyncProcessor;
+use fae::client::peer::Peer;
+use fae::config::Config;
+use fae::engine::metrics::LoopMetrics;
+use fae::engine::session::{Env, Session};
+use fae::servant::Servants;
+use fae::wire::{mtype, ttype, Encoder};
+use thrift::protocol::{TBinaryInputProtocol, TBinaryOutputProtocol};
+use thrift::server::TProcessor;
+
+const CALLS: usize = 1000;
+
+fn ctx(e: &mut Encoder<'_>) {
+    e.field_begin(ttype::STRUCT, 1);
+    e.field_i64(1, 42);
+    e.field_bytes(2, b"bench");
+    e.field_i64(3, 7);
+    e.stop();
+}
+
+fn calls(method: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for seq in 0..CALLS as i32 {
+        let mut e = Encoder::new(&mut out);
+        e.message_begin(method.as_bytes(), mtype::CALL, seq);
+        match method {
+            "noop" => e.field_i32(1, seq),
+            "lc_get" => {
+                ctx(&mut e);
+                e.field_bytes(2, b"some:cache:key");
+            }
+            "lc_set" => {
+                ctx(&mut e);
+                e.field_bytes(2, b"some:cache:key");
+                e.field_bytes(3, value);
+            }
+            _ => unreachable!(),
+        }
+        e.stop();
+    }
+    out
+}
+
+fn time(mut f: impl FnMut()) -> f64 {
+    // Warm up, then take the best of several rounds of about 200 ms (least disturbed by the other core).
+    f();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let mut rounds = 0;
+        while t0.elapsed() < Duration::from_millis(200) {
+            f();
+            rounds += 1;
+        }
+        best = best.min(t0.elapsed().as_nanos() as f64 / (rounds * CALLS) as f64);
+    }
+    best
+}
+
+fn main() {
+    let cfg = Config::default();
+    let servants = Arc::new(Servants::new(&cfg));
+    let env = Env {
+        servants: servants.clone(),
+        limits: cfg.server.limits(),
+        call_timeout: Duration::from_secs(5),
+        slow_call: Duration::from_secs(5),
+        message_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(300),
+        max_pending_reply: 1 << 30,
+    };
+    let metrics = LoopMetrics::default();
+    let processor = FunServantSyncProcessor::new(Peer::default());
+    let value = vec![b'v'; 100];
+    // Both sides hold the key lc_get reads.
+    servants.lcache.set(b"some:cache:key", &value);
+    {
+        let set = calls("lc_set", &value);
+        let mut i = TBinaryInputProtocol::new(Cursor::new(&set[..]), true);
+        let mut out = Vec::new();
+        let mut o = TBinaryOutputProtocol::new(&mut out, true);
+        processor.process(&mut i, &mut o).expect("peer lc_set");
+    }
+    println!(
+        "protocol layer, {CALLS} pipelined calls per round, ns per call (decode + run + encode):"
+    );
+    println!("| method | fae wire + Session | thrift crate processor | ratio |");
+    println!("|---|---|---|---|");
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    for method in ["noop", "lc_get", "lc_set"] {
+        if !only.is_empty() && !only.iter().any(|o| o == method) {
+            continue;
+        }
+        let input = calls(method, &value);
+        let mut session = Session::new();
+        let fae = time(|| {
+            session.on_bytes(black_box(&input), &env, &metrics, Instant::now());
+            assert!(!session.closing());
+            session.sent(usize::MAX);
+        });
+        let mut out = Vec::with_capacity(1 << 20);
+        let thrift = time(|| {
+            out.clear();
+            let mut i = TBinaryInputProtocol::new(Cursor::new(black_box(&input[..])), true);
+            let mut o = TBinaryOutputProtocol::new(&mut out, true);
+            for _ in 0..CALLS {
+                processor.process(&mut i, &mut o).expect("thrift process");
+            }
+        });
+        println!(
+            "| {method} | {fae:.0} | {thrift:.0} | {:.1}x |",
+            thrift / fae
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! Entry points shared by the cargo-fuzz targets in `fuzz/` and by the test that replays their corpus, so
+//! that every corpus input is checked on every test run, not only while fuzzing.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::engine::metrics::LoopMetrics;
+use crate::engine::session::{Env, Session};
+use crate::servant::Servants;
+use crate::wire::{self, Args, Limits, MessageHeader, Reader, Transport};
+
+/// Decodes `data` as a stream of messages, every argument of each included. Must never panic.
+pub fn wire(data: &[u8]) {
+    let limits = Limits {
+        max_message: 1 << 20,
+        max_depth: 64,
+        max_container: 1 << 16,
+    };
+    for known in [None, Some(Transport::Buffered), Some(Transport::Framed)] {
+        let mut rest = data;
+        let mut transport = known;
+        while let Ok(Some(frame)) = wire::scan(rest, transport, &limits) {
+            transport = Some(frame.transport);
+            rest = &rest[frame.consumed..];
+            let mut r = Reader::new(frame.message);
+            let header = MessageHeader::read(&mut r).expect("scan accepted the header");
+            let args = Args::read(&mut r, &limits).expect("scan walked the arguments");
+            let _ = header.name;
+            let _ = args.context();
+            for id in 1..=wire::MAX_ARG_ID as i16 {
+                if let Ok(list) = args.string_list(id, "x") {
+                    list.for_each(drop);
+                }
+            }
+        }
+    }
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut cfg = Config::default();
+        cfg.lcache.max_bytes = 16 << 20;
+        cfg.server.max_message_bytes = 1 << 20;
+        Env {
+            servants: Arc::new(Servants::new(&cfg)),
+            limits: cfg.server.limits(),
+            call_timeout: Duration::from_secs(5),
+            slow_call: Duration::from_secs(5),
+            message_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            max_pending_reply: 1 << 20,
+        }
+    })
+}
+
+/// Feeds `data` to one session in pieces (the first byte sets the piece size) against real servants, as a
+/// client's bytes would arrive. Must never panic, and every reply must be a whole message.
+pub fn session(data: &[u8]) {
+    let Some((&step, data)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step).max(1);
+    let metrics = LoopMetrics::default();
+    let mut s = Session::new();
+    for piece in data.chunks(step) {
+        s.on_bytes(piece, env(), &metrics, Instant::now());
+        if s.closing() {
+            break;
+        }
+    }
+    // Replies go out as whole messages of the transport the client spoke.
+    let mut out = &s.out[..];
+    while !out.is_empty() {
+        let frame = wire::scan(out, None, &Limits::default())
+            .ok()
+            .flatten()
+            .expect("a reply that is not a whole message");
+        out = &out[frame.consumed..];
+    }
+}
