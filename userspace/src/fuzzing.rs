@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::engine::metrics::LoopMetrics;
 use crate::engine::session::{Env, Session};
 use crate::servant::Servants;
-use crate::wire::{self, Args, Limits, MessageHeader, Reader, Transport};
+use crate::wire::{self, Args, Limits, MessageHeader, Progress, Reader, Transport};
 
 /// Decodes `data` as a stream of messages, every argument of each included. Must never panic.
 pub fn wire(data: &[u8]) {
@@ -17,6 +17,20 @@ pub fn wire(data: &[u8]) {
         max_depth: 64,
         max_container: 1 << 16,
     };
+    // The resumable walk finds the same end as the one-pass walk, however the message is split.
+    if let Some((&cut, data)) = data.split_first() {
+        let one_pass = wire::scan(data, Some(Transport::Buffered), &limits);
+        let mut p = Progress::default();
+        let split = usize::from(cut).min(data.len());
+        let resumed = p
+            .walk(&data[..split], &limits)
+            .and_then(|found| found.map_or_else(|| p.walk(data, &limits), |len| Ok(Some(len))));
+        match (one_pass, resumed) {
+            (Ok(Some(f)), Ok(Some(len))) => assert_eq!(f.consumed, len),
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+            (a, b) => panic!("one-pass walk {a:?}, resumed walk {b:?}"),
+        }
+    }
     for known in [None, Some(Transport::Buffered), Some(Transport::Framed)] {
         let mut rest = data;
         let mut transport = known;

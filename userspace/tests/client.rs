@@ -17,7 +17,11 @@ fn ctx() -> fae::client::Context {
 fn http_get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    std::io::Write::write_all(&mut s, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).expect("admin read");
     assert!(body.starts_with("HTTP/1.1 200"), "{path}: {body}");
@@ -28,7 +32,10 @@ fn exercise(addr: &str, transport: Transport) {
     let mut c = client::connect(addr, transport, Duration::from_secs(5)).expect("connect");
     assert_eq!(c.noop(-7).unwrap(), -7);
     let pong = c.ping(ctx()).unwrap();
-    assert!(pong.starts_with("ver:0.1.0, build:") && pong.contains(", myid:1, uptime:"), "{pong}");
+    assert!(
+        pong.starts_with("ver:0.1.0, build:") && pong.contains(", myid:1, uptime:"),
+        "{pong}"
+    );
     let a = c.id_next(ctx()).unwrap();
     let b = c.id_next_with_tag(ctx(), 31).unwrap();
     assert!(b > a);
@@ -50,9 +57,16 @@ fn exercise(addr: &str, transport: Transport) {
     let path = format!("/rust/{transport:?}/node");
     assert!(c.zk_create(ctx(), path.clone(), "data".into()).unwrap());
     assert!(!c.zk_create(ctx(), path.clone(), "data".into()).unwrap());
-    assert_eq!(c.zk_children(ctx(), format!("/rust/{transport:?}")).unwrap(), ["node"]);
+    assert_eq!(
+        c.zk_children(ctx(), format!("/rust/{transport:?}"))
+            .unwrap(),
+        ["node"]
+    );
     assert!(c.zk_del(ctx(), path.clone()).unwrap());
-    assert!(c.zk_children(ctx(), format!("/rust/{transport:?}")).unwrap().is_empty());
+    assert!(c
+        .zk_children(ctx(), format!("/rust/{transport:?}"))
+        .unwrap()
+        .is_empty());
     // Application errors keep the session.
     let bad = fae::client::Context::new(0, "x".into(), 0, None);
     match c.ping(bad) {
@@ -63,7 +77,9 @@ fn exercise(addr: &str, transport: Transport) {
         other => panic!("ping with rid 0: {other:?}"),
     }
     match c.mc_get(ctx(), "pool".into(), "k".into()) {
-        Err(thrift::Error::Application(e)) => assert_eq!(e.kind, thrift::ApplicationErrorKind::UnknownMethod),
+        Err(thrift::Error::Application(e)) => {
+            assert_eq!(e.kind, thrift::ApplicationErrorKind::UnknownMethod)
+        }
         other => panic!("mc_get: {other:?}"),
     }
     assert_eq!(c.noop(1).unwrap(), 1);
@@ -94,7 +110,7 @@ fn every_declared_metric_moves() {
     let mut stalled = f.connect(Transport::Buffered);
     stalled.send_raw(&[0x80, 0x01]);
     std::thread::sleep(Duration::from_millis(2500)); // the stalled session times out
-    // One session open while the gauge is read.
+                                                     // One session open while the gauge is read.
     let mut held = f.connect(Transport::Buffered);
     held.call(&common::ping_call(1));
     let metrics = http_get(f.admin_port, "/metrics");
@@ -105,17 +121,28 @@ fn every_declared_metric_moves() {
         }
     }
     assert!(families.len() >= 15, "{families:?}");
-    for fam in families.iter().filter(|f| !NOT_FROM_OUTSIDE.contains(&f.as_str())) {
+    for fam in families
+        .iter()
+        .filter(|f| !NOT_FROM_OUTSIDE.contains(&f.as_str()))
+    {
         let moved = metrics.lines().any(|l| {
             !l.starts_with('#')
-                && (l.starts_with(&format!("{fam} ")) || l.starts_with(&format!("{fam}{{")) || l.starts_with(&format!("{fam}_")))
-                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+                && (l.starts_with(&format!("{fam} "))
+                    || l.starts_with(&format!("{fam}{{"))
+                    || l.starts_with(&format!("{fam}_")))
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
         });
         assert!(moved, "metric {fam} never moved:\n{metrics}");
     }
     let stats = http_get(f.admin_port, "/api/stats");
     let json = &stats[stats.find("\r\n\r\n").unwrap() + 4..];
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
-    assert!(v["methods"]["lc_get"]["calls"].as_u64().unwrap() >= 2, "{v}");
+    assert!(
+        v["methods"]["lc_get"]["calls"].as_u64().unwrap() >= 2,
+        "{v}"
+    );
     assert!(v["protocol_errors"].as_u64().unwrap() >= 1, "{v}");
 }

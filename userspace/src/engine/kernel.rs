@@ -69,6 +69,8 @@ struct Conn {
     read_paused: bool,
     /// The peer closed its sending side.
     eof: bool,
+    /// epoll reported the peer's FIN: read to the end, a short read does not mean the socket is drained.
+    read_closed: bool,
 }
 
 pub struct KernelLoop {
@@ -131,7 +133,14 @@ impl KernelLoop {
                 match ev.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
-                    Token(key) => self.on_conn_event(key, ev.is_readable(), ev.is_writable()),
+                    Token(key) => {
+                        if ev.is_read_closed() {
+                            if let Some(c) = self.conns.get_mut(key) {
+                                c.read_closed = true;
+                            }
+                        }
+                        self.on_conn_event(key, ev.is_readable(), ev.is_writable())
+                    }
                 }
             }
             let now = Instant::now();
@@ -193,6 +202,7 @@ impl KernelLoop {
                         last_active: Instant::now(),
                         read_paused: false,
                         eof: false,
+                        read_closed: false,
                     });
                     self.metrics.session_opened();
                 }
@@ -217,9 +227,11 @@ impl KernelLoop {
         }
         if alive && (writable || !conn.session.out.is_empty()) {
             alive = write(conn, &self.metrics);
-            // Replies drained: take up the requests left unread.
+            // Replies drained: serve the calls held back, then take up the requests left unread.
             while alive && conn.read_paused && !conn.session.backlogged(&self.env) {
                 conn.read_paused = false;
+                conn.session
+                    .resume(&self.env, &self.metrics, Instant::now());
                 alive = read(conn, &mut self.scratch, &self.env, &self.metrics)
                     && write(conn, &self.metrics);
             }
@@ -233,6 +245,18 @@ impl KernelLoop {
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
             let _ = self.poll.registry().deregister(&mut conn.stream);
+            if conn.session.closing() {
+                // Closing a socket with unread input sends a reset, which can destroy the error reply
+                // still in flight: end our side first and discard what the client has already sent.
+                let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                let mut sink = [0u8; 4096];
+                for _ in 0..16 {
+                    match conn.stream.read(&mut sink) {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
             self.gate.leave();
             self.metrics.session_closed();
         }
@@ -303,8 +327,13 @@ fn read(conn: &mut Conn, scratch: &mut [u8], env: &Env, metrics: &LoopMetrics) -
                 conn.last_active = now;
                 metrics.add(&metrics.bytes_in, n as u64);
                 conn.session.on_bytes(&scratch[..n], env, metrics, now);
-                if n < scratch.len() {
+                if conn.session.backlogged(env) {
+                    conn.read_paused = true;
+                    return true;
+                }
+                if n < scratch.len() && !conn.read_closed {
                     // A short read means the socket is drained; the next readiness event brings more.
+                    // (Reading on to WouldBlock would let one streaming client hold the loop.)
                     return true;
                 }
             }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
 use crate::servant::{Method, Servants};
-use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Reply, Transport};
+use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Progress, Reply, Transport};
 
 /// What every session of a node shares.
 pub struct Env {
@@ -33,6 +33,10 @@ pub struct Session {
     partial_since: Option<Instant>,
     /// A protocol violation was answered: send what is in `out`, then close.
     closing: bool,
+    /// Whole calls wait in `pending`, unserved while the client is not reading its replies.
+    held_back: bool,
+    /// How far the walk of a partly arrived unframed message has come.
+    progress: Progress,
 }
 
 impl Session {
@@ -53,8 +57,17 @@ impl Session {
     /// A message begun longer ago than the message timeout (a client trickling bytes or gone silent
     /// mid-message).
     pub fn stalled(&self, env: &Env, now: Instant) -> bool {
-        self.partial_since
-            .is_some_and(|t| now.saturating_duration_since(t) > env.message_timeout)
+        !self.held_back
+            && self
+                .partial_since
+                .is_some_and(|t| now.saturating_duration_since(t) > env.message_timeout)
+    }
+
+    /// Serves calls held back while replies were backlogged; for the loop once the client read them.
+    pub fn resume(&mut self, env: &Env, metrics: &LoopMetrics, now: Instant) {
+        if self.held_back {
+            self.on_bytes(&[], env, metrics, now);
+        }
     }
 
     /// Takes bytes that arrived and answers every whole message among them into `out`.
@@ -117,7 +130,19 @@ fn serve(
     let mut started = Instant::now();
     let mut args = Args::new(&env.limits);
     loop {
-        match wire::next_call(&buf[used..], s.transport, &env.limits, &mut args) {
+        // Replies are piling up unread: keep the remaining calls for later rather than answer them all
+        // into memory (a 64 KiB read of small calls for a large value could otherwise take gigabytes).
+        s.held_back = s.out.len() >= env.max_pending_reply;
+        if s.held_back {
+            return used;
+        }
+        match wire::next_call(
+            &buf[used..],
+            s.transport,
+            &env.limits,
+            &mut args,
+            &mut s.progress,
+        ) {
             Ok(None) => return used,
             Ok(Some(c)) => {
                 s.transport = Some(c.transport);
@@ -220,4 +245,108 @@ fn call(
         );
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::wire::Encoder;
+
+    fn env(call_timeout: Duration) -> Env {
+        let cfg = Config::default();
+        Env {
+            servants: Arc::new(Servants::new(&cfg)),
+            limits: cfg.server.limits(),
+            call_timeout,
+            slow_call: Duration::from_secs(1),
+            message_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_pending_reply: 1 << 20,
+        }
+    }
+
+    fn noop(seq: i32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = Encoder::new(&mut out);
+        e.message_begin(b"noop", mtype::CALL, seq);
+        e.field_i32(1, seq);
+        e.stop();
+        out
+    }
+
+    fn replies(out: &[u8]) -> Vec<(u8, i32)> {
+        let mut rest = out;
+        let mut v = Vec::new();
+        while let Ok(Some(f)) = wire::scan(rest, Some(Transport::Buffered), &Limits::default()) {
+            let h = wire::MessageHeader::read(&mut wire::Reader::new(f.message)).unwrap();
+            v.push((h.mtype, h.seqid));
+            rest = &rest[f.consumed..];
+        }
+        v
+    }
+
+    #[test]
+    fn calls_past_their_deadline_are_answered_not_run() {
+        let env = env(Duration::from_millis(1));
+        let metrics = LoopMetrics::default();
+        let mut s = Session::new();
+        let batch: Vec<u8> = (1..=3).flat_map(noop).collect();
+        // The bytes arrived 50 ms before the loop got to them.
+        let arrived = Instant::now() - Duration::from_millis(50);
+        s.on_bytes(&batch, &env, &metrics, arrived);
+        assert_eq!(
+            replies(&s.out),
+            [
+                (mtype::EXCEPTION, 1),
+                (mtype::EXCEPTION, 2),
+                (mtype::EXCEPTION, 3)
+            ]
+        );
+        assert_eq!(
+            metrics
+                .deadline_exceeded
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        assert!(!s.closing(), "a missed deadline keeps the session");
+        s.sent(usize::MAX);
+        s.on_bytes(&noop(4), &env, &metrics, Instant::now());
+        assert_eq!(replies(&s.out), [(mtype::REPLY, 4)]);
+    }
+
+    #[test]
+    fn message_split_anywhere_is_answered_once() {
+        let env = env(Duration::from_secs(5));
+        let metrics = LoopMetrics::default();
+        let batch: Vec<u8> = (1..=2).flat_map(noop).collect();
+        for cut in 0..batch.len() {
+            let mut s = Session::new();
+            let now = Instant::now();
+            s.on_bytes(&batch[..cut], &env, &metrics, now);
+            assert_eq!(
+                s.mid_message(),
+                cut != 0 && cut != batch.len() / 2,
+                "cut {cut}"
+            );
+            s.on_bytes(&batch[cut..], &env, &metrics, now);
+            assert_eq!(
+                replies(&s.out),
+                [(mtype::REPLY, 1), (mtype::REPLY, 2)],
+                "cut {cut}"
+            );
+            assert!(!s.mid_message());
+        }
+    }
+
+    #[test]
+    fn stalled_message_is_reported_after_the_timeout() {
+        let env = env(Duration::from_secs(5));
+        let metrics = LoopMetrics::default();
+        let mut s = Session::new();
+        let t0 = Instant::now();
+        s.on_bytes(&noop(1)[..5], &env, &metrics, t0);
+        assert!(!s.stalled(&env, t0 + Duration::from_millis(500)));
+        assert!(s.stalled(&env, t0 + Duration::from_millis(1500)));
+    }
 }

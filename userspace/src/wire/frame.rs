@@ -7,7 +7,7 @@
 //! that [`scan`] accepts can be decoded without further checks failing on truncation.
 
 use super::binary::{skip, MessageHeader, Reader};
-use super::{ttype, Args, Limits, WireError};
+use super::{ttype, Args, Limits, Progress, WireError};
 
 /// A connection's transport, fixed by its first message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,22 +64,76 @@ pub struct Call<'a> {
     pub consumed: usize,
 }
 
-/// Like [`scan`], but reads the call's header and arguments on the way: one walk over each message. The
-/// arguments are written into `args` in place: returning the few hundred bytes of [`Args`] by value cost a
-/// `memcpy` per call that showed as 10% of `benches/dispatch.rs`.
+/// Like [`scan`], but reads the call's header and arguments on the way: one walk over each message that
+/// arrived whole. The arguments are written into `args` in place: returning the few hundred bytes of
+/// [`Args`] by value cost a `memcpy` per call that showed as 10% of `benches/dispatch.rs`.
+///
+/// `progress` carries the walk of an unframed message that has not fully arrived from one call to the next
+/// (see [`Progress`]), so that a message split over many reads is walked once, not once per read.
 pub fn next_call<'a>(
     buf: &'a [u8],
     known: Option<Transport>,
     limits: &Limits,
     args: &mut Args<'a>,
+    progress: &mut Progress,
 ) -> Result<Option<Call<'a>>, Malformed<'a>> {
-    Ok(
-        walk(buf, known, limits, |r, _| args.read_into(r))?.map(|w| Call {
-            transport: w.transport,
-            header: w.header,
-            consumed: w.consumed,
-        }),
-    )
+    let call = |w: Walked<'a>| Call {
+        transport: w.transport,
+        header: w.header,
+        consumed: w.consumed,
+    };
+    let unframed_error = |error| Malformed {
+        error,
+        transport: Some(Transport::Buffered),
+        header: MessageHeader::read(&mut Reader::new(buf)).ok(),
+    };
+    if progress.started() {
+        // Part of this message was walked already: walk on from there, then decode it once it is whole.
+        return match progress.walk(buf, limits) {
+            Ok(None) => Ok(None),
+            Ok(Some(len)) => {
+                let w = walk_whole(&buf[..len], Transport::Buffered, limits, |r, _| {
+                    args.read_into(r)
+                })?;
+                Ok(Some(call(w)))
+            }
+            Err(error) => Err(unframed_error(error)),
+        };
+    }
+    let w = walk(buf, known, limits, |r, _| args.read_into(r))?;
+    if w.is_none() && buf.first() == Some(&0x80) {
+        // An unframed message not all here: note how far it goes, to walk on from there next time.
+        progress.reset();
+        progress.walk(buf, limits).map_err(unframed_error)?;
+    }
+    Ok(w.map(call))
+}
+
+/// Decodes a message known to be whole (a frame's body, or an unframed message whose end was found).
+fn walk_whole<'a, F>(
+    message: &'a [u8],
+    transport: Transport,
+    limits: &Limits,
+    body: F,
+) -> Result<Walked<'a>, Malformed<'a>>
+where
+    F: FnOnce(&mut Reader<'a>, &Limits) -> Result<(), WireError>,
+{
+    let fail = |error, header| Malformed {
+        error,
+        transport: Some(transport),
+        header,
+    };
+    // Running out of bytes inside a whole message is a truncated message.
+    let mut r = Reader::new(message);
+    let header = MessageHeader::read(&mut r).map_err(|e| fail(e, None))?;
+    body(&mut r, limits).map_err(|e| fail(e, Some(header)))?;
+    Ok(Walked {
+        transport,
+        header,
+        message,
+        consumed: message.len(),
+    })
 }
 
 struct Walked<'a> {
@@ -194,15 +248,10 @@ where
     let Some(message) = buf.get(FRAME_HEADER..FRAME_HEADER + len) else {
         return Ok(None);
     };
-    // The whole frame is here: running out of bytes inside it is a truncated message.
-    let mut r = Reader::new(message);
-    let header = MessageHeader::read(&mut r).map_err(|e| fail(e, None))?;
-    body(&mut r, limits).map_err(|e| fail(e, Some(header)))?;
+    let w = walk_whole(message, Transport::Framed, limits, body)?;
     Ok(Some(Walked {
-        transport: Transport::Framed,
-        header,
-        message,
         consumed: FRAME_HEADER + len,
+        ..w
     }))
 }
 

@@ -9,11 +9,13 @@ mod args;
 mod binary;
 mod encode;
 mod frame;
+mod resume;
 
 pub use args::{ArgError, Args, Context, ListIter, Value, MAX_ARG_ID};
 pub use binary::{skip, MessageHeader, Reader};
 pub use encode::{AppErrorKind, Encoder, Reply};
 pub use frame::{next_call, scan, Call, Frame, Malformed, Transport};
+pub use resume::Progress;
 
 /// Thrift type ids (the `TType` of every Apache Thrift library).
 pub mod ttype {
