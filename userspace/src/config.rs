@@ -28,6 +28,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub listener: ListenerConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub node: NodeConfig,
@@ -89,6 +90,56 @@ impl ServerConfig {
             self.threads
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// Which data path serves the RPC port.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Kernel TCP sockets (runs anywhere).
+    Kernel,
+    /// XDP + AF_XDP + a userspace TCP stack on `listener.interface`.
+    Xdp,
+    /// Both: XDP on the interface, kernel sockets for everything else (loopback, other interfaces).
+    Both,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native where the driver supports it, else generic.
+    Auto,
+    /// In the driver (fails where the driver has no XDP support).
+    Native,
+    /// In the kernel's generic path (works everywhere, slower).
+    Generic,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub mode: ListenerMode,
+    pub interface: String,
+    pub queues: u32,
+    pub xdp_mode: XdpMode,
+    pub zero_copy: bool,
+    pub xdp_backlog: usize,
+    pub xdp_buffer_bytes: usize,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            mode: ListenerMode::Kernel,
+            interface: String::new(),
+            queues: 0,
+            xdp_mode: XdpMode::Auto,
+            zero_copy: false,
+            xdp_backlog: 64,
+            xdp_buffer_bytes: 256 << 10,
         }
     }
 }
@@ -281,6 +332,22 @@ impl Config {
             "at least one per shard",
         )?;
         check(self.lock.ttl_ms >= 1, "lock.ttl_ms", "at least 1 ms")?;
+        let l = &self.listener;
+        check(
+            l.mode == ListenerMode::Kernel || !l.interface.is_empty(),
+            "listener.interface",
+            "required when listener.mode is xdp or both",
+        )?;
+        check(
+            (1..=4096).contains(&l.xdp_backlog),
+            "listener.xdp_backlog",
+            "1..4096",
+        )?;
+        check(
+            (16 << 10..=64 << 20).contains(&l.xdp_buffer_bytes),
+            "listener.xdp_buffer_bytes",
+            "16 KiB..64 MiB",
+        )?;
         check(
             self.log
                 .level

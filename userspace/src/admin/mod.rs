@@ -22,6 +22,8 @@ pub struct AdminState {
     pub metrics: Vec<Arc<LoopMetrics>>,
     pub servants: Arc<Servants>,
     pub gate: Arc<Gate>,
+    /// The XDP program, when the XDP path runs.
+    pub xdp: Option<crate::engine::xdp::SharedProgram>,
 }
 
 /// Binds the admin address and serves it on a thread of its own.
@@ -250,6 +252,33 @@ pub fn prometheus(state: &AdminState) -> String {
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
+    if let Some(p) = &state.xdp {
+        let c = crate::engine::xdp::counters(p);
+        for (name, help, v) in [
+            (
+                "fae_xdp_redirected_total",
+                "Packets the XDP program steered to an AF_XDP socket.",
+                c.redirected,
+            ),
+            (
+                "fae_xdp_passed_total",
+                "Packets the XDP program passed to the kernel.",
+                c.passed,
+            ),
+            (
+                "fae_xdp_no_socket_total",
+                "RPC-port packets passed because no AF_XDP socket was bound on their queue.",
+                c.no_socket,
+            ),
+            (
+                "fae_xdp_malformed_total",
+                "Frames too short or malformed to classify, passed to the kernel.",
+                c.malformed,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+    }
     o
 }
 
@@ -291,5 +320,9 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
         "locks_held": state.servants.lock.held(),
         "registry_nodes": state.servants.registry.len(),
         "methods": methods,
+        "xdp": state.xdp.as_ref().map(|p| {
+            let c = crate::engine::xdp::counters(p);
+            json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket, "malformed": c.malformed})
+        }),
     })
 }

@@ -27,6 +27,12 @@ struct Cli {
     /// Admin HTTP address (overrides admin.listen).
     #[arg(long)]
     admin: Option<std::net::SocketAddr>,
+    /// Data path (overrides listener.mode): kernel, xdp or both.
+    #[arg(long, value_enum)]
+    listener: Option<fae::config::ListenerMode>,
+    /// Interface for the XDP path (overrides listener.interface).
+    #[arg(long)]
+    interface: Option<String>,
     /// Log filter (overrides log.level): error, warn, info, debug, trace.
     #[arg(long = "log-level")]
     log_level: Option<String>,
@@ -62,6 +68,12 @@ fn main() -> ExitCode {
     if let Some(a) = cli.admin {
         cfg.admin.listen = a;
     }
+    if let Some(m) = cli.listener {
+        cfg.listener.mode = m;
+    }
+    if let Some(i) = cli.interface {
+        cfg.listener.interface = i;
+    }
     if let Some(l) = cli.log_level {
         cfg.log.level = l;
     }
@@ -95,6 +107,7 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
                 metrics: server.metrics.clone(),
                 servants: server.servants.clone(),
                 gate: server.gate.clone(),
+                xdp: server.xdp.clone(),
             },
         )?;
     }

@@ -34,14 +34,14 @@ impl Gate {
             max,
         }
     }
-    fn try_enter(&self) -> bool {
+    pub fn try_enter(&self) -> bool {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
             })
             .is_ok()
     }
-    fn leave(&self) {
+    pub fn leave(&self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
     pub fn open_sessions(&self) -> usize {

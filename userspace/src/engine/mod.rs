@@ -4,6 +4,7 @@
 pub mod kernel;
 pub mod metrics;
 pub mod session;
+pub mod xdp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerMode};
 use crate::servant::Servants;
 use kernel::{Gate, KernelLoop};
 use metrics::LoopMetrics;
@@ -31,6 +32,8 @@ pub enum EngineError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("XDP path: {0}")]
+    Xdp(#[from] fae_netstack::NetError),
 }
 
 /// A running node: its loops, its shared state, and the switch that stops it.
@@ -38,6 +41,8 @@ pub struct Server {
     pub servants: Arc<Servants>,
     pub metrics: Vec<Arc<LoopMetrics>>,
     pub gate: Arc<Gate>,
+    /// The attached XDP program, when the XDP path runs.
+    pub xdp: Option<xdp::SharedProgram>,
     stopping: Arc<AtomicBool>,
     wakers: Vec<Arc<mio::Waker>>,
     loops: Vec<JoinHandle<std::io::Result<()>>>,
@@ -60,7 +65,14 @@ impl Server {
         });
         let gate = Arc::new(Gate::new(s.max_sessions));
         let stopping = Arc::new(AtomicBool::new(false));
-        let n = s.loops();
+        let kernel = cfg.listener.mode != ListenerMode::Xdp;
+        // The XDP path first: attaching fails early and clearly (no program, no interface, no rights).
+        let xdp_path = if cfg.listener.mode == ListenerMode::Kernel {
+            None
+        } else {
+            Some(xdp::prepare(cfg)?)
+        };
+        let n = if kernel { s.loops() } else { 0 };
         let mut built = Vec::with_capacity(n);
         let mut metrics = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
@@ -85,7 +97,7 @@ impl Server {
             metrics.push(m);
             wakers.push(waker);
         }
-        let loops = built
+        let mut loops = built
             .into_iter()
             .enumerate()
             .map(|(i, lp)| {
@@ -95,11 +107,38 @@ impl Server {
                     .map_err(EngineError::Loop)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        tracing::info!(listen = %s.listen, loops = n, "serving FunServant over kernel TCP");
+        if kernel {
+            tracing::info!(listen = %s.listen, loops = n, "serving FunServant over kernel TCP");
+        }
+        let mut program = None;
+        if let Some(path) = xdp_path {
+            program = Some(path.program.clone());
+            for (q, stack) in path.stacks {
+                let m = Arc::new(LoopMetrics::default());
+                metrics.push(m.clone());
+                let lp = xdp::XdpLoop {
+                    stack,
+                    env: env.clone(),
+                    metrics: m,
+                    gate: gate.clone(),
+                    stopping: stopping.clone(),
+                    shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+                };
+                let h = std::thread::Builder::new()
+                    .name(format!("fae-xdp-q{q}"))
+                    .spawn(move || {
+                        lp.run();
+                        Ok(())
+                    })
+                    .map_err(EngineError::Loop)?;
+                loops.push(h);
+            }
+        }
         Ok(Server {
             servants,
             metrics,
             gate,
+            xdp: program,
             stopping,
             wakers,
             loops,

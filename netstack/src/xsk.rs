@@ -1,0 +1,322 @@
+//! One AF_XDP socket (xsk-rs) with its UMEM and four rings, seen by smoltcp as an IP `Device`.
+//!
+//! smoltcp runs with `Medium::Ip`: this device takes the Ethernet header off received frames and puts one
+//! on transmitted packets. The kernel keeps answering ARP (the XDP program passes it on), so the stack
+//! cannot resolve neighbours itself; instead the device learns each peer's MAC from the frames it
+//! receives, starting from the kernel's neighbour table.
+//!
+//! Frames: half of the UMEM is lent to the kernel through the fill ring for receiving, half is kept for
+//! transmitting. The fill ring is twice the receive share, and received frames go back to it in batches
+//! (the kernel reports consumed fill entries lazily; see ../shared/TOOLCHAIN.md pitfall 3).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+use crate::NetError;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+/// UMEM frames: 4096 × 2 KiB = 8 MiB (more needs CAP_IPC_LOCK above the default memlock limit).
+const FRAMES: u32 = 4096;
+const FRAME_SIZE: u32 = 2048;
+const RX_FRAMES: usize = (FRAMES / 2) as usize;
+const BATCH: usize = 64;
+
+/// Counters of one socket.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Frames received that were not IPv4 over Ethernet (the XDP program should never send them).
+    pub rx_dropped: u64,
+    /// Packets smoltcp wanted to send to a peer whose MAC is unknown.
+    pub tx_no_neighbour: u64,
+    /// Packets smoltcp wanted to send while every transmit frame was in flight.
+    pub tx_no_frame: u64,
+}
+
+struct TxState {
+    /// Frames owned by us, free to transmit.
+    free: Vec<FrameDesc>,
+    /// Frames written, to be put on the TX ring.
+    queued: Vec<FrameDesc>,
+    /// Peer IPv4 → MAC, learned from received frames and the kernel's neighbour table.
+    neighbours: HashMap<Ipv4Addr, [u8; 6]>,
+    mac: [u8; 6],
+    stats: PortStats,
+}
+
+/// An AF_XDP socket bound to one queue of one interface.
+pub struct XskPort {
+    umem: Umem,
+    rx: RxQueue,
+    tx: TxQueue,
+    fill: FillQueue,
+    comp: CompQueue,
+    /// Received frames not yet handed to smoltcp.
+    received: VecDeque<FrameDesc>,
+    /// Frames smoltcp has consumed, waiting to go back on the fill ring.
+    refill: RefCell<Vec<FrameDesc>>,
+    txs: RefCell<TxState>,
+    scratch: Vec<FrameDesc>,
+    mtu: usize,
+}
+
+fn socket_error(iface: &str, queue: u32, reason: impl std::fmt::Display) -> NetError {
+    NetError::Socket {
+        iface: iface.into(),
+        queue,
+        reason: reason.to_string(),
+    }
+}
+
+impl XskPort {
+    /// Creates the UMEM and binds a socket to `queue` of `iface` in copy mode with need-wakeup; the
+    /// caller's XDP program (not libxdp's) must then steer packets to it through its XSKMAP.
+    pub fn bind(iface: &str, queue: u32, zero_copy: bool) -> Result<XskPort, NetError> {
+        let err = |r: &dyn std::fmt::Display| socket_error(iface, queue, r);
+        let qsize = |n: u32| QueueSize::new(n).map_err(|e| err(&e));
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| err(&e))?)
+            .fill_queue_size(qsize(FRAMES)?)
+            .comp_queue_size(qsize(FRAMES / 2)?)
+            .build()
+            .map_err(|e| err(&e))?;
+        let count = NonZeroU32::new(FRAMES).expect("non-zero");
+        let (umem, mut frames) = Umem::new(umem_cfg, count, false).map_err(|e| err(&e))?;
+        let bind = if zero_copy {
+            BindFlags::XDP_ZEROCOPY
+        } else {
+            BindFlags::XDP_COPY
+        };
+        let sock_cfg = SocketConfig::builder()
+            .rx_queue_size(qsize(FRAMES / 2)?)
+            .tx_queue_size(qsize(FRAMES / 2)?)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .xdp_flags(XdpFlags::empty())
+            .bind_flags(bind | BindFlags::XDP_USE_NEED_WAKEUP)
+            .build();
+        let name: Interface = iface.parse().map_err(|e| err(&e))?;
+        // SAFETY: this (interface, queue) pair is bound by no other socket of this process; a second
+        // bind fails with EBUSY from the kernel.
+        let (tx, rx, fq_cq) =
+            unsafe { Socket::new(sock_cfg, &umem, &name, queue) }.map_err(|e| err(&e))?;
+        let (mut fill, comp) =
+            fq_cq.ok_or_else(|| err(&"the UMEM came without fill and completion rings"))?;
+        let tx_frames = frames.split_off(RX_FRAMES);
+        // SAFETY: these frames belong to this UMEM and are not used elsewhere until the kernel hands
+        // them back through the RX ring.
+        let lent = unsafe { fill.produce(&frames) };
+        if lent != frames.len() {
+            return Err(err(&format!(
+                "fill ring took {lent} of {} frames",
+                frames.len()
+            )));
+        }
+        let mtu = crate::sys::mtu(iface)?.min(FRAME_SIZE as usize - 256 - ETH_HLEN);
+        Ok(XskPort {
+            umem,
+            rx,
+            tx,
+            fill,
+            comp,
+            received: VecDeque::with_capacity(RX_FRAMES),
+            refill: RefCell::new(Vec::with_capacity(RX_FRAMES)),
+            txs: RefCell::new(TxState {
+                free: tx_frames,
+                queued: Vec::with_capacity(BATCH),
+                neighbours: crate::sys::neighbours(iface),
+                mac: crate::sys::mac(iface)?,
+                stats: PortStats::default(),
+            }),
+            scratch: vec![FrameDesc::default(); BATCH],
+            mtu,
+        })
+    }
+
+    /// The socket's file descriptor, for the XSKMAP and for poll(2).
+    pub fn fd(&self) -> i32 {
+        self.rx.fd().as_raw_fd()
+    }
+
+    pub fn stats(&self) -> PortStats {
+        self.txs.borrow().stats
+    }
+
+    /// Moves received frames off the RX ring (learning the senders' MACs); true if any arrived.
+    pub fn pull(&mut self) -> bool {
+        let mut got = false;
+        loop {
+            // SAFETY: the descriptors written are frames of this UMEM the kernel filled for us.
+            let n = unsafe { self.rx.consume(&mut self.scratch) };
+            if n == 0 {
+                break;
+            }
+            got = true;
+            let mut txs = self.txs.borrow_mut();
+            for desc in &self.scratch[..n] {
+                // SAFETY: the frame was just received and is ours until it goes back on the fill ring.
+                let data = unsafe { self.umem.data(desc) };
+                let frame = data.contents();
+                if frame.len() < ETH_HLEN + 20 || frame[12..14] != ETH_P_IP {
+                    txs.stats.rx_dropped += 1;
+                    self.refill.borrow_mut().push(*desc);
+                    continue;
+                }
+                let src_ip = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
+                let mut src_mac = [0u8; 6];
+                src_mac.copy_from_slice(&frame[6..12]);
+                txs.neighbours.insert(src_ip, src_mac);
+                txs.stats.rx_packets += 1;
+                self.received.push_back(*desc);
+            }
+            if n < self.scratch.len() {
+                break;
+            }
+        }
+        got
+    }
+
+    /// Returns consumed frames to the kernel, puts written frames on the TX ring and reclaims the frames
+    /// the kernel finished sending. Wakes the kernel when the rings ask for it.
+    pub fn push(&mut self) -> std::io::Result<()> {
+        {
+            let mut refill = self.refill.borrow_mut();
+            if !refill.is_empty() {
+                // SAFETY: these frames came off the RX ring and smoltcp no longer reads them.
+                let n = unsafe { self.fill.produce(&refill) };
+                refill.drain(..n);
+            }
+        }
+        let mut txs = self.txs.borrow_mut();
+        if !txs.queued.is_empty() {
+            // SAFETY: each frame was written completely and is not touched until it completes.
+            let n = unsafe { self.tx.produce(&txs.queued) };
+            txs.stats.tx_packets += n as u64;
+            txs.queued.drain(..n);
+        }
+        if self.tx.needs_wakeup() {
+            self.tx.wakeup()?;
+        }
+        loop {
+            // SAFETY: completed frames are ours again.
+            let n = unsafe { self.comp.consume(&mut self.scratch) };
+            txs.free.extend_from_slice(&self.scratch[..n]);
+            if n < self.scratch.len() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel needs a poll(2) to refill the RX side.
+    pub fn fill_needs_wakeup(&self) -> bool {
+        self.fill.needs_wakeup()
+    }
+}
+
+pub struct RxToken<'a> {
+    desc: FrameDesc,
+    umem: &'a Umem,
+    refill: &'a RefCell<Vec<FrameDesc>>,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        // SAFETY: the frame is ours (received, not yet refilled) for the duration of this call.
+        let data = unsafe { self.umem.data(&self.desc) };
+        let r = f(&data.contents()[ETH_HLEN..]);
+        self.refill.borrow_mut().push(self.desc);
+        r
+    }
+}
+
+pub struct TxToken<'a> {
+    umem: &'a Umem,
+    txs: &'a RefCell<TxState>,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut txs = self.txs.borrow_mut();
+        let Some(mut desc) = txs.free.pop() else {
+            // `transmit` checked for a free frame; this is unreachable in practice, but smoltcp needs
+            // the packet built either way, so build it in a throwaway buffer.
+            txs.stats.tx_no_frame += 1;
+            return f(&mut vec![0; len]);
+        };
+        // SAFETY: the frame is ours (free) until it goes on the TX ring.
+        let mut data = unsafe { self.umem.data_mut(&mut desc) };
+        data.cursor().set_pos(ETH_HLEN + len);
+        let frame = data.contents_mut();
+        let r = f(&mut frame[ETH_HLEN..]);
+        let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+        match txs.neighbours.get(&dst).copied() {
+            Some(dst_mac) => {
+                frame[0..6].copy_from_slice(&dst_mac);
+                let mac = txs.mac;
+                frame[6..12].copy_from_slice(&mac);
+                frame[12..14].copy_from_slice(&ETH_P_IP);
+                txs.queued.push(desc);
+            }
+            None => {
+                txs.stats.tx_no_neighbour += 1;
+                txs.free.push(desc);
+            }
+        }
+        r
+    }
+}
+
+impl Device for XskPort {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        if self.txs.borrow().free.is_empty() {
+            return None;
+        }
+        let desc = self.received.pop_front()?;
+        Some((
+            RxToken {
+                desc,
+                umem: &self.umem,
+                refill: &self.refill,
+            },
+            TxToken {
+                umem: &self.umem,
+                txs: &self.txs,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
+        if self.txs.borrow().free.is_empty() {
+            self.txs.borrow_mut().stats.tx_no_frame += 1;
+            return None;
+        }
+        Some(TxToken {
+            umem: &self.umem,
+            txs: &self.txs,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = self.mtu;
+        // Bursts larger than what the TX ring takes at once only get dropped and retransmitted.
+        caps.max_burst_size = Some(BATCH);
+        caps
+    }
+}

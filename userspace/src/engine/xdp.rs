@@ -1,0 +1,197 @@
+//! The kernel-bypass path: one thread per AF_XDP queue runs a smoltcp stack (fae-netstack) and feeds its
+//! connections to the same `Session`s as the kernel path. Only the byte pumping differs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fae_netstack::stack::{ConnId, Stack, StackConfig};
+use fae_netstack::xdp::{AttachMode, XdpCounters, XdpProgram};
+use fae_netstack::NetError;
+
+use super::kernel::Gate;
+use super::metrics::LoopMetrics;
+use super::session::{Env, Session};
+use crate::config::{Config, XdpMode};
+
+/// The attached program, shared with the admin endpoint for its counters.
+pub type SharedProgram = Arc<Mutex<XdpProgram>>;
+
+/// Everything the XDP path needs to start.
+pub struct XdpPath {
+    pub program: SharedProgram,
+    pub stacks: Vec<(u32, Stack)>,
+}
+
+/// Attaches the program and binds one AF_XDP socket per queue.
+pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
+    let l = &cfg.listener;
+    let port = cfg.server.listen.port();
+    let mode = match l.xdp_mode {
+        XdpMode::Auto => AttachMode::Auto,
+        XdpMode::Native => AttachMode::Native,
+        XdpMode::Generic => AttachMode::Generic,
+    };
+    let available = fae_netstack::sys::rx_queues(&l.interface)?;
+    let queues = if l.queues == 0 {
+        available
+    } else {
+        l.queues.min(available)
+    };
+    let mut program = XdpProgram::attach(&l.interface, &[port], mode)?;
+    let mut stacks = Vec::new();
+    for q in 0..queues {
+        let stack = Stack::new(StackConfig {
+            iface: l.interface.clone(),
+            queue: q,
+            ports: vec![port],
+            backlog: l.xdp_backlog,
+            buffer: l.xdp_buffer_bytes,
+            zero_copy: l.zero_copy,
+        })?;
+        program.register(q, stack.fd())?;
+        stacks.push((q, stack));
+    }
+    tracing::info!(interface = %l.interface, port, queues, "serving FunServant over XDP/AF_XDP");
+    Ok(XdpPath {
+        program: Arc::new(Mutex::new(program)),
+        stacks,
+    })
+}
+
+pub fn counters(p: &SharedProgram) -> XdpCounters {
+    p.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .counters()
+        .unwrap_or_default()
+}
+
+struct Conn {
+    session: Session,
+    last_active: Instant,
+    closing: bool,
+}
+
+/// One queue's loop.
+pub struct XdpLoop {
+    pub stack: Stack,
+    pub env: Arc<Env>,
+    pub metrics: Arc<LoopMetrics>,
+    pub gate: Arc<Gate>,
+    pub stopping: Arc<AtomicBool>,
+    pub shutdown_timeout: Duration,
+}
+
+impl XdpLoop {
+    pub fn run(mut self) {
+        let mut conns: HashMap<ConnId, Conn> = HashMap::new();
+        let mut last_sweep = Instant::now();
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let mut busy = self.stack.poll();
+            let now = Instant::now();
+            let stopping = self.stopping.load(Ordering::Acquire);
+            for id in self.stack.accept() {
+                if stopping || !self.gate.try_enter() {
+                    // At the session cap (or draining): refuse at once rather than hold a half-open
+                    // connection the client would wait on.
+                    self.stack.abort(id);
+                    continue;
+                }
+                self.metrics.session_opened();
+                conns.insert(
+                    id,
+                    Conn {
+                        session: Session::new(),
+                        last_active: now,
+                        closing: false,
+                    },
+                );
+            }
+            for (&id, c) in conns.iter_mut() {
+                busy |= self.pump(id, c, now);
+            }
+            if busy {
+                self.stack.poll();
+            }
+            // Release connections that are gone, and sockets refused above.
+            for id in self.stack.reap() {
+                if conns.remove(&id).is_some() {
+                    self.gate.leave();
+                    self.metrics.session_closed();
+                }
+                self.stack.release(id);
+            }
+            if stopping {
+                let deadline = *drain_deadline.get_or_insert(now + self.shutdown_timeout);
+                for (&id, c) in conns.iter_mut() {
+                    if c.session.out.is_empty() && !c.closing {
+                        c.closing = true;
+                        self.stack.close(id);
+                    }
+                }
+                if conns.is_empty() || now >= deadline {
+                    for &id in conns.keys() {
+                        self.stack.abort(id);
+                    }
+                    self.stack.poll();
+                    return;
+                }
+            } else if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
+                last_sweep = now;
+                for (&id, c) in conns.iter_mut() {
+                    let idle = now.saturating_duration_since(c.last_active) > self.env.idle_timeout;
+                    if !c.closing && (idle || c.session.stalled(&self.env, now)) {
+                        self.metrics.add(&self.metrics.timed_out_sessions, 1);
+                        c.closing = true;
+                        self.stack.abort(id);
+                    }
+                }
+            }
+            if !busy {
+                self.stack
+                    .wait(Duration::from_millis(if stopping { 5 } else { 100 }));
+            }
+        }
+    }
+
+    /// Moves one connection's bytes: received → session → replies → send buffer. True if it did work.
+    fn pump(&mut self, id: ConnId, c: &mut Conn, now: Instant) -> bool {
+        let mut work = false;
+        if !c.closing {
+            if !c.session.backlogged(&self.env) {
+                c.session.resume(&self.env, &self.metrics, now);
+                let (env, metrics) = (&self.env, &self.metrics);
+                let session = &mut c.session;
+                let got = self.stack.recv(id, |data| {
+                    if session.backlogged(env) || session.closing() {
+                        return 0;
+                    }
+                    metrics.add(&metrics.bytes_in, data.len() as u64);
+                    session.on_bytes(data, env, metrics, now);
+                    data.len()
+                });
+                if got > 0 {
+                    c.last_active = now;
+                    work = true;
+                }
+            }
+            if !c.session.out.is_empty() {
+                let n = self.stack.send(id, &c.session.out);
+                if n > 0 {
+                    self.metrics.add(&self.metrics.bytes_out, n as u64);
+                    c.session.sent(n);
+                    work = true;
+                }
+            }
+            let done = c.session.closing() || self.stack.peer_done(id);
+            if done && c.session.out.is_empty() {
+                c.closing = true;
+                self.stack.close(id);
+                work = true;
+            }
+        }
+        work
+    }
+}
