@@ -126,8 +126,20 @@ pub struct ListenerConfig {
     pub queues: u32,
     pub xdp_mode: XdpMode,
     pub zero_copy: bool,
+    pub xdp_port: u16,
     pub xdp_backlog: usize,
     pub xdp_buffer_bytes: usize,
+}
+
+impl ListenerConfig {
+    /// The TCP port the XDP path serves.
+    pub fn xdp_port(&self, server: &ServerConfig) -> u16 {
+        if self.xdp_port == 0 {
+            server.listen.port()
+        } else {
+            self.xdp_port
+        }
+    }
 }
 
 impl Default for ListenerConfig {
@@ -138,6 +150,7 @@ impl Default for ListenerConfig {
             queues: 0,
             xdp_mode: XdpMode::Auto,
             zero_copy: false,
+            xdp_port: 0,
             xdp_backlog: 64,
             xdp_buffer_bytes: 256 << 10,
         }

@@ -52,6 +52,24 @@ enum Cmd {
         #[arg(long = "timeout-ms", default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Correctness run: every connection calls every in-memory servant and CALLS more calls, checking
+    /// each answer; exit 1 on any wrong or missing answer.
+    Check {
+        addr: String,
+        #[arg(short = 'c', long, default_value_t = 8)]
+        connections: usize,
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        calls: usize,
+        /// Bytes of the values written and read back.
+        #[arg(long = "value-size", default_value_t = 100)]
+        value_size: usize,
+        #[arg(long, value_enum, default_value = "buffered")]
+        transport: TransportArg,
+        #[arg(long = "timeout-ms", default_value_t = 10000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Closed-loop load: prints calls/s, p50/p99/p999 latency and errors.
     Bench {
         addr: String,
@@ -104,6 +122,40 @@ fn main() -> ExitCode {
             transport,
             timeout_ms,
         } => one_call(&addr, &method, &args, transport.into(), timeout_ms),
+        Cmd::Check {
+            addr,
+            connections,
+            calls,
+            value_size,
+            transport,
+            timeout_ms,
+            json,
+        } => {
+            let report = fae::client::check::run(&fae::client::check::CheckConfig {
+                addr,
+                connections: connections.max(1),
+                calls,
+                value_size,
+                transport: transport.into(),
+                timeout: Duration::from_millis(timeout_ms),
+            });
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                for f in &report.first_failures {
+                    eprintln!("FAIL {f}");
+                }
+                println!(
+                    "check: {} connections, {} calls, {} failures, {:.1}s",
+                    report.connections, report.calls, report.failures, report.seconds
+                );
+            }
+            if report.failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Cmd::Bench {
             addr,
             connections,

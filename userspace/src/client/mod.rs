@@ -2,6 +2,7 @@
 //! the tests), and `fae bench`, which speaks through fae's own encoder so it can pipeline.
 
 pub mod bench;
+pub mod check;
 #[allow(clippy::all, dead_code)]
 pub mod fun_rpc;
 pub mod peer;

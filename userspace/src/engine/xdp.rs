@@ -27,7 +27,7 @@ pub struct XdpPath {
 /// Attaches the program and binds one AF_XDP socket per queue.
 pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
     let l = &cfg.listener;
-    let port = cfg.server.listen.port();
+    let port = l.xdp_port(&cfg.server);
     let mode = match l.xdp_mode {
         XdpMode::Auto => AttachMode::Auto,
         XdpMode::Native => AttachMode::Native,

@@ -1,0 +1,139 @@
+"""The XDP lab: network namespaces and veth pairs made by scripts/lab (or, for the impaired path, here),
+faed attached with XDP in the server namespace, clients in the client namespace. Root only.
+
+Everything a test starts is stopped by PID, and every namespace, veth and XDP program is removed, even
+when a test fails. Names carry this process's pid so that a lab left by someone else is never touched.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAED = os.environ.get("FAED_BIN", str(REPO / "target" / "debug" / "faed"))
+FAE = os.environ.get("FAE_BIN", str(REPO / "target" / "debug" / "fae"))
+LAB = str(REPO / "scripts" / "lab")
+NET = "192.0.2"
+SRV_IP, CLI_IP = NET + ".1", NET + ".2"
+KERNEL_PORT, XDP_PORT, ADMIN_PORT = 9001, 9002, 9101
+
+
+def run(*argv, check=True, timeout=120, **kw):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError("%s -> %d\nstdout:\n%s\nstderr:\n%s"
+                             % (" ".join(argv), p.returncode, p.stdout[-4000:], p.stderr[-4000:]))
+    return p
+
+
+def xdp_attached(ns, iface):
+    out = run("ip", "netns", "exec", ns, "ip", "-d", "link", "show", iface, check=False).stdout
+    return "prog/xdp" in out
+
+
+class Lab(object):
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.srv, self.cli = prefix + "-srv", prefix + "-cli"
+        self.srv_if, self.cli_if = prefix + "-s0", prefix + "-c0"
+        self.env = dict(os.environ, LAB_PREFIX=prefix, LAB_NET=NET)
+
+    def up(self):
+        run(LAB, "up", env=self.env)
+
+    def down(self):
+        run(LAB, "down", env=self.env, check=False)
+
+    def cli_run(self, *argv, **kw):
+        return run("ip", "netns", "exec", self.cli, *argv, **kw)
+
+
+class Faed(object):
+    """faed in the server namespace; stopped by PID."""
+
+    def __init__(self, ns, iface, tmp, extra_args=(), wrapper=(), mode="both"):
+        self.ns, self.iface = ns, iface
+        cfg = tmp / ("faed-%s.toml" % ns)
+        cfg.write_text('[listener]\nmode = "%s"\ninterface = "%s"\nxdp_port = %d\n' % (mode, iface, XDP_PORT))
+        self.log = tmp / ("faed-%s.log" % ns)
+        argv = ["ip", "netns", "exec", ns] + list(wrapper) + [
+            FAED, "-c", str(cfg), "--listen", "%s:%d" % (SRV_IP, KERNEL_PORT),
+            "--admin", "%s:%d" % (SRV_IP, ADMIN_PORT), "--log-level", "warn"] + list(extra_args)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def log_tail(self):
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, cli_ns, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("faed exited with %s\n%s" % (self.proc.returncode, self.log_tail()))
+            p = run("ip", "netns", "exec", cli_ns, FAE, "ping", "%s:%d" % (SRV_IP, XDP_PORT),
+                    "--timeout-ms", "1000", check=False, timeout=10)
+            if p.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError("faed's XDP path did not answer within %ds\n%s" % (timeout, self.log_tail()))
+
+    def stats(self, cli_ns):
+        p = run("ip", "netns", "exec", cli_ns, "curl", "-sf", "http://%s:%d/api/stats" % (SRV_IP, ADMIN_PORT))
+        return json.loads(p.stdout)
+
+    def metrics(self, cli_ns):
+        return run("ip", "netns", "exec", cli_ns, "curl", "-sf",
+                   "http://%s:%d/metrics" % (SRV_IP, ADMIN_PORT)).stdout
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        """Signals faed (the process itself, not the `ip netns exec` wrapper, which execs it) and reaps it."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError("faed ignored signal %d for %ds\n%s" % (sig, timeout, self.log_tail()))
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tools():
+    for path in (FAED, FAE):
+        if not os.access(path, os.X_OK):
+            pytest.fail("%s is not built (cargo build --bins)" % path)
+    if os.geteuid() != 0:
+        pytest.fail("the XDP lab needs root (network namespaces, XDP)")
+    p = run(FAED, "--check-config", "/dev/null", check=False)
+    if "XDP" in p.stderr and "not built" in p.stderr:
+        pytest.fail(p.stderr)
+
+
+@pytest.fixture(scope="module")
+def lab(tools):
+    lab = Lab("fl%d" % (os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def served(lab, tmp_path_factory):
+    """faed with the kernel path on 9001 and the XDP path on 9002 of the lab's server address."""
+    f = Faed(lab.srv, lab.srv_if, tmp_path_factory.mktemp("faed"))
+    try:
+        f.wait_ready(lab.cli)
+        yield f
+    finally:
+        rc = f.stop()
+        assert rc == 0, "faed exited %s after SIGTERM\n%s" % (rc, f.log_tail())
+        assert not xdp_attached(lab.srv, lab.srv_if), "XDP program left attached after SIGTERM"

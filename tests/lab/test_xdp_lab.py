@@ -1,0 +1,186 @@
+"""The XDP path end to end: real XDP program on a real veth pair, AF_XDP sockets, smoltcp, and the
+Python, PHP and Rust clients calling every servant from the client namespace."""
+import json
+import os
+import re
+import signal
+import subprocess
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (ADMIN_PORT, CLI_IP, FAE, KERNEL_PORT, NET, REPO, SRV_IP, XDP_PORT, Faed, Lab, run,
+                      xdp_attached)
+
+XDP_ADDR = "%s:%d" % (SRV_IP, XDP_PORT)
+
+
+def test_python_suite_over_xdp(lab, served):
+    # The whole Python suite (every servant, error paths, buffered and framed, the fae_client helper, the
+    # admin counters) from the client namespace against the XDP path.
+    env = dict(os.environ, FAE_ADDR=XDP_ADDR, FAE_ADMIN_PORT=str(ADMIN_PORT))
+    p = lab.cli_run("/usr/bin/python3", "-m", "pytest", str(REPO / "tests" / "python"), "-q",
+                    "-p", "no:cacheprovider", env=env, check=False, timeout=300)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
+    assert re.search(r"\d+ passed", p.stdout), p.stdout[-2000:]
+
+
+def test_php_suite_over_xdp(lab, served):
+    with tempfile.TemporaryDirectory() as gen:
+        run("thrift", "--gen", "php", "-out", gen, str(REPO / "idl" / "fae.thrift"))
+        p = lab.cli_run("php", str(REPO / "tests" / "php" / "test_fae.php"), SRV_IP, str(XDP_PORT), gen,
+                        check=False, timeout=300)
+    assert p.returncode == 0 and "php: " in p.stdout and " 0 failed" in p.stdout, p.stdout[-6000:] + p.stderr
+
+
+@pytest.mark.parametrize("transport", ["buffered", "framed"])
+def test_rust_client_64_connections_1000_calls(lab, served, transport):
+    p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "64", "-n", "1000", "--transport", transport, "--json",
+                    check=False, timeout=300)
+    report = json.loads(p.stdout)
+    assert p.returncode == 0 and report["failures"] == 0, report
+    assert report["calls"] >= 64 * 1000
+
+
+def test_one_mib_values(lab, served):
+    p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "4", "-n", "30", "--value-size", str(1 << 20), "--json",
+                    check=False, timeout=300)
+    report = json.loads(p.stdout)
+    assert p.returncode == 0 and report["failures"] == 0, report
+
+
+def test_kernel_keeps_icmp_and_other_ports(lab, served):
+    # While XDP is attached: ICMP still answered by the kernel, and the kernel's TCP service on another
+    # port (faed's own kernel path on 9001) still works; ARP keeps working or neither would.
+    lab.cli_run("ping", "-c", "3", "-i", "0.2", "-W", "2", SRV_IP)
+    p = lab.cli_run(FAE, "ping", "%s:%d" % (SRV_IP, KERNEL_PORT))
+    assert p.stdout.startswith("ver:")
+    assert xdp_attached(lab.srv, lab.srv_if)
+
+
+def test_xdp_counters_move(lab, served):
+    before = served.stats(lab.cli)["xdp"]
+    lab.cli_run(FAE, "check", XDP_ADDR, "-c", "2", "-n", "50")
+    lab.cli_run("ping", "-c", "2", "-i", "0.2", "-W", "2", SRV_IP)
+    after = served.stats(lab.cli)["xdp"]
+    assert after["redirected"] > before["redirected"], (before, after)
+    assert after["passed"] > before["passed"], (before, after)
+    text = served.metrics(lab.cli)
+    assert re.search(r"^fae_xdp_redirected_total [1-9]", text, re.M), text[-2000:]
+
+
+def test_sigkill_leaves_no_xdp_program(tools, tmp_path):
+    lab = Lab("fk%d" % (os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    try:
+        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
+        try:
+            f.wait_ready(lab.cli)
+            assert xdp_attached(lab.srv, lab.srv_if)
+        finally:
+            f.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while xdp_attached(lab.srv, lab.srv_if) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not xdp_attached(lab.srv, lab.srv_if), "XDP program left attached after SIGKILL"
+        # The next start attaches cleanly.
+        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
+        try:
+            f.wait_ready(lab.cli)
+        finally:
+            assert f.stop() == 0, f.log_tail()
+        assert not xdp_attached(lab.srv, lab.srv_if)
+    finally:
+        lab.down()
+
+
+CAPS = "+net_admin,+bpf,+net_raw,+ipc_lock,+perfmon"
+
+
+def test_unprivileged_user_with_capabilities(tools, tmp_path):
+    # faed as nobody with only the capabilities etc/faed.service grants, serving the XDP path.
+    lab = Lab("fu%d" % (os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    # pytest's tmp_path is private to root; nobody must be able to read faed's config.
+    shared = tempfile.mkdtemp(prefix="fae-lab-")
+    os.chmod(shared, 0o755)
+    tmp_path = Path(shared)
+    try:
+        wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                   "--inh-caps=" + CAPS, "--ambient-caps=" + CAPS, "--bounding-set=-all," + CAPS]
+        f = Faed(lab.srv, lab.srv_if, tmp_path, wrapper=wrapper, mode="xdp")
+        try:
+            f.wait_ready(lab.cli)
+            status = open("/proc/%d/status" % f.proc.pid).read()
+            assert re.search(r"^Uid:\s+65534", status, re.M), status
+            p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "4", "-n", "100", "--json", check=False)
+            assert json.loads(p.stdout)["failures"] == 0, p.stdout
+        finally:
+            assert f.stop() == 0, f.log_tail()
+        assert not xdp_attached(lab.srv, lab.srv_if)
+    finally:
+        lab.down()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_loss_and_reordering(tools, tmp_path):
+    """1% loss and reordering on the path (a userspace relay: this kernel has no netem); every answer
+    must still be correct."""
+    p = "fi%d" % (os.getpid() % 100000)
+    srv, mid, cli = p + "-srv", p + "-mid", p + "-cli"
+    s0, ms, c0, mc = p + "-s0", p + "-ms", p + "-c0", p + "-mc"
+
+    def cleanup():
+        for ns in (srv, mid, cli):
+            for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+            run("ip", "netns", "del", ns, check=False)
+
+    cleanup()
+    relay = None
+    f = None
+    try:
+        for ns in (srv, mid, cli):
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "link", "add", s0, "netns", srv, "type", "veth", "peer", "name", ms, "netns", mid)
+        run("ip", "link", "add", c0, "netns", cli, "type", "veth", "peer", "name", mc, "netns", mid)
+        run("ip", "-n", srv, "addr", "add", SRV_IP + "/24", "dev", s0)
+        run("ip", "-n", cli, "addr", "add", CLI_IP + "/24", "dev", c0)
+        for ns, dev in ((srv, s0), (mid, ms), (mid, mc), (cli, c0)):
+            run("ip", "-n", ns, "link", "set", dev, "up")
+            # Whole frames with finished checksums: the relay copies frames, smoltcp checks checksums.
+            run("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "gso", "off", "tso", "off",
+                "gro", "off", check=False)
+        stats = tmp_path / "relay.json"
+        relay = subprocess.Popen(["ip", "netns", "exec", mid, "/usr/bin/python3",
+                                  str(REPO / "tests" / "lab" / "impair.py"), ms, mc, "--loss", "0.01",
+                                  "--reorder", "0.02", "--stats", str(stats)])
+        f = Faed(srv, s0, tmp_path, mode="xdp")
+        f.wait_ready(cli, timeout=30)
+        p = run("ip", "netns", "exec", cli, FAE, "check", XDP_ADDR, "-c", "64", "-n", "200", "--json",
+                check=False, timeout=600)
+        report = json.loads(p.stdout)
+        assert p.returncode == 0 and report["failures"] == 0, report
+        assert f.stop() == 0, f.log_tail()
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(timeout=10)
+        counts = json.loads(stats.read_text())
+        # The path really was impaired.
+        assert counts["dropped"] > 0 and counts["reordered"] > 0, counts
+        print("relay:", counts, "check:", report)
+    finally:
+        if f is not None and f.proc.poll() is None:
+            f.stop(signal.SIGKILL)
+        if relay is not None and relay.poll() is None:
+            relay.kill()
+            relay.wait()
+        cleanup()
