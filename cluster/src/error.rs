@@ -15,7 +15,9 @@ pub enum ClusterError {
         source: io::Error,
     },
     /// The data dir holds something this version cannot read.
-    #[error("cluster storage is corrupt ({0}); move the data dir aside and rejoin the node with --join")]
+    #[error(
+        "cluster storage is corrupt ({0}); move the data dir aside and rejoin the node with --join"
+    )]
     Corrupt(String),
     /// Raft refused an operation.
     #[error("raft: {0}")]

@@ -64,13 +64,26 @@ impl Member {
 /// A change to the replicated state, carried in a raft entry (JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    RegistryCreate { path: String, data: Vec<u8> },
-    RegistryDelete { path: String },
+    RegistryCreate {
+        path: String,
+        data: Vec<u8>,
+    },
+    RegistryDelete {
+        path: String,
+    },
     /// The pending owners of these vbuckets become their owners (the handoff is done).
-    MoveDone { vbuckets: Vec<u16> },
-    MarkFailed { id: u64 },
-    MarkAlive { id: u64 },
-    Leave { id: u64 },
+    MoveDone {
+        vbuckets: Vec<u16>,
+    },
+    MarkFailed {
+        id: u64,
+    },
+    MarkAlive {
+        id: u64,
+    },
+    Leave {
+        id: u64,
+    },
 }
 
 /// The result of applying a command.
@@ -156,7 +169,10 @@ impl StateMachine {
                     if let Some(to) = e.pending.take() {
                         e.owner = to;
                         changed = true;
-                        events.push(ClusterEvent::MoveFinished { vbucket: vb, owner: to });
+                        events.push(ClusterEvent::MoveFinished {
+                            vbucket: vb,
+                            owner: to,
+                        });
                     }
                 }
                 if changed {
@@ -289,7 +305,10 @@ impl StateMachine {
             if e.owner == id {
                 if let Some(to) = e.pending.take() {
                     e.owner = to;
-                    events.push(ClusterEvent::MoveFinished { vbucket: vb, owner: to });
+                    events.push(ClusterEvent::MoveFinished {
+                        vbucket: vb,
+                        owner: to,
+                    });
                 }
             }
         }
@@ -430,7 +449,11 @@ mod tests {
         };
         assert_eq!(sm.apply(&create("/a/b/c"), &mut ev), Outcome::Bool(true));
         assert_eq!(sm.apply(&create("/a/b/c"), &mut ev), Outcome::Bool(false));
-        assert_eq!(sm.apply(&create("/a/b"), &mut ev), Outcome::Bool(false), "implicit parent exists");
+        assert_eq!(
+            sm.apply(&create("/a/b"), &mut ev),
+            Outcome::Bool(false),
+            "implicit parent exists"
+        );
         assert_eq!(sm.registry_get("/a"), Some(&b""[..]));
         assert_eq!(sm.apply(&create("/a/a"), &mut ev), Outcome::Bool(true));
         assert_eq!(sm.registry_children("/a"), vec!["a", "b"]);
@@ -440,7 +463,10 @@ mod tests {
         assert_eq!(sm.apply(&del("/a/b"), &mut ev), Outcome::Bool(true));
         assert_eq!(sm.registry_get("/a/b/c"), None, "the subtree goes too");
         assert_eq!(sm.apply(&del("/a/b"), &mut ev), Outcome::Bool(false));
-        assert!(matches!(sm.apply(&create("a//b"), &mut ev), Outcome::Refused(_)));
+        assert!(matches!(
+            sm.apply(&create("a//b"), &mut ev),
+            Outcome::Refused(_)
+        ));
     }
 
     #[test]
@@ -452,9 +478,18 @@ mod tests {
             assert_eq!(counts(&sm), vec![1024], "learners own nothing");
             sm.promote(id, &mut ev);
         }
-        assert_eq!(counts(&sm), vec![1024], "moves are pending until handed over");
-        assert_eq!(sm.map.target_counts().values().copied().collect::<Vec<_>>(), vec![342, 341, 341]);
-        assert!(ev.iter().any(|e| matches!(e, ClusterEvent::MoveStarted { from: 1, .. })));
+        assert_eq!(
+            counts(&sm),
+            vec![1024],
+            "moves are pending until handed over"
+        );
+        assert_eq!(
+            sm.map.target_counts().values().copied().collect::<Vec<_>>(),
+            vec![342, 341, 341]
+        );
+        assert!(ev
+            .iter()
+            .any(|e| matches!(e, ClusterEvent::MoveStarted { from: 1, .. })));
         finish_moves(&mut sm, &mut ev);
         assert_eq!(counts(&sm), vec![341, 341, 342]);
         let worker_ids: Vec<u8> = sm.members.values().map(|m| m.worker_id).collect();
@@ -477,7 +512,7 @@ mod tests {
         assert_eq!(counts(&sm), vec![512, 512]);
         sm.remove(2, &mut ev);
         assert_eq!(sm.members.len(), 2);
-        assert_eq!(sm.add_learner(&info(4), &mut ev), true);
+        assert!(sm.add_learner(&info(4), &mut ev));
         assert_eq!(sm.members[&4].worker_id, 1, "the freed worker id is reused");
     }
 
@@ -485,7 +520,10 @@ mod tests {
     fn the_last_voter_cannot_leave() {
         let mut sm = StateMachine::bootstrap(info(1));
         let mut ev = Vec::new();
-        assert!(matches!(sm.apply(&Command::Leave { id: 1 }, &mut ev), Outcome::Refused(_)));
+        assert!(matches!(
+            sm.apply(&Command::Leave { id: 1 }, &mut ev),
+            Outcome::Refused(_)
+        ));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use protobuf::Message as PbMessage;
@@ -41,9 +42,15 @@ struct Core {
 #[derive(Clone)]
 pub struct DiskStorage {
     core: Arc<RwLock<Core>>,
+    /// Raft asked for a snapshot the stored one cannot serve (too old, or from before the peer was added):
+    /// the node takes a fresh one at its applied index, and raft asks again.
+    snapshot_wanted: Arc<AtomicBool>,
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ClusterError + 'a {
     move |e| ClusterError::storage(what, path, e)
 }
 
@@ -170,7 +177,11 @@ impl DiskStorage {
         let snapshot = match read_file(&dir.join(SNAP))? {
             Some(buf) => match decode_records(&buf).0.first() {
                 Some(r) => pb::<Snapshot>(r, "snapshot file")?,
-                None => return Err(ClusterError::Corrupt("snapshot file has no valid record".into())),
+                None => {
+                    return Err(ClusterError::Corrupt(
+                        "snapshot file has no valid record".into(),
+                    ))
+                }
             },
             None => Snapshot::default(),
         };
@@ -178,7 +189,9 @@ impl DiskStorage {
         if let Some(buf) = read_file(&dir.join(STATE))? {
             let (recs, _) = decode_records(&buf);
             if recs.len() != 2 {
-                return Err(ClusterError::Corrupt("state file is not hard state + conf state".into()));
+                return Err(ClusterError::Corrupt(
+                    "state file is not hard state + conf state".into(),
+                ));
             }
             hard_state = pb(recs[0], "hard state")?;
             conf_state = pb(recs[1], "conf state")?;
@@ -197,7 +210,8 @@ impl DiskStorage {
                 dropped = buf.len() - valid,
                 "raft log ends in a torn or corrupt record; truncating it (it was never acknowledged)"
             );
-            log.set_len(valid as u64).map_err(io_err("truncate", &log_path))?;
+            log.set_len(valid as u64)
+                .map_err(io_err("truncate", &log_path))?;
             log.sync_all().map_err(io_err("fsync", &log_path))?;
         }
         let snap_index = snapshot.get_metadata().index;
@@ -220,6 +234,7 @@ impl DiskStorage {
         }
         Ok(DiskStorage {
             core: Arc::new(RwLock::new(core)),
+            snapshot_wanted: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -234,7 +249,9 @@ impl DiskStorage {
     /// Whether this storage belongs to a cluster (bootstrapped, or received its state from one).
     pub fn is_initialized(&self) -> bool {
         let c = self.rl();
-        c.snapshot.get_metadata().index > 0 || !c.conf_state.voters.is_empty() || !c.entries.is_empty()
+        c.snapshot.get_metadata().index > 0
+            || !c.conf_state.voters.is_empty()
+            || !c.entries.is_empty()
     }
 
     /// Appends entries (fsynced before returning), replacing any suffix they overlap.
@@ -254,21 +271,24 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Stores the hard state (fsynced).
+    /// Stores the hard state: fsynced when the term or the vote changed (what raft's safety rests on). A
+    /// change of the commit index alone stays in memory until the next durable write: a restarted node
+    /// re-learns it from the leader, and replays from its snapshot either way.
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), ClusterError> {
         let mut c = self.wl();
+        let durable = c.hard_state.term != hs.term || c.hard_state.vote != hs.vote;
         c.hard_state = hs.clone();
-        c.save_state()
+        if durable {
+            c.save_state()
+        } else {
+            Ok(())
+        }
     }
 
-    /// Stores a new commit index (fsynced with the rest of the hard state).
+    /// A new commit index (in memory; see `set_hard_state`).
     pub fn set_commit(&self, commit: u64) -> Result<(), ClusterError> {
-        let mut c = self.wl();
-        if c.hard_state.commit == commit {
-            return Ok(());
-        }
-        c.hard_state.commit = commit;
-        c.save_state()
+        self.wl().hard_state.commit = commit;
+        Ok(())
     }
 
     pub fn set_conf_state(&self, cs: &ConfState) -> Result<(), ClusterError> {
@@ -309,7 +329,12 @@ impl DiskStorage {
 
     /// Takes a snapshot at `index` (applied, and in the log) with the state machine's `data`, then drops the
     /// log up to it.
-    pub fn compact(&self, index: u64, conf_state: &ConfState, data: Vec<u8>) -> Result<(), ClusterError> {
+    pub fn compact(
+        &self,
+        index: u64,
+        conf_state: &ConfState,
+        data: Vec<u8>,
+    ) -> Result<(), ClusterError> {
         let mut c = self.wl();
         let first = c.first_index();
         if index < first || index > c.last_index() {
@@ -328,8 +353,9 @@ impl DiskStorage {
         c.rewrite_log()
     }
 
-    pub fn entry_count(&self) -> usize {
-        self.rl().entries.len()
+    /// Whether raft asked for a fresher snapshot than the stored one (and forgets the request).
+    pub fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -390,9 +416,13 @@ impl raft::Storage for DiskStorage {
         Ok(self.rl().last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let c = self.rl();
-        if c.snapshot.get_metadata().index < request_index {
+        let meta = c.snapshot.get_metadata();
+        let cs = meta.get_conf_state();
+        // raft refuses a snapshot whose configuration does not name the receiver (a new learner).
+        if meta.index < request_index || !(cs.voters.contains(&to) || cs.learners.contains(&to)) {
+            self.snapshot_wanted.store(true, Ordering::Relaxed);
             return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(c.snapshot.clone())
@@ -418,8 +448,11 @@ pub(crate) fn write_small(dir: &Path, name: &str, text: &str) -> Result<(), Clus
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = BufWriter::new(File::create(&tmp).map_err(io_err("create", &tmp))?);
-    f.write_all(text.as_bytes()).map_err(io_err("write", &tmp))?;
-    let f = f.into_inner().map_err(|e| ClusterError::storage("write", &tmp, e.into_error()))?;
+    f.write_all(text.as_bytes())
+        .map_err(io_err("write", &tmp))?;
+    let f = f
+        .into_inner()
+        .map_err(|e| ClusterError::storage("write", &tmp, e.into_error()))?;
     f.sync_all().map_err(io_err("fsync", &tmp))?;
     fs::rename(&tmp, &path).map_err(io_err("rename into place", &path))?;
     sync_dir(dir)
@@ -431,11 +464,12 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.set_data(data.to_vec().into());
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     fn all(s: &DiskStorage) -> Vec<(u64, u64)> {
@@ -461,25 +495,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = DiskStorage::open(dir.path()).unwrap();
-            s.append(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")]).unwrap();
+            s.append(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
+                .unwrap();
             // A new leader overwrites a conflicting suffix.
             s.append(&[entry(3, 2, b"C"), entry(4, 2, b"d")]).unwrap();
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.vote = 7;
-            hs.commit = 3;
+            let hs = HardState {
+                term: 2,
+                vote: 7,
+                commit: 3,
+                ..Default::default()
+            };
             s.set_hard_state(&hs).unwrap();
-            let mut cs = ConfState::default();
-            cs.voters = vec![1, 7];
+            let cs = ConfState {
+                voters: vec![1, 7],
+                ..Default::default()
+            };
             s.set_conf_state(&cs).unwrap();
         }
         let s = DiskStorage::open(dir.path()).unwrap();
         assert!(s.is_initialized());
         assert_eq!(all(&s), vec![(1, 1), (2, 1), (3, 2), (4, 2)]);
         let st = s.initial_state().unwrap();
-        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (2, 7, 3));
+        assert_eq!(
+            (st.hard_state.term, st.hard_state.vote, st.hard_state.commit),
+            (2, 7, 3)
+        );
         assert_eq!(st.conf_state.voters, vec![1, 7]);
-        let e = s.entries(3, 4, None, GetEntriesContext::empty(false)).unwrap();
+        let e = s
+            .entries(3, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(&e[0].data[..], b"C");
     }
 
@@ -500,7 +544,11 @@ mod tests {
         drop(f);
         let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(all(&s), vec![(1, 1), (2, 1)]);
-        assert_eq!(fs::metadata(&path).unwrap().len(), len, "the torn record is truncated away");
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            len,
+            "the torn record is truncated away"
+        );
         // Appending after recovery continues a clean log.
         s.append(&[entry(3, 1, b"c")]).unwrap();
         drop(s);
@@ -516,8 +564,10 @@ mod tests {
     #[test]
     fn compaction_keeps_a_snapshot_and_the_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cs = ConfState::default();
-        cs.voters = vec![1];
+        let cs = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
         {
             let s = DiskStorage::open(dir.path()).unwrap();
             let ents: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 5, b"x")).collect();
@@ -525,13 +575,23 @@ mod tests {
             s.compact(6, &cs, b"state@6".to_vec()).unwrap();
             assert_eq!(s.first_index().unwrap(), 7);
             assert_eq!(s.term(6).unwrap(), 2);
-            assert!(matches!(s.term(5), Err(raft::Error::Store(StorageError::Compacted))));
-            assert!(s.entries(5, 8, None, GetEntriesContext::empty(false)).is_err());
+            assert!(matches!(
+                s.term(5),
+                Err(raft::Error::Store(StorageError::Compacted))
+            ));
+            assert!(s
+                .entries(5, 8, None, GetEntriesContext::empty(false))
+                .is_err());
             s.append(&[entry(11, 3, b"y")]).unwrap();
         }
         let s = DiskStorage::open(dir.path()).unwrap();
         assert_eq!(all(&s), vec![(7, 2), (8, 2), (9, 2), (10, 3), (11, 3)]);
-        let snap = s.snapshot(0, 2).unwrap();
+        assert!(
+            s.snapshot(0, 2).is_err(),
+            "node 2 is not in the snapshot's configuration"
+        );
+        assert!(s.take_snapshot_request());
+        let snap = s.snapshot(0, 1).unwrap();
         assert_eq!(snap.get_metadata().index, 6);
         assert_eq!(&snap.data[..], b"state@6");
         assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1]);
@@ -552,7 +612,10 @@ mod tests {
             s.apply_snapshot(&snap).unwrap();
         }
         let s = DiskStorage::open(dir.path()).unwrap();
-        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (21, 20));
+        assert_eq!(
+            (s.first_index().unwrap(), s.last_index().unwrap()),
+            (21, 20)
+        );
         assert_eq!(s.term(20).unwrap(), 4);
         let st = s.initial_state().unwrap();
         assert_eq!((st.hard_state.commit, st.hard_state.term), (20, 4));

@@ -79,6 +79,8 @@ fn main() {
         message_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(300),
         max_pending_reply: 1 << 30,
+        router: None,
+        forwarder: None,
     };
     let metrics = LoopMetrics::default();
     let processor = FunServantSyncProcessor::new(Peer::default());

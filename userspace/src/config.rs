@@ -37,6 +37,7 @@ pub struct Config {
     pub lcache: LcacheConfig,
     pub lock: LockConfig,
     pub registry: RegistryConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -190,7 +191,7 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    pub id: u32,
+    pub id: u64,
 }
 
 impl Default for NodeConfig {
@@ -271,6 +272,36 @@ impl Default for RegistryConfig {
             max_nodes: 100_000,
             max_data_bytes: 1 << 20,
             max_path_bytes: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    pub listen: String,
+    pub data_dir: String,
+    pub bootstrap: bool,
+    pub seeds: Vec<String>,
+    pub failover_timeout_ms: u64,
+    pub forward_timeout_ms: u64,
+    pub forward_workers: usize,
+    pub leave_on_shutdown: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            listen: "127.0.0.1:9201".into(),
+            data_dir: "/var/lib/fae".into(),
+            bootstrap: false,
+            seeds: Vec::new(),
+            failover_timeout_ms: 5_000,
+            forward_timeout_ms: 2_000,
+            forward_workers: 4,
+            leave_on_shutdown: false,
         }
     }
 }

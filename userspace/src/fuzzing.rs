@@ -65,6 +65,8 @@ fn env() -> &'static Env {
             message_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             max_pending_reply: 1 << 20,
+            router: None,
+            forwarder: None,
         }
     })
 }

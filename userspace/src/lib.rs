@@ -8,8 +8,10 @@
 
 pub mod admin;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod fuzzing;
+pub mod proxy;
 pub mod servant;
 pub mod wire;

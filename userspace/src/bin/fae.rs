@@ -70,6 +70,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Cluster administration, through any member's cluster address (cluster.listen).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Closed-loop load: prints calls/s, p50/p99/p999 latency and errors.
     Bench {
         addr: String,
@@ -108,8 +113,86 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, roles, leader, term, commit index, vbuckets per node, map epoch.
+    Status {
+        /// A member's cluster address.
+        addr: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a node from the cluster (its vbuckets move to the others). Without NODE_ID: the node at ADDR.
+    Leave {
+        /// A member's cluster address.
+        addr: String,
+        node_id: Option<u64>,
+    },
+}
+
+fn cluster_cmd(cmd: ClusterCmd) -> ExitCode {
+    let timeout = Duration::from_secs(10);
+    match cmd {
+        ClusterCmd::Status { addr, json } => match fae_cluster::remote_status(&addr, timeout) {
+            Ok(st) => {
+                if json {
+                    println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                } else {
+                    let leader = st.leader_id.map_or("none".to_string(), |l| l.to_string());
+                    println!(
+                        "node {} ({:?}, {:?}) leader={} term={} commit={} applied={} epoch={} pending_moves={}",
+                        st.my_id, st.role, st.my_state, leader, st.term, st.commit_index, st.applied_index,
+                        st.epoch, st.pending_moves
+                    );
+                    for m in &st.members {
+                        let me = &m.member;
+                        println!(
+                            "  {:>20} {:?} voter={} worker={} rpc={} cluster={} vbuckets={}",
+                            me.id,
+                            me.state,
+                            me.voter,
+                            me.worker_id,
+                            me.rpc_addr,
+                            me.raft_addr,
+                            m.vbuckets
+                        );
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fae cluster status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        ClusterCmd::Leave { addr, node_id } => {
+            let id = match node_id {
+                Some(id) => id,
+                None => match fae_cluster::remote_status(&addr, timeout) {
+                    Ok(st) => st.my_id,
+                    Err(e) => {
+                        eprintln!("fae cluster leave: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            match fae_cluster::remote_leave(&addr, id, timeout) {
+                Ok(()) => {
+                    println!("node {id} left");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fae cluster leave: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().cmd {
+        Cmd::Cluster { cmd } => cluster_cmd(cmd),
         Cmd::Ping {
             addr,
             transport,

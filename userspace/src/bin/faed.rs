@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -33,6 +34,18 @@ struct Cli {
     /// Interface for the XDP path (overrides listener.interface).
     #[arg(long)]
     interface: Option<String>,
+    /// Cluster address to listen on for raft and cluster RPC (enables the cluster; cluster.listen).
+    #[arg(long = "cluster-listen")]
+    cluster_listen: Option<String>,
+    /// Directory for the raft log, hard state and snapshots (cluster.data_dir).
+    #[arg(long = "data-dir")]
+    data_dir: Option<String>,
+    /// Start a new cluster with this node (cluster.bootstrap).
+    #[arg(long)]
+    bootstrap: bool,
+    /// Join the cluster through this member's cluster address (repeatable; cluster.seeds).
+    #[arg(long = "join")]
+    join: Vec<String>,
     /// Log filter (overrides log.level): error, warn, info, debug, trace.
     #[arg(long = "log-level")]
     log_level: Option<String>,
@@ -74,6 +87,22 @@ fn main() -> ExitCode {
     if let Some(i) = cli.interface {
         cfg.listener.interface = i;
     }
+    if let Some(a) = cli.cluster_listen {
+        cfg.cluster.enabled = true;
+        cfg.cluster.listen = a;
+    }
+    if let Some(d) = cli.data_dir {
+        cfg.cluster.enabled = true;
+        cfg.cluster.data_dir = d;
+    }
+    if cli.bootstrap {
+        cfg.cluster.enabled = true;
+        cfg.cluster.bootstrap = true;
+    }
+    if !cli.join.is_empty() {
+        cfg.cluster.enabled = true;
+        cfg.cluster.seeds = cli.join;
+    }
     if let Some(l) = cli.log_level {
         cfg.log.level = l;
     }
@@ -99,7 +128,54 @@ fn main() -> ExitCode {
 fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
     // Signals are blocked into an iterator before any thread starts, so every thread inherits the handler.
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    let server = Server::start(cfg)?;
+    // Until the server runs (joining a cluster can take a while), a signal ends faed at once.
+    let stopper: Arc<OnceLock<fae::engine::Stopper>> = Arc::new(OnceLock::new());
+    let st = stopper.clone();
+    std::thread::Builder::new()
+        .name("fae-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                match st.get() {
+                    Some(s) => {
+                        tracing::info!(
+                            signal = sig,
+                            "draining: no new sessions, finishing in-flight calls"
+                        );
+                        s.stop();
+                    }
+                    None => {
+                        eprintln!("faed: signal {sig} while starting; exiting");
+                        std::process::exit(1);
+                    }
+                }
+            }
+        })?;
+    let mut cfg = cfg.clone();
+    let cluster = if cfg.cluster.enabled {
+        let c = Arc::new(fae::cluster::start(&cfg)?);
+        let view = c.view();
+        // Ids are unique across the cluster: each member has its own worker id (at most 32 members).
+        cfg.idgen.worker_id = view
+            .my_worker_id()
+            .ok_or("the cluster assigned this node no worker id")?;
+        cfg.node.id = view.my_id;
+        tracing::info!(
+            node = view.my_id,
+            worker_id = cfg.idgen.worker_id,
+            raft = c.raft_addr(),
+            "cluster member"
+        );
+        Some(c)
+    } else {
+        None
+    };
+    let cfg = &cfg;
+    let servants = Arc::new(fae::servant::Servants::new(cfg));
+    let router = cluster.as_ref().map(|c| {
+        fae::cluster::spawn_handoff(c, servants.clone());
+        Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() }) as Arc<dyn fae::proxy::Router>
+    });
+    let server = Server::start_with(cfg, servants, router)?;
     if cfg.admin.enabled {
         admin::spawn(
             cfg.admin.listen,
@@ -111,19 +187,14 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
             },
         )?;
     }
-    let stopper = server.stopper();
-    std::thread::Builder::new()
-        .name("fae-signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(
-                    signal = sig,
-                    "draining: no new sessions, finishing in-flight calls"
-                );
-                stopper.stop();
-            }
-        })?;
+    let _ = stopper.set(server.stopper());
     server.join()?;
+    if let Some(c) = cluster {
+        match Arc::try_unwrap(c) {
+            Ok(c) => c.shutdown(cfg.cluster.leave_on_shutdown)?,
+            Err(_) => tracing::warn!("cluster still in use at shutdown; not leaving"),
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -13,6 +13,8 @@ use slab::Slab;
 
 use super::metrics::LoopMetrics;
 use super::session::{Env, Session};
+use crate::proxy::{ForwardDone, SessionId};
+use crossbeam_channel::Receiver;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -84,17 +86,25 @@ pub struct KernelLoop {
     stopping: Arc<AtomicBool>,
     accept_paused: bool,
     shutdown_timeout: Duration,
+    /// This loop's index among all loops, and the generation of the next session (slab slots are reused).
+    index: u32,
+    generation: u64,
+    /// Replies of forwarded calls, from the forwarding workers.
+    returns: Receiver<ForwardDone>,
 }
 
 impl KernelLoop {
     /// Builds a loop around its listener; returns the loop and the waker that interrupts it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        index: u32,
         listener: std::net::TcpListener,
         env: Arc<Env>,
         metrics: Arc<LoopMetrics>,
         gate: Arc<Gate>,
         stopping: Arc<AtomicBool>,
         shutdown_timeout: Duration,
+        returns: Receiver<ForwardDone>,
     ) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -113,6 +123,9 @@ impl KernelLoop {
                 stopping,
                 accept_paused: false,
                 shutdown_timeout,
+                index,
+                generation: 0,
+                returns,
             },
             waker,
         ))
@@ -132,7 +145,7 @@ impl KernelLoop {
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
-                    WAKER => {}
+                    WAKER => self.on_forwarded(),
                     Token(key) => {
                         if ev.is_read_closed() {
                             if let Some(c) = self.conns.get_mut(key) {
@@ -196,9 +209,15 @@ impl KernelLoop {
                         self.gate.leave();
                         continue;
                     }
+                    self.generation += 1;
+                    let id = SessionId {
+                        lp: self.index,
+                        slot: token.0 as u64,
+                        generation: self.generation,
+                    };
                     entry.insert(Conn {
                         stream,
-                        session: Session::new(),
+                        session: Session::with_id(id),
                         last_active: Instant::now(),
                         read_paused: false,
                         eof: false,
@@ -236,9 +255,28 @@ impl KernelLoop {
                     && write(conn, &self.metrics);
             }
         }
-        let done = conn.session.out.is_empty() && (conn.session.closing() || conn.eof);
+        let done = conn.session.out.is_empty()
+            && !conn.session.awaiting()
+            && (conn.session.closing() || conn.eof);
         if !alive || done {
             self.close(key);
+        }
+    }
+
+    /// Forwarded calls answered: each goes into its session's stream, which then carries on.
+    fn on_forwarded(&mut self) {
+        while let Ok(done) = self.returns.try_recv() {
+            let key = done.session.slot as usize;
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.session.id != done.session {
+                continue; // the session closed meanwhile; its slot serves another
+            }
+            conn.session.forward_done(done, &self.metrics);
+            conn.session
+                .resume(&self.env, &self.metrics, Instant::now());
+            self.on_conn_event(key, false, true);
         }
     }
 
@@ -298,7 +336,7 @@ impl KernelLoop {
         let done: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.session.out.is_empty())
+            .filter(|(_, c)| c.session.out.is_empty() && !c.session.awaiting())
             .map(|(k, _)| k)
             .collect();
         for key in done {

@@ -51,6 +51,8 @@ pub struct LoopMetrics {
     pub timed_out_sessions: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Calls forwarded to the node owning their key.
+    pub forwarded: AtomicU64,
 }
 
 fn zeros(n: usize) -> Box<[AtomicU64]> {
@@ -71,6 +73,7 @@ impl Default for LoopMetrics {
             timed_out_sessions: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
         }
     }
 }
@@ -143,6 +146,7 @@ pub struct Snapshot {
     pub timed_out_sessions: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub forwarded: u64,
 }
 
 impl Snapshot {
@@ -168,6 +172,7 @@ impl Snapshot {
             timed_out_sessions: sum(&|l| get(&l.timed_out_sessions)),
             bytes_in: sum(&|l| get(&l.bytes_in)),
             bytes_out: sum(&|l| get(&l.bytes_out)),
+            forwarded: sum(&|l| get(&l.forwarded)),
         }
     }
 

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::config::{Config, ListenerMode};
+use crate::proxy::{Forwarder, Return, Router};
 use crate::servant::Servants;
 use kernel::{Gate, KernelLoop};
 use metrics::LoopMetrics;
@@ -52,8 +53,22 @@ impl Server {
     /// Binds every listener first (so that a taken port is reported before anything runs), then starts one
     /// loop thread per listener.
     pub fn start(cfg: &Config) -> Result<Server, EngineError> {
+        Self::start_with(cfg, Arc::new(Servants::new(cfg)), None)
+    }
+
+    /// As [`Server::start`], with the node's servants and, in a cluster, the router of keyed calls.
+    pub fn start_with(
+        cfg: &Config,
+        servants: Arc<Servants>,
+        router: Option<Arc<dyn Router>>,
+    ) -> Result<Server, EngineError> {
         let s = &cfg.server;
-        let servants = Arc::new(Servants::new(cfg));
+        let forwarder = router.as_ref().map(|_| {
+            Arc::new(Forwarder::start(
+                cfg.cluster.forward_workers,
+                Duration::from_millis(cfg.cluster.forward_timeout_ms),
+            ))
+        });
         let env = Arc::new(Env {
             servants: servants.clone(),
             limits: s.limits(),
@@ -62,7 +77,10 @@ impl Server {
             message_timeout: Duration::from_millis(s.message_timeout_ms),
             idle_timeout: Duration::from_millis(s.idle_timeout_ms),
             max_pending_reply: s.max_pending_reply_bytes,
+            router,
+            forwarder: forwarder.clone(),
         });
+        let mut returns: Vec<Return> = Vec::new();
         let gate = Arc::new(Gate::new(s.max_sessions));
         let stopping = Arc::new(AtomicBool::new(false));
         let kernel = cfg.listener.mode != ListenerMode::Xdp;
@@ -76,7 +94,7 @@ impl Server {
         let mut built = Vec::with_capacity(n);
         let mut metrics = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
-        for _ in 0..n {
+        for i in 0..n {
             let listener = kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| {
                 EngineError::Listen {
                     addr: s.listen,
@@ -84,15 +102,25 @@ impl Server {
                 }
             })?;
             let m = Arc::new(LoopMetrics::default());
+            let (tx, rx) = crossbeam_channel::unbounded();
             let (lp, waker) = KernelLoop::new(
+                i as u32,
                 listener,
                 env.clone(),
                 m.clone(),
                 gate.clone(),
                 stopping.clone(),
                 Duration::from_millis(s.shutdown_timeout_ms),
+                rx,
             )
             .map_err(EngineError::Loop)?;
+            let w = waker.clone();
+            returns.push(Return {
+                tx,
+                wake: Box::new(move || {
+                    let _ = w.wake();
+                }),
+            });
             built.push(lp);
             metrics.push(m);
             wakers.push(waker);
@@ -116,7 +144,16 @@ impl Server {
             for (q, stack) in path.stacks {
                 let m = Arc::new(LoopMetrics::default());
                 metrics.push(m.clone());
+                let (tx, rx) = crossbeam_channel::unbounded();
+                let index = returns.len() as u32;
+                // XDP loops poll their channel every pass (they wait at most 1 ms while a reply is due).
+                returns.push(Return {
+                    tx,
+                    wake: Box::new(|| {}),
+                });
                 let lp = xdp::XdpLoop {
+                    index,
+                    returns: rx,
                     stack,
                     env: env.clone(),
                     metrics: m,
@@ -133,6 +170,9 @@ impl Server {
                     .map_err(EngineError::Loop)?;
                 loops.push(h);
             }
+        }
+        if let Some(f) = &forwarder {
+            f.set_returns(returns);
         }
         Ok(Server {
             servants,

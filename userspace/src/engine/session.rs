@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
+use crate::proxy::{
+    ForwardDone, ForwardJob, Forwarder, RegistryBackend, Route, Router, SessionId, Work,
+};
 use crate::servant::{Method, Servants};
 use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Progress, Reply, Transport};
 
@@ -17,6 +20,9 @@ pub struct Env {
     pub message_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_pending_reply: usize,
+    /// Cluster routing of keyed calls; `None` on a single node (everything is local).
+    pub router: Option<Arc<dyn Router>>,
+    pub forwarder: Option<Arc<Forwarder>>,
 }
 
 /// Inbound buffer capacity kept between messages; a larger one (after a big message) is given back.
@@ -37,11 +43,60 @@ pub struct Session {
     held_back: bool,
     /// How far the walk of a partly arrived unframed message has come.
     progress: Progress,
+    /// This session across loops, for forwarded replies to find it.
+    pub id: SessionId,
+    /// A call forwarded to its owner, whose reply comes before anything else this session answers.
+    awaiting: Option<(Method, i32)>,
 }
 
 impl Session {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_id(id: SessionId) -> Self {
+        Session {
+            id,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a forwarded call's reply is awaited.
+    pub fn awaiting(&self) -> bool {
+        self.awaiting.is_some()
+    }
+
+    /// A forwarded call's reply (or why there is none): answered in its place in the stream.
+    pub fn forward_done(&mut self, done: ForwardDone, metrics: &LoopMetrics) {
+        let Some((method, seqid)) = self.awaiting.take() else {
+            return;
+        };
+        let transport = self.transport.unwrap_or(Transport::Buffered);
+        let error = match done.reply {
+            Ok(body) => {
+                if transport == Transport::Framed {
+                    self.out
+                        .extend_from_slice(&(body.len() as u32).to_be_bytes());
+                }
+                self.out.extend_from_slice(&body);
+                false
+            }
+            Err(why) => {
+                let name = method.name().as_bytes();
+                Reply::app_error(
+                    &mut self.out,
+                    transport,
+                    name,
+                    seqid,
+                    AppErrorKind::InternalError,
+                    &why,
+                );
+                true
+            }
+        };
+        metrics.add(&metrics.forwarded, 1);
+        let ns = done.submitted.elapsed().as_nanos() as u64;
+        metrics.call(method as usize, ns, error);
     }
 
     /// The session must be closed once `out` is sent.
@@ -58,14 +113,16 @@ impl Session {
     /// mid-message).
     pub fn stalled(&self, env: &Env, now: Instant) -> bool {
         !self.held_back
+            && self.awaiting.is_none()
             && self
                 .partial_since
                 .is_some_and(|t| now.saturating_duration_since(t) > env.message_timeout)
     }
 
-    /// Serves calls held back while replies were backlogged; for the loop once the client read them.
+    /// Serves calls held back (replies were backlogged, or a forwarded reply was awaited); for the loop once
+    /// the client read its replies or the forwarded reply came.
     pub fn resume(&mut self, env: &Env, metrics: &LoopMetrics, now: Instant) {
-        if self.held_back {
+        if !self.pending.is_empty() && self.awaiting.is_none() {
             self.on_bytes(&[], env, metrics, now);
         }
     }
@@ -130,6 +187,9 @@ fn serve(
     let mut started = Instant::now();
     let mut args = Args::new(&env.limits);
     loop {
+        if s.awaiting.is_some() {
+            return used;
+        }
         // Replies are piling up unread: keep the remaining calls for later rather than answer them all
         // into memory (a 64 KiB read of small calls for a large value could otherwise take gigabytes).
         s.held_back = s.out.len() >= env.max_pending_reply;
@@ -168,6 +228,132 @@ fn serve(
     }
 }
 
+/// The argument holding the key that routes a call to its vbucket's owner (API.md, Routing).
+fn routed_key(m: Method) -> Option<i16> {
+    match m {
+        Method::LcSet | Method::LcGet | Method::LcDel | Method::MyEvict => Some(2),
+        Method::Lock | Method::Unlock => Some(3),
+        _ => None,
+    }
+}
+
+/// Routes a keyed call: `None` to run it here; `Some(Ok)` when it was forwarded to its owner;
+/// `Some(Err)` when it must be refused.
+fn route(
+    c: &Call<'_>,
+    args: &Args<'_>,
+    method: Method,
+    router: &dyn Router,
+    s: &mut Session,
+    env: &Env,
+) -> Option<Result<(), String>> {
+    if let Some(reg) = router.registry() {
+        if matches!(
+            method,
+            Method::ZkCreate | Method::ZkChildren | Method::ZkDel
+        ) {
+            return registry_call(c, args, method, reg, s, env);
+        }
+    }
+    let key_id = routed_key(method)?;
+    // Malformed arguments and invalid contexts are refused by the local call, as for any other call.
+    let key = args.bytes(key_id, "key").ok()?;
+    let ctx = args.context().ok()?;
+    if ctx.rid == 0 || ctx.reason.is_empty() {
+        return None;
+    }
+    if ctx.sticky {
+        // Forwarded here by a peer: run here, never forward again; refuse if the sender's map is stale.
+        return if router.accepts_forwarded(key) {
+            None
+        } else {
+            Some(Err(format!(
+                "{}: forwarded here, but this node does not own the key's vbucket (the sender's map is \
+                 stale); retry",
+                method.name()
+            )))
+        };
+    }
+    match router.route(key) {
+        Route::Local => None,
+        Route::Unavailable(why) => Some(Err(format!("{}: {why}", method.name()))),
+        Route::Remote { node, addr } => {
+            let Some(fwd) = &env.forwarder else {
+                return Some(Err(format!(
+                    "{}: owned by node {node}, and forwarding is off",
+                    method.name()
+                )));
+            };
+            let ctx_bytes = args.structure(1, "ctx").ok()?;
+            let request = crate::proxy::sticky_request(c.message, ctx_bytes, &ctx);
+            s.awaiting = Some((method, c.header.seqid));
+            fwd.submit(ForwardJob {
+                session: s.id,
+                work: Work::Forward {
+                    node,
+                    addr,
+                    request,
+                },
+                submitted: Instant::now(),
+            });
+            Some(Ok(()))
+        }
+    }
+}
+
+/// A zk_* call on the cluster's registry: validated here, run on a worker (it waits on raft), answered in
+/// its place in the stream.
+fn registry_call(
+    c: &Call<'_>,
+    args: &Args<'_>,
+    method: Method,
+    reg: Arc<dyn RegistryBackend>,
+    s: &mut Session,
+    env: &Env,
+) -> Option<Result<(), String>> {
+    let ctx = args.context().ok()?;
+    if ctx.rid == 0 || ctx.reason.is_empty() {
+        return None; // the local call refuses it with the usual message
+    }
+    let fwd = env.forwarder.as_ref()?;
+    let path = match args.bytes(2, "path").map(|p| String::from_utf8(p.to_vec())) {
+        Ok(Ok(p)) => p,
+        _ => return None,
+    };
+    let data = if method == Method::ZkCreate {
+        args.bytes(3, "data").ok()?.to_vec()
+    } else {
+        Vec::new()
+    };
+    let (name, seqid) = (method.name(), c.header.seqid);
+    let work = Work::Run(Box::new(move || {
+        let mut out = Vec::new();
+        let mut reply = Reply::begin(&mut out, Transport::Buffered, name.as_bytes(), seqid);
+        let e = reply.enc();
+        match method {
+            Method::ZkCreate => e.field_bool(0, reg.create(&path, &data)?),
+            Method::ZkDel => e.field_bool(0, reg.delete(&path)?),
+            _ => {
+                let names = reg.children(&path)?;
+                e.field_begin(wire::ttype::LIST, 0);
+                e.list_begin(wire::ttype::STRING, names.len());
+                for n in &names {
+                    e.bytes(n.as_bytes());
+                }
+            }
+        }
+        reply.finish();
+        Ok(out)
+    }));
+    s.awaiting = Some((method, seqid));
+    fwd.submit(ForwardJob {
+        session: s.id,
+        work,
+        submitted: Instant::now(),
+    });
+    Some(Ok(()))
+}
+
 /// Runs one whole message and appends its reply; returns the time it finished (the next call's start).
 fn call(
     c: &Call<'_>,
@@ -197,6 +383,15 @@ fn call(
         app_error(&mut s.out, AppErrorKind::InvalidMessageType, &msg);
         metrics.call(method as usize, 0, true);
         return started;
+    }
+    if let Some(router) = &env.router {
+        if let Some(forwarded) = route(c, args, method, router.as_ref(), s, env) {
+            if let Err(why) = forwarded {
+                app_error(&mut s.out, AppErrorKind::InternalError, &why);
+                metrics.call(method as usize, 0, true);
+            }
+            return started;
+        }
     }
     if started.saturating_duration_since(received) > env.call_timeout {
         metrics.add(&metrics.deadline_exceeded, 1);
@@ -263,6 +458,8 @@ mod tests {
             message_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_pending_reply: 1 << 20,
+            router: None,
+            forwarder: None,
         }
     }
 

@@ -14,6 +14,8 @@ use super::kernel::Gate;
 use super::metrics::LoopMetrics;
 use super::session::{Env, Session};
 use crate::config::{Config, XdpMode};
+use crate::proxy::{ForwardDone, SessionId};
+use crossbeam_channel::Receiver;
 
 /// The attached program, shared with the admin endpoint for its counters.
 pub type SharedProgram = Arc<Mutex<XdpProgram>>;
@@ -75,6 +77,8 @@ struct Conn {
 
 /// One queue's loop.
 pub struct XdpLoop {
+    pub index: u32,
+    pub returns: Receiver<ForwardDone>,
     pub stack: Stack,
     pub env: Arc<Env>,
     pub metrics: Arc<LoopMetrics>,
@@ -86,6 +90,9 @@ pub struct XdpLoop {
 impl XdpLoop {
     pub fn run(mut self) {
         let mut conns: HashMap<ConnId, Conn> = HashMap::new();
+        // Forwarded replies find their connection by a number that is never reused.
+        let mut slots: HashMap<u64, ConnId> = HashMap::new();
+        let mut next_slot = 0u64;
         let mut last_sweep = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         loop {
@@ -100,14 +107,31 @@ impl XdpLoop {
                     continue;
                 }
                 self.metrics.session_opened();
+                next_slot += 1;
+                slots.insert(next_slot, id);
+                let sid = SessionId {
+                    lp: self.index,
+                    slot: next_slot,
+                    generation: next_slot,
+                };
                 conns.insert(
                     id,
                     Conn {
-                        session: Session::new(),
+                        session: Session::with_id(sid),
                         last_active: now,
                         closing: false,
                     },
                 );
+            }
+            while let Ok(done) = self.returns.try_recv() {
+                let conn = slots
+                    .get(&done.session.slot)
+                    .and_then(|id| conns.get_mut(id));
+                if let Some(c) = conn {
+                    c.session.forward_done(done, &self.metrics);
+                    c.session.resume(&self.env, &self.metrics, now);
+                    busy = true;
+                }
             }
             for (&id, c) in conns.iter_mut() {
                 busy |= self.pump(id, c, now);
@@ -117,7 +141,8 @@ impl XdpLoop {
             }
             // Release connections that are gone, and sockets refused above.
             for id in self.stack.reap() {
-                if conns.remove(&id).is_some() {
+                if let Some(c) = conns.remove(&id) {
+                    slots.remove(&c.session.id.slot);
                     self.gate.leave();
                     self.metrics.session_closed();
                 }
@@ -126,7 +151,7 @@ impl XdpLoop {
             if stopping {
                 let deadline = *drain_deadline.get_or_insert(now + self.shutdown_timeout);
                 for (&id, c) in conns.iter_mut() {
-                    if c.session.out.is_empty() && !c.closing {
+                    if c.session.out.is_empty() && !c.session.awaiting() && !c.closing {
                         c.closing = true;
                         self.stack.close(id);
                     }
@@ -185,7 +210,7 @@ impl XdpLoop {
                     work = true;
                 }
             }
-            let done = c.session.closing() || self.stack.peer_done(id);
+            let done = !c.session.awaiting() && (c.session.closing() || self.stack.peer_done(id));
             if done && c.session.out.is_empty() {
                 c.closing = true;
                 self.stack.close(id);

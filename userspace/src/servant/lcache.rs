@@ -106,6 +106,27 @@ impl LCache {
         }
     }
 
+    /// Removes and returns every entry whose key matches (a vbucket handed to another node).
+    pub fn take_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<Box<[u8]>> = s
+                .lru
+                .iter()
+                .filter(|(k, _)| matches(k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                if let Some(v) = s.lru.pop(&k) {
+                    s.bytes -= cost(&k, &v);
+                    out.push((k.into_vec(), v.into_vec()));
+                }
+            }
+        }
+        out
+    }
+
     pub fn stats(&self) -> LcacheStats {
         self.shards
             .iter()

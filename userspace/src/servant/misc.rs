@@ -9,12 +9,12 @@ pub const BUILD_ID: &str = env!("FAE_BUILD_ID_OR_DEV");
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub struct Misc {
-    node_id: u32,
+    node_id: u64,
     started: Instant,
 }
 
 impl Misc {
-    pub fn new(node_id: u32) -> Self {
+    pub fn new(node_id: u64) -> Self {
         Misc {
             node_id,
             started: Instant::now(),

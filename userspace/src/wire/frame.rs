@@ -60,6 +60,8 @@ pub fn scan<'a>(
 pub struct Call<'a> {
     pub transport: Transport,
     pub header: MessageHeader<'a>,
+    /// The whole message (no frame header).
+    pub message: &'a [u8],
     /// Bytes of the buffer this call used, frame header included.
     pub consumed: usize,
 }
@@ -80,6 +82,7 @@ pub fn next_call<'a>(
     let call = |w: Walked<'a>| Call {
         transport: w.transport,
         header: w.header,
+        message: w.message,
         consumed: w.consumed,
     };
     let unframed_error = |error| Malformed {

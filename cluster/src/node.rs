@@ -1,0 +1,1413 @@
+//! The raft node: one thread owns the `RawNode`, the storage and the state machine; everything else talks to
+//! it through its inbox and reads what it publishes (`ClusterView`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use protobuf::Message as PbMessage;
+use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use serde::{Deserialize, Serialize};
+
+use crate::rebalance::VbucketMap;
+use crate::state::{
+    valid_path, ClusterEvent, Command, Member, MemberInfo, MemberState, Outcome, StateMachine,
+    MAX_MEMBERS,
+};
+use crate::storage::{self, DiskStorage};
+use crate::transport::{self, Handler, Report, Transport};
+use crate::ClusterError;
+
+/// Who completes a vbucket move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handoff {
+    /// The leader proposes `MoveDone` for every pending move at once: nothing is handed over. For tests and
+    /// for deployments that accept losing cached entries of moved vbuckets.
+    Auto,
+    /// The daemon hands each vbucket's entries over on `ClusterEvent::MoveStarted` and then calls
+    /// `Cluster::move_done`. Moves away from a failed node complete at once either way.
+    Manual,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's id (non-zero). `None`: the id saved in the data dir, or a new random one.
+    pub node_id: Option<u64>,
+    /// The cluster port to listen on, and the address other nodes use. Port 0 picks a free port; the bound
+    /// address is then what the node advertises (`Cluster::raft_addr`).
+    pub raft_addr: String,
+    /// Where this node serves the FunServant API; replicated so that others can forward calls.
+    pub rpc_addr: String,
+    pub data_dir: PathBuf,
+    /// Start a new single-node cluster if the data dir is empty.
+    pub bootstrap: bool,
+    /// Cluster addresses of members to join through if the data dir is empty.
+    pub seeds: Vec<String>,
+    /// A member silent for this long is failed over (its vbuckets go to the others).
+    pub failover_timeout: Duration,
+    /// The raft tick.
+    pub tick: Duration,
+    /// Election timeout in ticks (randomised by raft between this and twice this).
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Take a snapshot and compact the log after this many applied entries.
+    pub snapshot_every: u64,
+    /// How long a proposal, a read or a join request may take.
+    pub request_timeout: Duration,
+    /// How long `start` keeps trying to join through the seeds.
+    pub join_timeout: Duration,
+    pub handoff: Handoff,
+    /// Outbound raft messages queued per peer before new ones are dropped.
+    pub send_queue: usize,
+}
+
+impl ClusterConfig {
+    pub fn new(
+        raft_addr: impl Into<String>,
+        rpc_addr: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> Self {
+        ClusterConfig {
+            node_id: None,
+            raft_addr: raft_addr.into(),
+            rpc_addr: rpc_addr.into(),
+            data_dir: data_dir.into(),
+            bootstrap: false,
+            seeds: Vec::new(),
+            failover_timeout: Duration::from_secs(10),
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every: 1000,
+            request_timeout: Duration::from_secs(5),
+            join_timeout: Duration::from_secs(30),
+            handoff: Handoff::Manual,
+            send_queue: 1024,
+        }
+    }
+
+    fn election_timeout(&self) -> Duration {
+        self.tick * self.election_ticks as u32
+    }
+}
+
+/// This node's raft role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    PreCandidate,
+}
+
+impl From<StateRole> for Role {
+    fn from(r: StateRole) -> Self {
+        match r {
+            StateRole::Leader => Role::Leader,
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+        }
+    }
+}
+
+/// What the data plane reads: published after every applied change, read without locks or raft.
+#[derive(Clone, Debug)]
+pub struct ClusterView {
+    pub my_id: u64,
+    pub role: Role,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    /// Bumped on every change of the map or the members.
+    pub epoch: u64,
+    pub members: BTreeMap<u64, Member>,
+    pub map: Arc<VbucketMap>,
+}
+
+impl ClusterView {
+    pub fn me(&self) -> Option<&Member> {
+        self.members.get(&self.my_id)
+    }
+
+    /// This node's idgen worker id (`None` until it has joined).
+    pub fn my_worker_id(&self) -> Option<u8> {
+        self.me().map(|m| m.worker_id)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader_id == Some(self.my_id)
+    }
+
+    pub fn leader(&self) -> Option<&Member> {
+        self.leader_id.and_then(|id| self.members.get(&id))
+    }
+
+    /// The member serving `key` now (`None` before the node has the cluster's state).
+    pub fn owner_of(&self, key: &[u8]) -> Option<&Member> {
+        self.members.get(&self.map.owner_of_key(key))
+    }
+
+    /// Vbuckets per member (members owning none included).
+    pub fn vbucket_counts(&self) -> BTreeMap<u64, usize> {
+        let mut c: BTreeMap<u64, usize> = self.members.keys().map(|&id| (id, 0)).collect();
+        for (id, n) in self.map.counts() {
+            if id != 0 {
+                *c.entry(id).or_insert(0) += n;
+            }
+        }
+        c
+    }
+}
+
+/// `fae cluster status`: a serialisable summary of a view.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub my_id: u64,
+    pub my_state: MemberState,
+    pub role: Role,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub epoch: u64,
+    pub members: Vec<MemberStatus>,
+    pub pending_moves: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    #[serde(flatten)]
+    pub member: Member,
+    pub vbuckets: usize,
+}
+
+impl ClusterStatus {
+    pub fn of(v: &ClusterView) -> Self {
+        let counts = v.vbucket_counts();
+        ClusterStatus {
+            my_id: v.my_id,
+            my_state: v.me().map_or(MemberState::Joining, |m| m.state),
+            role: v.role,
+            leader_id: v.leader_id,
+            term: v.term,
+            commit_index: v.commit_index,
+            applied_index: v.applied_index,
+            epoch: v.epoch,
+            members: v
+                .members
+                .values()
+                .map(|m| MemberStatus {
+                    member: m.clone(),
+                    vbuckets: counts.get(&m.id).copied().unwrap_or(0),
+                })
+                .collect(),
+            pending_moves: v.map.pending().count(),
+        }
+    }
+}
+
+/// A normal entry's payload.
+#[derive(Serialize, Deserialize)]
+struct Proposal {
+    origin: u64,
+    seq: u64,
+    cmd: Command,
+}
+
+/// A conf change's context.
+#[derive(Serialize, Deserialize)]
+struct ConfContext {
+    origin: u64,
+    seq: u64,
+    member: Option<MemberInfo>,
+}
+
+/// The cluster RPC (JSON in frames of the cluster port).
+#[derive(Serialize, Deserialize)]
+enum RpcRequest {
+    Join(MemberInfo),
+    Leave { id: u64 },
+    Status,
+}
+
+#[derive(Serialize, Deserialize)]
+enum RpcResponse {
+    Joined { members: Vec<(u64, String)> },
+    NotLeader { leader: Option<(u64, String)> },
+    Refused { reason: String, retry: bool },
+    Done,
+    Status(Box<ClusterStatus>),
+}
+
+type Reply<T> = SyncSender<Result<T, ClusterError>>;
+
+enum Input {
+    Raft(Message),
+    Report(Report),
+    Propose(Command, Reply<Outcome>),
+    Join(MemberInfo, Reply<Vec<(u64, String)>>),
+    Children(String, Reply<Vec<String>>),
+}
+
+enum Pending {
+    Propose(Reply<Outcome>),
+    Join(Reply<Vec<(u64, String)>>),
+    Read(String, Reply<Vec<String>>),
+}
+
+struct Shared {
+    id: u64,
+    cfg: ClusterConfig,
+    view: ArcSwap<ClusterView>,
+    inbox: SyncSender<Input>,
+    stop: AtomicBool,
+    dropped_inbound: AtomicU64,
+}
+
+impl Shared {
+    fn request<T>(
+        &self,
+        what: &'static str,
+        make: impl FnOnce(Reply<T>) -> Input,
+    ) -> Result<T, ClusterError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inbox
+            .send(make(tx))
+            .map_err(|_| ClusterError::Stopped)?;
+        match rx.recv_timeout(self.cfg.request_timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(ClusterError::Timeout {
+                what,
+                after: self.cfg.request_timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(ClusterError::Stopped),
+        }
+    }
+
+    fn not_leader(&self) -> ClusterError {
+        let v = self.view.load();
+        if v.leader_id.is_none() {
+            return ClusterError::NoLeader;
+        }
+        ClusterError::NotLeader {
+            me: self.id,
+            leader_id: v.leader_id,
+            leader_addr: v.leader().map(|m| m.raft_addr.clone()),
+        }
+    }
+
+    fn handle_rpc(&self, req: RpcRequest) -> RpcResponse {
+        match req {
+            RpcRequest::Join(info) => {
+                let v = self.view.load();
+                if !v.is_leader() {
+                    return RpcResponse::NotLeader {
+                        leader: v.leader().map(|m| (m.id, m.raft_addr.clone())),
+                    };
+                }
+                match self.request("join", |r| Input::Join(info, r)) {
+                    Ok(members) => RpcResponse::Joined { members },
+                    Err(ClusterError::NotLeader {
+                        leader_id,
+                        leader_addr,
+                        ..
+                    }) => RpcResponse::NotLeader {
+                        leader: leader_id.zip(leader_addr),
+                    },
+                    Err(e @ (ClusterError::ClusterFull(_) | ClusterError::JoinRefused(_))) => {
+                        RpcResponse::Refused {
+                            reason: e.to_string(),
+                            retry: false,
+                        }
+                    }
+                    Err(e) => RpcResponse::Refused {
+                        reason: e.to_string(),
+                        retry: true,
+                    },
+                }
+            }
+            RpcRequest::Leave { id } => {
+                match self.request("leave", |r| Input::Propose(Command::Leave { id }, r)) {
+                    Ok(Outcome::Refused(reason)) => RpcResponse::Refused {
+                        reason,
+                        retry: false,
+                    },
+                    Ok(_) => RpcResponse::Done,
+                    Err(e) => RpcResponse::Refused {
+                        reason: e.to_string(),
+                        retry: true,
+                    },
+                }
+            }
+            RpcRequest::Status => {
+                RpcResponse::Status(Box::new(ClusterStatus::of(&self.view.load())))
+            }
+        }
+    }
+}
+
+impl Handler for Shared {
+    fn raft_message(&self, msg: Message) {
+        if let Err(TrySendError::Full(_)) = self.inbox.try_send(Input::Raft(msg)) {
+            self.dropped_inbound.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn rpc(&self, request: &[u8]) -> Vec<u8> {
+        let answer = match serde_json::from_slice::<RpcRequest>(request) {
+            Ok(req) => self.handle_rpc(req),
+            Err(e) => RpcResponse::Refused {
+                reason: format!("malformed cluster request: {e}"),
+                retry: false,
+            },
+        };
+        serde_json::to_vec(&answer).expect("responses always encode")
+    }
+
+    fn report(&self, report: Report) {
+        let _ = self.inbox.try_send(Input::Report(report));
+    }
+}
+
+/// A running cluster node. Dropping it stops the node without leaving (as a crash would, minus the crash).
+pub struct Cluster {
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    thread: Option<JoinHandle<()>>,
+    events: Mutex<Option<Receiver<ClusterEvent>>>,
+    raft_addr: String,
+}
+
+fn new_node_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    // Positive as an i64 (Thrift has no unsigned types) and never 0 (raft's "nobody").
+    (h.finish() & (i64::MAX as u64)).max(1)
+}
+
+fn resolve_node_id(cfg: &ClusterConfig) -> Result<u64, ClusterError> {
+    let saved = match storage::read_small(&cfg.data_dir, "node_id")? {
+        Some(s) => Some(
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| ClusterError::Corrupt(format!("node_id file holds {s:?}")))?,
+        ),
+        None => None,
+    };
+    match (saved, cfg.node_id) {
+        (_, Some(0)) => Err(ClusterError::Config("node id 0 is reserved; pick another".into())),
+        (Some(s), Some(c)) if s != c => Err(ClusterError::Config(format!(
+            "data dir {} belongs to node {s}, but the config says node {c}: fix the config or use another data dir",
+            cfg.data_dir.display()
+        ))),
+        (Some(s), _) => Ok(s),
+        (None, c) => {
+            let id = c.unwrap_or_else(new_node_id);
+            storage::write_small(&cfg.data_dir, "node_id", &format!("{id}\n"))?;
+            Ok(id)
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts the node: recovers from `data_dir`, or bootstraps a new cluster, or joins through `seeds`.
+    /// Returns once the node runs (and, when joining, once the leader has accepted it as a learner; the
+    /// cluster's state then arrives in the background: watch `view().me()`).
+    pub fn start(mut cfg: ClusterConfig) -> Result<Cluster, ClusterError> {
+        if cfg.tick.is_zero()
+            || cfg.election_ticks <= cfg.heartbeat_ticks
+            || cfg.heartbeat_ticks == 0
+        {
+            return Err(ClusterError::Config(
+                "tick must be > 0 and election_ticks > heartbeat_ticks > 0".into(),
+            ));
+        }
+        if cfg.failover_timeout <= cfg.election_timeout() {
+            return Err(ClusterError::Config(format!(
+                "failover_timeout {:?} must exceed the election timeout ({:?} = tick × election_ticks)",
+                cfg.failover_timeout,
+                cfg.election_timeout()
+            )));
+        }
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| ClusterError::storage("create data dir", &cfg.data_dir, e))?;
+        let id = resolve_node_id(&cfg)?;
+        let store = DiskStorage::open(&cfg.data_dir)?;
+        let initialized = store.is_initialized();
+        if !initialized && !cfg.bootstrap && cfg.seeds.is_empty() {
+            return Err(ClusterError::Config(format!(
+                "data dir {} holds no cluster state: bootstrap a new cluster or give seeds to join one",
+                cfg.data_dir.display()
+            )));
+        }
+
+        let (inbox_tx, inbox_rx) = mpsc::sync_channel(4096);
+        let (events_tx, events_rx) = mpsc::sync_channel(16 << 10);
+        let empty_view = ClusterView {
+            my_id: id,
+            role: Role::Follower,
+            leader_id: None,
+            term: 0,
+            commit_index: 0,
+            applied_index: 0,
+            epoch: 0,
+            members: BTreeMap::new(),
+            map: Arc::new(VbucketMap::default()),
+        };
+        let shared = Arc::new(Shared {
+            id,
+            cfg: cfg.clone(),
+            view: ArcSwap::from_pointee(empty_view),
+            inbox: inbox_tx,
+            stop: AtomicBool::new(false),
+            dropped_inbound: AtomicU64::new(0),
+        });
+        let transport = Transport::start(id, &cfg.raft_addr, shared.clone(), cfg.send_queue)?;
+        let local = transport.local_addr();
+        if cfg.raft_addr.ends_with(":0") {
+            cfg.raft_addr = local.to_string();
+        }
+        let me = MemberInfo {
+            id,
+            rpc_addr: cfg.rpc_addr.clone(),
+            raft_addr: cfg.raft_addr.clone(),
+        };
+        if !initialized && cfg.bootstrap {
+            let sm = StateMachine::bootstrap(me.clone());
+            let mut snap = Snapshot::default();
+            snap.set_data(serde_json::to_vec(&sm).expect("state encodes").into());
+            let meta = snap.mut_metadata();
+            meta.index = 1;
+            meta.term = 1;
+            meta.mut_conf_state().voters = vec![id];
+            store.apply_snapshot(&snap)?;
+            tracing::info!(node = id, raft_addr = %cfg.raft_addr, "bootstrapped a new cluster");
+        }
+        let node = match Node::new(
+            id,
+            cfg.clone(),
+            store,
+            shared.clone(),
+            transport.clone(),
+            inbox_rx,
+            events_tx,
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                transport.shutdown();
+                return Err(e);
+            }
+        };
+        let thread = thread::Builder::new()
+            .name(format!("cluster-raft-{id}"))
+            .spawn(move || node.run())
+            .map_err(|e| ClusterError::Config(format!("cannot start the raft thread: {e}")))?;
+        let cluster = Cluster {
+            shared,
+            transport,
+            thread: Some(thread),
+            events: Mutex::new(Some(events_rx)),
+            raft_addr: cfg.raft_addr.clone(),
+        };
+        if !initialized && !cfg.bootstrap {
+            cluster.join(me)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Asks the seeds (following "the leader is X" answers) to add this node, until `join_timeout`.
+    fn join(&self, me: MemberInfo) -> Result<(), ClusterError> {
+        let cfg = &self.shared.cfg;
+        let deadline = Instant::now() + cfg.join_timeout;
+        let request = serde_json::to_vec(&RpcRequest::Join(me)).expect("requests encode");
+        let mut targets: VecDeque<String> = VecDeque::new();
+        let mut backoff = Duration::from_millis(100);
+        let mut last_error = String::from("no answer yet");
+        while Instant::now() < deadline {
+            if targets.is_empty() {
+                targets.extend(cfg.seeds.iter().cloned());
+            }
+            let addr = targets.pop_front().expect("seeds are not empty");
+            let answer = transport::rpc_call(
+                &addr,
+                &request,
+                cfg.request_timeout + Duration::from_secs(1),
+            )
+            .and_then(|b| {
+                serde_json::from_slice::<RpcResponse>(&b).map_err(|e| {
+                    ClusterError::JoinRefused(format!("malformed answer from {addr}: {e}"))
+                })
+            });
+            match answer {
+                Ok(RpcResponse::Joined { members }) => {
+                    tracing::info!(node = self.shared.id, via = %addr, "joined the cluster as a learner");
+                    self.transport.set_peers(&members);
+                    return Ok(());
+                }
+                Ok(RpcResponse::NotLeader {
+                    leader: Some((_, leader)),
+                }) if leader != addr => {
+                    targets.push_front(leader);
+                    continue;
+                }
+                Ok(RpcResponse::Refused {
+                    reason,
+                    retry: false,
+                }) => return Err(ClusterError::JoinRefused(reason)),
+                Ok(RpcResponse::Refused { reason, .. }) => last_error = reason,
+                Ok(RpcResponse::NotLeader { .. }) => last_error = format!("{addr} knows no leader"),
+                Ok(_) => last_error = format!("{addr} gave an unexpected answer"),
+                Err(e) => last_error = e.to_string(),
+            }
+            thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        Err(ClusterError::JoinRefused(format!(
+            "no member accepted the join within {:?}; last error: {last_error}",
+            cfg.join_timeout
+        )))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The cluster address this node listens on and advertises.
+    pub fn raft_addr(&self) -> &str {
+        &self.raft_addr
+    }
+
+    /// The latest published view: one atomic load, no lock, no raft.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.shared.view.load_full()
+    }
+
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus::of(&self.shared.view.load())
+    }
+
+    /// The stream of map events (moves started and finished, epoch changes); can be taken once.
+    pub fn events(&self) -> Option<Receiver<ClusterEvent>> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn propose(&self, what: &'static str, cmd: Command) -> Result<Outcome, ClusterError> {
+        match self.shared.request(what, |r| Input::Propose(cmd, r))? {
+            Outcome::Refused(reason) => Err(ClusterError::Refused(reason)),
+            o => Ok(o),
+        }
+    }
+
+    /// `zk_create`: true if created, false if the path existed. Linearizable: returns once applied here.
+    pub fn registry_create(&self, path: &str, data: &[u8]) -> Result<bool, ClusterError> {
+        check_path(path)?;
+        let cmd = Command::RegistryCreate {
+            path: path.to_owned(),
+            data: data.to_vec(),
+        };
+        Ok(matches!(
+            self.propose("registry create", cmd)?,
+            Outcome::Bool(true)
+        ))
+    }
+
+    /// `zk_del`: true if the path existed; its subtree goes with it.
+    pub fn registry_delete(&self, path: &str) -> Result<bool, ClusterError> {
+        check_path(path)?;
+        let cmd = Command::RegistryDelete {
+            path: path.to_owned(),
+        };
+        Ok(matches!(
+            self.propose("registry delete", cmd)?,
+            Outcome::Bool(true)
+        ))
+    }
+
+    /// `zk_children`: sorted child names. Linearizable (raft ReadIndex through the leader).
+    pub fn registry_children(&self, path: &str) -> Result<Vec<String>, ClusterError> {
+        if path != "/" {
+            check_path(path)?;
+        }
+        self.shared
+            .request("registry read", |r| Input::Children(path.to_owned(), r))
+    }
+
+    /// Asks the cluster to remove `node_id`: its vbuckets are handed over, then the leader removes it from the
+    /// raft group. Returns once the request is committed; removal follows.
+    pub fn leave(&self, node_id: u64) -> Result<(), ClusterError> {
+        self.propose("leave", Command::Leave { id: node_id })
+            .map(drop)
+    }
+
+    /// Reports that this node has handed the given vbuckets over (`Handoff::Manual`).
+    pub fn move_done(&self, vbuckets: &[u16]) -> Result<(), ClusterError> {
+        self.propose(
+            "move done",
+            Command::MoveDone {
+                vbuckets: vbuckets.to_vec(),
+            },
+        )
+        .map(drop)
+    }
+
+    /// Stops the node. With `leave`, first asks the cluster to remove it and waits (up to `join_timeout`)
+    /// until it is out.
+    pub fn shutdown(mut self, leave: bool) -> Result<(), ClusterError> {
+        let mut result = Ok(());
+        if leave {
+            result = self.leave(self.id()).and_then(|()| {
+                let deadline = Instant::now() + self.shared.cfg.join_timeout;
+                while Instant::now() < deadline {
+                    if !self.view().members.contains_key(&self.id()) {
+                        return Ok(());
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(ClusterError::Timeout {
+                    what: "leaving the cluster",
+                    after: self.shared.cfg.join_timeout,
+                })
+            });
+        }
+        self.stop();
+        result
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.transport.shutdown();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A client for another node's cluster port: `fae cluster leave|status ADDR` use this.
+pub fn remote_status(addr: &str, timeout: Duration) -> Result<ClusterStatus, ClusterError> {
+    match remote(addr, &RpcRequest::Status, timeout)? {
+        RpcResponse::Status(s) => Ok(*s),
+        _ => Err(ClusterError::Refused(format!(
+            "{addr} gave an unexpected answer"
+        ))),
+    }
+}
+
+/// Asks the node at `addr` to have `node_id` leave the cluster.
+pub fn remote_leave(addr: &str, node_id: u64, timeout: Duration) -> Result<(), ClusterError> {
+    match remote(addr, &RpcRequest::Leave { id: node_id }, timeout)? {
+        RpcResponse::Done => Ok(()),
+        RpcResponse::Refused { reason, .. } => Err(ClusterError::Refused(reason)),
+        _ => Err(ClusterError::Refused(format!(
+            "{addr} gave an unexpected answer"
+        ))),
+    }
+}
+
+fn remote(addr: &str, req: &RpcRequest, timeout: Duration) -> Result<RpcResponse, ClusterError> {
+    let body = transport::rpc_call(
+        addr,
+        &serde_json::to_vec(req).expect("requests encode"),
+        timeout,
+    )?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ClusterError::Refused(format!("malformed answer from {addr}: {e}")))
+}
+
+fn check_path(path: &str) -> Result<(), ClusterError> {
+    if valid_path(path) {
+        Ok(())
+    } else {
+        Err(ClusterError::InvalidPath(path.to_owned()))
+    }
+}
+
+/// raft's slog records, forwarded to `tracing` (raft's info level is chatty: it becomes debug).
+struct TracingDrain;
+
+struct KvText(String);
+
+impl slog::Serializer for KvText {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, r: &slog::Record<'_>, kv: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use slog::KV;
+        let mut text = KvText(String::new());
+        let _ = r.kv().serialize(r, &mut text);
+        let _ = kv.serialize(r, &mut text);
+        match r.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{}{}", r.msg(), text.0)
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{}{}", r.msg(), text.0),
+            slog::Level::Info => tracing::debug!(target: "raft", "{}{}", r.msg(), text.0),
+            _ => tracing::trace!(target: "raft", "{}{}", r.msg(), text.0),
+        }
+        Ok(())
+    }
+}
+
+/// A learner is promoted once it is this close to the leader's last index.
+const PROMOTE_LAG: u64 = 10;
+
+struct Node {
+    id: u64,
+    cfg: ClusterConfig,
+    raw: RawNode<DiskStorage>,
+    store: DiskStorage,
+    sm: StateMachine,
+    applied: u64,
+    snap_index: u64,
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    inbox: Receiver<Input>,
+    events: SyncSender<ClusterEvent>,
+    events_dropped: u64,
+    next_seq: u64,
+    pending: HashMap<u64, (Instant, Pending)>,
+    /// ReadIndex results waiting for the state machine to reach their index: (index, seq).
+    reads: Vec<(u64, u64)>,
+    last_heard: HashMap<u64, Instant>,
+    was_leader: bool,
+    /// Housekeeping actions recently proposed, not to repeat them every tick.
+    recently: HashMap<String, Instant>,
+    peers_epoch: u64,
+    published: (Option<u64>, u64, u64, u64, u64, Role),
+    map_cache: (u64, Arc<VbucketMap>),
+}
+
+impl Node {
+    fn new(
+        id: u64,
+        cfg: ClusterConfig,
+        store: DiskStorage,
+        shared: Arc<Shared>,
+        transport: Arc<Transport>,
+        inbox: Receiver<Input>,
+        events: SyncSender<ClusterEvent>,
+    ) -> Result<Self, ClusterError> {
+        let snap = store.latest_snapshot();
+        let snap_index = snap.get_metadata().index;
+        let sm: StateMachine = if snap.data.is_empty() {
+            StateMachine::default()
+        } else {
+            serde_json::from_slice(&snap.data)
+                .map_err(|e| ClusterError::Corrupt(format!("snapshot state: {e}")))?
+        };
+        let config = raft::Config {
+            id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: snap_index,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        config.validate()?;
+        let logger = slog::Logger::root(TracingDrain, slog::o!("raft_id" => id));
+        let raw = RawNode::new(&config, store.clone(), &logger)?;
+        transport.set_peers(&sm.peer_addrs());
+        let map_cache = (sm.epoch, Arc::new(sm.map.clone()));
+        let mut node = Node {
+            id,
+            cfg,
+            raw,
+            store,
+            sm,
+            applied: snap_index,
+            snap_index,
+            shared,
+            transport,
+            inbox,
+            events,
+            events_dropped: 0,
+            next_seq: 1,
+            pending: HashMap::new(),
+            reads: Vec::new(),
+            last_heard: HashMap::new(),
+            was_leader: false,
+            recently: HashMap::new(),
+            peers_epoch: 0,
+            published: (None, 0, 0, 0, 0, Role::Follower),
+            map_cache,
+        };
+        node.peers_epoch = node.sm.epoch;
+        node.publish(true);
+        Ok(node)
+    }
+
+    fn run(mut self) {
+        let tick = self.cfg.tick;
+        let mut next_tick = Instant::now() + tick;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(input) => {
+                    self.handle(input);
+                    for input in self.inbox.try_iter().take(1024).collect::<Vec<_>>() {
+                        self.handle(input);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                next_tick = if now > next_tick + tick {
+                    now + tick
+                } else {
+                    next_tick + tick
+                };
+                self.housekeeping(now);
+                self.expire(now);
+            }
+            if let Err(e) = self.on_ready() {
+                tracing::error!(node = self.id, error = %e, "cluster node stops: its storage failed");
+                break;
+            }
+        }
+        for (_, (_, p)) in self.pending.drain() {
+            match p {
+                Pending::Propose(r) => drop(r.try_send(Err(ClusterError::Stopped))),
+                Pending::Join(r) => drop(r.try_send(Err(ClusterError::Stopped))),
+                Pending::Read(_, r) => drop(r.try_send(Err(ClusterError::Stopped))),
+            }
+        }
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    fn leader_known(&self) -> bool {
+        self.raw.raft.leader_id != raft::INVALID_ID
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Raft(m) => {
+                self.last_heard.insert(m.from, Instant::now());
+                if let Err(e) = self.raw.step(m) {
+                    tracing::trace!(node = self.id, error = %e, "raft message not stepped");
+                }
+            }
+            Input::Report(Report::Unreachable(id)) => self.raw.report_unreachable(id),
+            Input::Report(Report::Snapshot { to, sent }) => {
+                let status = if sent {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(to, status);
+            }
+            Input::Propose(cmd, reply) => {
+                if !self.leader_known() {
+                    let _ = reply.try_send(Err(ClusterError::NoLeader));
+                    return;
+                }
+                let seq = self.seq();
+                let data = serde_json::to_vec(&Proposal {
+                    origin: self.id,
+                    seq,
+                    cmd,
+                })
+                .expect("commands encode");
+                match self.raw.propose(vec![], data) {
+                    Ok(()) => {
+                        self.pending
+                            .insert(seq, (Instant::now(), Pending::Propose(reply)));
+                    }
+                    Err(raft::Error::ProposalDropped) => {
+                        let _ = reply.try_send(Err(ClusterError::NoLeader));
+                    }
+                    Err(e) => {
+                        let _ = reply.try_send(Err(e.into()));
+                    }
+                }
+            }
+            Input::Join(info, reply) => self.join(info, reply),
+            Input::Children(path, reply) => {
+                if !self.leader_known() {
+                    let _ = reply.try_send(Err(ClusterError::NoLeader));
+                    return;
+                }
+                let seq = self.seq();
+                self.raw.read_index(seq.to_le_bytes().to_vec());
+                self.pending
+                    .insert(seq, (Instant::now(), Pending::Read(path, reply)));
+            }
+        }
+    }
+
+    fn join(&mut self, info: MemberInfo, reply: Reply<Vec<(u64, String)>>) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.try_send(Err(self.shared.not_leader()));
+            return;
+        }
+        if let Some(m) = self.sm.members.get(&info.id) {
+            let r = if m.raft_addr == info.raft_addr {
+                Ok(self.sm.peer_addrs())
+            } else {
+                Err(ClusterError::JoinRefused(format!(
+                    "node id {} is already a member at {}; give the new node another id or data dir",
+                    info.id, m.raft_addr
+                )))
+            };
+            let _ = reply.try_send(r);
+            return;
+        }
+        if self.sm.members.len() >= MAX_MEMBERS {
+            let _ = reply.try_send(Err(ClusterError::ClusterFull(self.sm.members.len())));
+            return;
+        }
+        if self.raw.raft.has_pending_conf() {
+            // raft would turn the proposal into an empty entry: say so now, the joiner retries.
+            let _ = reply.try_send(Err(ClusterError::Refused(
+                "another membership change is being applied; retry".into(),
+            )));
+            return;
+        }
+        let seq = self.seq();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddLearnerNode);
+        cc.node_id = info.id;
+        let ctx = ConfContext {
+            origin: self.id,
+            seq,
+            member: Some(info),
+        };
+        cc.context = serde_json::to_vec(&ctx).expect("context encodes").into();
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.pending
+                    .insert(seq, (Instant::now(), Pending::Join(reply)));
+            }
+            Err(e) => {
+                let _ = reply.try_send(Err(ClusterError::Refused(format!(
+                    "another membership change is in progress ({e}); retry"
+                ))));
+            }
+        }
+    }
+
+    /// Drops the waiters nobody waits for any more (their callers timed out).
+    fn expire(&mut self, now: Instant) {
+        let limit = self.cfg.request_timeout * 2;
+        self.pending
+            .retain(|_, (at, _)| now.duration_since(*at) < limit);
+        let pending = &self.pending;
+        self.reads.retain(|(_, seq)| pending.contains_key(seq));
+        self.recently
+            .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+    }
+
+    /// Proposes `cmd` unless the same action was proposed within the last election timeout.
+    fn once(&mut self, key: String, now: Instant) -> bool {
+        let gap = self.cfg.election_timeout().max(Duration::from_secs(1));
+        match self.recently.get(&key) {
+            Some(at) if now.duration_since(*at) < gap => false,
+            _ => {
+                self.recently.insert(key, now);
+                true
+            }
+        }
+    }
+
+    fn propose_internal(&mut self, cmd: Command) {
+        let seq = self.seq();
+        let data = serde_json::to_vec(&Proposal {
+            origin: self.id,
+            seq,
+            cmd,
+        })
+        .expect("commands encode");
+        if let Err(e) = self.raw.propose(vec![], data) {
+            tracing::debug!(node = self.id, error = %e, "housekeeping proposal dropped");
+        }
+    }
+
+    fn conf_change(&mut self, kind: ConfChangeType, node: u64) {
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = node;
+        if let Err(e) = self.raw.propose_conf_change(vec![], cc) {
+            tracing::debug!(node = self.id, error = %e, "conf change not proposed");
+        }
+    }
+
+    /// The leader's periodic duties: failover, revival, promotion, removal of leavers, automatic handoff.
+    fn housekeeping(&mut self, now: Instant) {
+        let leader = self.raw.raft.state == StateRole::Leader;
+        if leader && !self.was_leader {
+            // A new leader gives everyone a full failover timeout from now.
+            for &id in self.sm.members.keys() {
+                self.last_heard.insert(id, now);
+            }
+        }
+        self.was_leader = leader;
+        if !leader {
+            return;
+        }
+        let last_index = self.raw.raft.raft_log.last_index();
+        let members: Vec<Member> = self.sm.members.values().cloned().collect();
+        for m in &members {
+            if m.id == self.id {
+                continue;
+            }
+            let heard = *self.last_heard.entry(m.id).or_insert(now);
+            let silent = now.duration_since(heard);
+            let alive = silent < self.cfg.election_timeout();
+            match m.state {
+                MemberState::Learner | MemberState::Voter | MemberState::Leaving
+                    if silent > self.cfg.failover_timeout
+                        && self.once(format!("fail {}", m.id), now) =>
+                {
+                    tracing::warn!(
+                        node = self.id,
+                        peer = m.id,
+                        ?silent,
+                        "failing over a silent member"
+                    );
+                    self.propose_internal(Command::MarkFailed { id: m.id });
+                }
+                MemberState::Failed if alive && self.once(format!("alive {}", m.id), now) => {
+                    tracing::info!(node = self.id, peer = m.id, "a failed member is back");
+                    self.propose_internal(Command::MarkAlive { id: m.id });
+                }
+                MemberState::Learner if alive => {
+                    let matched = self.raw.raft.prs().get(m.id).map_or(0, |p| p.matched);
+                    if matched > 0
+                        && matched + PROMOTE_LAG >= last_index
+                        && self.once(format!("promote {}", m.id), now)
+                    {
+                        tracing::info!(
+                            node = self.id,
+                            peer = m.id,
+                            matched,
+                            "promoting a caught-up learner"
+                        );
+                        self.conf_change(ConfChangeType::AddNode, m.id);
+                    }
+                }
+                _ => {}
+            }
+            if m.state == MemberState::Leaving
+                && self.owns_nothing(m.id)
+                && self.once(format!("remove {}", m.id), now)
+            {
+                self.conf_change(ConfChangeType::RemoveNode, m.id);
+            }
+        }
+        if self
+            .sm
+            .members
+            .get(&self.id)
+            .is_some_and(|m| m.state == MemberState::Leaving)
+            && self.owns_nothing(self.id)
+            && self.once("transfer".into(), now)
+        {
+            // The leader leaves by handing leadership to the most caught-up voter, which then removes it.
+            let to = members
+                .iter()
+                .filter(|m| m.id != self.id && m.state == MemberState::Voter)
+                .max_by_key(|m| self.raw.raft.prs().get(m.id).map_or(0, |p| p.matched))
+                .map(|m| m.id);
+            if let Some(to) = to {
+                self.raw.transfer_leader(to);
+            }
+        }
+        // A learner added while no worker id was free is in raft's configuration but not a member: remove it.
+        let strays: Vec<u64> = self
+            .store
+            .conf_state()
+            .learners
+            .into_iter()
+            .filter(|id| !self.sm.members.contains_key(id))
+            .collect();
+        for id in strays {
+            if self.once(format!("remove {id}"), now) {
+                self.conf_change(ConfChangeType::RemoveNode, id);
+            }
+        }
+        if self.cfg.handoff == Handoff::Auto {
+            let vbuckets: Vec<u16> = self.sm.map.pending().map(|(vb, _)| vb).collect();
+            if !vbuckets.is_empty() && self.once("movedone".into(), now) {
+                self.propose_internal(Command::MoveDone { vbuckets });
+            }
+        }
+    }
+
+    fn owns_nothing(&self, id: u64) -> bool {
+        self.sm
+            .map
+            .entries()
+            .iter()
+            .all(|e| e.owner != id && e.pending != Some(id))
+    }
+
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.transport.send(m);
+        }
+    }
+
+    /// One round of raft's Ready: send, persist, send what needed persistence first, apply, advance.
+    fn on_ready(&mut self) -> Result<(), ClusterError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        // A leader's messages may go out before its own append is durable (raft thesis 10.2.1).
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(&snap)?;
+        }
+        let committed = rd.take_committed_entries();
+        self.apply(committed)?;
+        if !rd.entries().is_empty() {
+            self.store.append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.store.set_hard_state(hs)?;
+        }
+        for rs in rd.take_read_states() {
+            if let Ok(b) = <[u8; 8]>::try_from(&rs.request_ctx[..]) {
+                self.reads.push((rs.index, u64::from_le_bytes(b)));
+            }
+        }
+        // Votes and append responses only once what they promise is on disk.
+        self.send(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.store.set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.raw.advance_apply();
+        self.finish_reads();
+        self.maybe_compact()?;
+        self.publish(false);
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), ClusterError> {
+        let sm: StateMachine = serde_json::from_slice(&snap.data)
+            .map_err(|e| ClusterError::Corrupt(format!("snapshot from the leader: {e}")))?;
+        self.store.apply_snapshot(snap)?;
+        self.sm = sm;
+        self.applied = snap.get_metadata().index;
+        self.snap_index = self.applied;
+        self.map_cache.0 = u64::MAX;
+        self.peers_epoch = u64::MAX;
+        tracing::info!(node = self.id, index = self.applied, "installed a snapshot");
+        self.emit(ClusterEvent::MapChanged {
+            epoch: self.sm.epoch,
+        });
+        Ok(())
+    }
+
+    fn emit(&mut self, ev: ClusterEvent) {
+        if self.events.try_send(ev).is_err() {
+            self.events_dropped += 1;
+            if self.events_dropped.is_power_of_two() {
+                tracing::warn!(
+                    node = self.id,
+                    dropped = self.events_dropped,
+                    "cluster events not consumed; dropping"
+                );
+            }
+        }
+    }
+
+    fn resolve(&mut self, origin: u64, seq: u64, r: Result<Outcome, ClusterError>) {
+        if origin != self.id {
+            return;
+        }
+        match self.pending.remove(&seq) {
+            Some((_, Pending::Propose(reply))) => drop(reply.try_send(r)),
+            Some((_, Pending::Join(reply))) => {
+                drop(reply.try_send(r.map(|_| self.sm.peer_addrs())))
+            }
+            Some((at, p @ Pending::Read(..))) => {
+                self.pending.insert(seq, (at, p));
+            }
+            None => {}
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), ClusterError> {
+        let mut events = Vec::new();
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            self.applied = e.index;
+            if e.data.is_empty() {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => match serde_json::from_slice::<Proposal>(&e.data) {
+                    Ok(p) => {
+                        let out = self.sm.apply(&p.cmd, &mut events);
+                        self.resolve(p.origin, p.seq, Ok(out));
+                    }
+                    Err(err) => {
+                        tracing::error!(node = self.id, index = e.index, %err, "unreadable log entry skipped")
+                    }
+                },
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|err| {
+                        ClusterError::Corrupt(format!("conf change at {}: {err}", e.index))
+                    })?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.store.set_conf_state(&cs)?;
+                    let ctx: Option<ConfContext> = serde_json::from_slice(&cc.context).ok();
+                    match cc.get_change_type() {
+                        ConfChangeType::AddLearnerNode => {
+                            let added = ctx
+                                .as_ref()
+                                .and_then(|c| c.member.as_ref())
+                                .is_some_and(|m| self.sm.add_learner(m, &mut events));
+                            if !added {
+                                if let Some(c) = &ctx {
+                                    let full = ClusterError::ClusterFull(self.sm.members.len());
+                                    self.resolve(c.origin, c.seq, Err(full));
+                                }
+                                tracing::error!(
+                                    node = self.id,
+                                    peer = cc.node_id,
+                                    "no idgen worker id left for a new member"
+                                );
+                            }
+                        }
+                        ConfChangeType::AddNode => self.sm.promote(cc.node_id, &mut events),
+                        ConfChangeType::RemoveNode => {
+                            self.sm.remove(cc.node_id, &mut events);
+                            if cc.node_id == self.id {
+                                tracing::info!(
+                                    node = self.id,
+                                    "this node was removed from the cluster"
+                                );
+                            }
+                        }
+                    }
+                    if let Some(c) = ctx {
+                        self.resolve(c.origin, c.seq, Ok(Outcome::Done));
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {
+                    tracing::warn!(
+                        node = self.id,
+                        index = e.index,
+                        "ConfChangeV2 entries are not used; skipped"
+                    )
+                }
+            }
+        }
+        for ev in events {
+            self.emit(ev);
+        }
+        if self.sm.epoch != self.peers_epoch {
+            self.peers_epoch = self.sm.epoch;
+            self.transport.set_peers(&self.sm.peer_addrs());
+        }
+        Ok(())
+    }
+
+    fn finish_reads(&mut self) {
+        let applied = self.applied;
+        let ready: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(index, _)| *index <= applied)
+            .map(|(_, seq)| *seq)
+            .collect();
+        self.reads.retain(|(index, _)| *index > applied);
+        for seq in ready {
+            if let Some((_, Pending::Read(path, reply))) = self.pending.remove(&seq) {
+                let _ = reply.try_send(Ok(self.sm.registry_children(&path)));
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), ClusterError> {
+        let wanted = self.store.take_snapshot_request() && self.applied > self.snap_index;
+        if !wanted && self.applied < self.snap_index + self.cfg.snapshot_every.max(1) {
+            return Ok(());
+        }
+        let data = serde_json::to_vec(&self.sm).expect("state encodes");
+        let cs = self.store.conf_state();
+        self.store.compact(self.applied, &cs, data)?;
+        self.snap_index = self.applied;
+        tracing::debug!(
+            node = self.id,
+            index = self.applied,
+            "log compacted into a snapshot"
+        );
+        Ok(())
+    }
+
+    fn publish(&mut self, force: bool) {
+        let r = &self.raw.raft;
+        let key = (
+            (r.leader_id != raft::INVALID_ID).then_some(r.leader_id),
+            r.term,
+            r.raft_log.committed,
+            self.applied,
+            self.sm.epoch,
+            Role::from(r.state),
+        );
+        if !force && key == self.published {
+            return;
+        }
+        if self.map_cache.0 != self.sm.epoch {
+            self.map_cache = (self.sm.epoch, Arc::new(self.sm.map.clone()));
+        }
+        self.shared.view.store(Arc::new(ClusterView {
+            my_id: self.id,
+            role: key.5,
+            leader_id: key.0,
+            term: key.1,
+            commit_index: key.2,
+            applied_index: key.3,
+            epoch: key.4,
+            members: self.sm.members.clone(),
+            map: self.map_cache.1.clone(),
+        }));
+        self.published = key;
+    }
+}
