@@ -123,28 +123,44 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
     let spawned = std::thread::Builder::new()
         .name("fae-handoff".into())
         .spawn(move || {
-            while let Ok(ev) = events.recv() {
-                let ClusterEvent::MoveStarted { vbucket, from, to } = ev else {
-                    continue;
-                };
+            while let Ok(first) = events.recv() {
+                // A rebalance starts hundreds of moves at once: take them together and complete them in one
+                // proposal rather than one raft entry per vbucket.
+                let mut batch = vec![first];
+                batch.extend(events.try_iter());
                 let Some(cluster) = weak.upgrade() else {
                     return;
                 };
                 let view = cluster.view();
-                if from != view.my_id {
-                    continue;
-                }
-                let Some(target) = view.members.get(&to).map(|m| m.rpc_addr.clone()) else {
-                    continue;
-                };
-                match hand_over(&servants, vbucket, &target) {
-                    Ok((entries, locks)) => {
-                        tracing::info!(vbucket, to, entries, locks, "vbucket handed over");
+                let mut by_target: std::collections::BTreeMap<u64, Vec<u16>> = Default::default();
+                for ev in batch {
+                    if let ClusterEvent::MoveStarted { vbucket, from, to } = ev {
+                        // Events are replayed when a node re-applies its log: act only on moves still pending.
+                        let still = view.map.get(vbucket).pending == Some(to);
+                        if from == view.my_id && still {
+                            by_target.entry(to).or_default().push(vbucket);
+                        }
                     }
-                    Err(e) => tracing::warn!(vbucket, to, error = %e, "vbucket handoff incomplete"),
                 }
-                if let Err(e) = cluster.move_done(&[vbucket]) {
-                    tracing::warn!(vbucket, error = %e, "cannot complete the move");
+                for (to, vbuckets) in by_target {
+                    let Some(target) = view.members.get(&to).map(|m| m.rpc_addr.clone()) else {
+                        continue;
+                    };
+                    match hand_over(&servants, &vbuckets, &target) {
+                        Ok((entries, locks)) => {
+                            tracing::info!(
+                                vbuckets = vbuckets.len(),
+                                to,
+                                entries,
+                                locks,
+                                "vbuckets handed over"
+                            );
+                        }
+                        Err(e) => tracing::warn!(to, error = %e, "vbucket handoff incomplete"),
+                    }
+                    if let Err(e) = cluster.move_done(&vbuckets) {
+                        tracing::warn!(to, error = %e, "cannot complete the moves");
+                    }
                 }
             }
         });
@@ -153,8 +169,12 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
     }
 }
 
-fn hand_over(servants: &Servants, vbucket: u16, target: &str) -> Result<(usize, usize), String> {
-    let in_vb = |k: &[u8]| fae_cluster::vbucket_of(k) == vbucket;
+fn hand_over(
+    servants: &Servants,
+    vbuckets: &[u16],
+    target: &str,
+) -> Result<(usize, usize), String> {
+    let in_vb = |k: &[u8]| vbuckets.contains(&fae_cluster::vbucket_of(k));
     let entries = servants.lcache.take_matching(in_vb);
     let locks = servants.lock.take_matching(in_vb);
     if entries.is_empty() && locks.is_empty() {

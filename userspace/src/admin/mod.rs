@@ -24,6 +24,8 @@ pub struct AdminState {
     pub gate: Arc<Gate>,
     /// The XDP program, when the XDP path runs.
     pub xdp: Option<crate::engine::xdp::SharedProgram>,
+    /// The cluster membership, when this node is in one (weak: shutdown takes it back).
+    pub cluster: Option<std::sync::Weak<fae_cluster::Cluster>>,
 }
 
 /// Binds the admin address and serves it on a thread of its own.
@@ -252,6 +254,21 @@ pub fn prometheus(state: &AdminState) -> String {
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
+    if let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) {
+        let v = c.view();
+        let mine = v.vbucket_counts().get(&v.my_id).copied().unwrap_or(0) as u64;
+        for (name, kind, help, val) in [
+            ("fae_forwarded_total", "counter", "Calls forwarded to the node owning their key.", snap.forwarded),
+            ("fae_cluster_term", "gauge", "Raft term.", v.term),
+            ("fae_cluster_commit_index", "gauge", "Raft commit index.", v.commit_index),
+            ("fae_cluster_epoch", "gauge", "Vbucket map epoch.", v.epoch),
+            ("fae_cluster_members", "gauge", "Cluster members.", v.members.len() as u64),
+            ("fae_cluster_vbuckets_owned", "gauge", "Vbuckets this node owns.", mine),
+            ("fae_cluster_is_leader", "gauge", "1 if this node is the raft leader.", u64::from(v.is_leader())),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {val}");
+        }
+    }
     if let Some(p) = &state.xdp {
         let c = crate::engine::xdp::counters(p);
         for (name, help, v) in [
@@ -314,6 +331,7 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
         "deadline_exceeded": snap.deadline_exceeded,
         "bytes_in": snap.bytes_in,
         "bytes_out": snap.bytes_out,
+        "forwarded": snap.forwarded,
         "calls": snap.methods.iter().map(|m| m.calls).sum::<u64>(),
         "errors": snap.methods.iter().map(|m| m.errors).sum::<u64>(),
         "lcache": {"items": lc.items, "bytes": lc.bytes},

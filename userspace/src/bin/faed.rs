@@ -184,6 +184,7 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
                 servants: server.servants.clone(),
                 gate: server.gate.clone(),
                 xdp: server.xdp.clone(),
+                cluster: cluster.as_ref().map(Arc::downgrade),
             },
         )?;
     }
