@@ -6,7 +6,7 @@
 //! reads took seconds of CPU). [`Progress`] keeps where the walk stopped and what it was inside of, so every
 //! byte is walked once however the message is split.
 
-use super::binary::{MessageHeader, Reader};
+use super::binary::{fixed_size, MessageHeader, Reader};
 use super::{ttype, Limits, WireError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,17 +145,6 @@ impl Progress {
                 self.open.push(o);
             }
         }
-    }
-}
-
-fn fixed_size(t: u8) -> Option<usize> {
-    match t {
-        ttype::BOOL | ttype::BYTE => Some(1),
-        ttype::I16 => Some(2),
-        ttype::I32 => Some(4),
-        ttype::I64 | ttype::DOUBLE => Some(8),
-        ttype::UUID => Some(16),
-        _ => None,
     }
 }
 
