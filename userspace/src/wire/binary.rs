@@ -211,6 +211,18 @@ pub fn skip(r: &mut Reader<'_>, t: u8, limits: &Limits, depth: usize) -> Result<
     Ok(())
 }
 
+/// The encoded size of a value of type `t`, if every value of that type has the same size.
+pub(super) fn fixed_size(t: u8) -> Option<usize> {
+    match t {
+        ttype::BOOL | ttype::BYTE => Some(1),
+        ttype::I16 => Some(2),
+        ttype::I32 => Some(4),
+        ttype::I64 | ttype::DOUBLE => Some(8),
+        ttype::UUID => Some(16),
+        _ => None,
+    }
+}
+
 fn skip_n(
     r: &mut Reader<'_>,
     elem: u8,
@@ -219,15 +231,7 @@ fn skip_n(
     depth: usize,
 ) -> Result<(), WireError> {
     // Fixed-size elements are skipped in one step rather than one by one.
-    let fixed = match elem {
-        ttype::BOOL | ttype::BYTE => Some(1),
-        ttype::I16 => Some(2),
-        ttype::I32 => Some(4),
-        ttype::I64 | ttype::DOUBLE => Some(8),
-        ttype::UUID => Some(16),
-        _ => None,
-    };
-    match fixed {
+    match fixed_size(elem) {
         Some(size) => {
             r.take(size * n)?;
         }
