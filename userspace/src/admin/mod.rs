@@ -258,15 +258,43 @@ pub fn prometheus(state: &AdminState) -> String {
         let v = c.view();
         let mine = v.vbucket_counts().get(&v.my_id).copied().unwrap_or(0) as u64;
         for (name, kind, help, val) in [
-            ("fae_forwarded_total", "counter", "Calls forwarded to the node owning their key.", snap.forwarded),
+            (
+                "fae_forwarded_total",
+                "counter",
+                "Calls forwarded to the node owning their key.",
+                snap.forwarded,
+            ),
             ("fae_cluster_term", "gauge", "Raft term.", v.term),
-            ("fae_cluster_commit_index", "gauge", "Raft commit index.", v.commit_index),
+            (
+                "fae_cluster_commit_index",
+                "gauge",
+                "Raft commit index.",
+                v.commit_index,
+            ),
             ("fae_cluster_epoch", "gauge", "Vbucket map epoch.", v.epoch),
-            ("fae_cluster_members", "gauge", "Cluster members.", v.members.len() as u64),
-            ("fae_cluster_vbuckets_owned", "gauge", "Vbuckets this node owns.", mine),
-            ("fae_cluster_is_leader", "gauge", "1 if this node is the raft leader.", u64::from(v.is_leader())),
+            (
+                "fae_cluster_members",
+                "gauge",
+                "Cluster members.",
+                v.members.len() as u64,
+            ),
+            (
+                "fae_cluster_vbuckets_owned",
+                "gauge",
+                "Vbuckets this node owns.",
+                mine,
+            ),
+            (
+                "fae_cluster_is_leader",
+                "gauge",
+                "1 if this node is the raft leader.",
+                u64::from(v.is_leader()),
+            ),
         ] {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {val}");
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {val}"
+            );
         }
     }
     if let Some(p) = &state.xdp {
