@@ -1338,6 +1338,11 @@ impl Node {
                 }
             }
         }
+        // Publish the view these events describe before sending them, so that a listener reading the view
+        // on an event sees the change it announces.
+        if !events.is_empty() {
+            self.publish(true);
+        }
         for ev in events {
             self.emit(ev);
         }

@@ -40,6 +40,12 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
     Ok(cluster)
 }
 
+/// Whether this node's map can be trusted: it has heard from a leader and applied all it knows committed.
+/// A restarted node holds its map from disk until then, and must not serve keys by it.
+fn caught_up(view: &fae_cluster::ClusterView) -> bool {
+    view.leader_id.is_some() && view.applied_index >= view.commit_index
+}
+
 /// Routes by the cluster's published view: no lock, no raft on the call path.
 pub struct ClusterRouter {
     pub cluster: Arc<Cluster>,
@@ -48,6 +54,12 @@ pub struct ClusterRouter {
 impl Router for ClusterRouter {
     fn route(&self, key: &[u8]) -> Route {
         let view = self.cluster.view();
+        if !caught_up(&view) {
+            return Route::Unavailable(
+                "this node is catching up with the cluster (no leader heard yet, or its map is behind); retry"
+                    .into(),
+            );
+        }
         let vb = fae_cluster::vbucket_of(key);
         let entry = view.map.get(vb);
         let Some(owner) = view.members.get(&entry.owner) else {
@@ -80,7 +92,9 @@ impl Router for ClusterRouter {
     fn accepts_forwarded(&self, key: &[u8]) -> bool {
         let view = self.cluster.view();
         let e = view.map.get(fae_cluster::vbucket_of(key));
-        e.owner == view.my_id || e.pending == Some(view.my_id)
+        // The new owner takes the handoff; the old one takes nothing more once a move away has begun.
+        caught_up(&view)
+            && ((e.owner == view.my_id && e.pending.is_none()) || e.pending == Some(view.my_id))
     }
 
     fn registry(&self) -> Option<Arc<dyn RegistryBackend>> {
@@ -123,45 +137,68 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
     let spawned = std::thread::Builder::new()
         .name("fae-handoff".into())
         .spawn(move || {
-            while let Ok(first) = events.recv() {
+            // Moves this node still has to hand over, by new owner: retried until handed over (the new owner
+            // may not have applied the move yet and refuse), or until the map no longer shows them pending.
+            let mut todo: std::collections::BTreeMap<u64, std::collections::BTreeSet<u16>> =
+                Default::default();
+            loop {
                 // A rebalance starts hundreds of moves at once: take them together and complete them in one
                 // proposal rather than one raft entry per vbucket.
-                let mut batch = vec![first];
+                let wait = if todo.is_empty() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_millis(200)
+                };
+                let mut batch = Vec::new();
+                match events.recv_timeout(wait) {
+                    Ok(ev) => batch.push(ev),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
                 batch.extend(events.try_iter());
                 let Some(cluster) = weak.upgrade() else {
                     return;
                 };
-                let view = cluster.view();
-                let mut by_target: std::collections::BTreeMap<u64, Vec<u16>> = Default::default();
                 for ev in batch {
                     if let ClusterEvent::MoveStarted { vbucket, from, to } = ev {
-                        // Events are replayed when a node re-applies its log: act only on moves still pending.
-                        let still = view.map.get(vbucket).pending == Some(to);
-                        if from == view.my_id && still {
-                            by_target.entry(to).or_default().push(vbucket);
+                        if from == cluster.view().my_id {
+                            todo.entry(to).or_default().insert(vbucket);
                         }
                     }
                 }
-                for (to, vbuckets) in by_target {
+                let view = cluster.view();
+                for (&to, vbuckets) in todo.iter_mut() {
+                    // Events are replayed when a node re-applies its log: act only on moves still pending.
+                    vbuckets.retain(|&vb| view.map.get(vb).pending == Some(to));
+                    if vbuckets.is_empty() {
+                        continue;
+                    }
                     let Some(target) = view.members.get(&to).map(|m| m.rpc_addr.clone()) else {
                         continue;
                     };
-                    match hand_over(&servants, &vbuckets, &target) {
+                    let vbs: Vec<u16> = vbuckets.iter().copied().collect();
+                    match hand_over(&servants, &vbs, &target) {
                         Ok((entries, locks)) => {
                             tracing::info!(
-                                vbuckets = vbuckets.len(),
+                                vbuckets = vbs.len(),
                                 to,
                                 entries,
                                 locks,
                                 "vbuckets handed over"
                             );
+                            match cluster.move_done(&vbs) {
+                                Ok(()) => vbuckets.clear(),
+                                Err(e) => {
+                                    tracing::warn!(to, error = %e, "cannot complete the moves yet")
+                                }
+                            }
                         }
-                        Err(e) => tracing::warn!(to, error = %e, "vbucket handoff incomplete"),
-                    }
-                    if let Err(e) = cluster.move_done(&vbuckets) {
-                        tracing::warn!(to, error = %e, "cannot complete the moves");
+                        Err(e) => {
+                            tracing::debug!(to, error = %e, "vbucket handoff refused; retrying")
+                        }
                     }
                 }
+                todo.retain(|_, v| !v.is_empty());
             }
         });
     if let Err(e) = spawned {

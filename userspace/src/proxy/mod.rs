@@ -151,8 +151,16 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
                 request,
             } => {
                 let mut reply = exchange(&mut pool, &addr, &request, timeout);
-                if reply.is_err() {
-                    // A pooled connection may have been closed by the peer since: one retry on a new one.
+                // A pooled connection may have been closed by the peer since: one retry on a new one. Not
+                // after a timeout: the owner may have run the call (a lock taken twice), and the caller
+                // would wait twice as long.
+                let stale = reply.as_ref().is_err_and(|e| {
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                });
+                if stale {
                     pool.remove(&addr);
                     reply = exchange(&mut pool, &addr, &request, timeout);
                 }

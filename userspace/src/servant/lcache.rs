@@ -106,6 +106,21 @@ impl LCache {
         }
     }
 
+    /// Copies of every entry whose key matches (a vbucket being handed to another node).
+    pub fn copy_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let s = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                s.lru
+                    .iter()
+                    .filter(|(k, _)| matches(k))
+                    .map(|(k, v)| (k.to_vec(), v.to_vec())),
+            );
+        }
+        out
+    }
+
     /// Removes and returns every entry whose key matches (a vbucket handed to another node).
     pub fn take_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();

@@ -69,6 +69,22 @@ impl Locks {
         self.shard(key).held.remove(key);
     }
 
+    /// The keys of held (unexpired) locks whose key matches (a vbucket being handed over).
+    pub fn copy_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let s = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                s.held
+                    .iter()
+                    .filter(|(k, e)| matches(k) && **e > now)
+                    .map(|(k, _)| k.to_vec()),
+            );
+        }
+        out
+    }
+
     /// Removes and returns the keys of held (unexpired) locks whose key matches (a vbucket handed over).
     pub fn take_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
         let now = Instant::now();

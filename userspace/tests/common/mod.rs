@@ -7,10 +7,10 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -70,6 +70,25 @@ fn unique_dir() -> PathBuf {
     dir
 }
 
+/// A fresh temp directory, removed (with everything in it) on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        TempDir(unique_dir())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Raises this process's soft RLIMIT_NOFILE to at least `want` (up to the hard limit); children inherit it.
 /// Returns the soft limit in force afterwards.
 pub fn raise_nofile(want: libc::rlim_t) -> libc::rlim_t {
@@ -104,6 +123,54 @@ pub struct Faed {
     pub admin_port: u16,
     pub dir: PathBuf,
     log: PathBuf,
+    /// Whether `dir` belongs to this Faed (removed on drop) or to the caller ([`Faed::spawn`]).
+    owns_dir: bool,
+}
+
+/// A faed on ports and in a directory chosen by the caller, so that it can be stopped and started again on the
+/// same ports with the same data (cluster tests). See [`Faed::spawn`].
+#[derive(Clone, Debug)]
+pub struct FaedSpec {
+    pub port: u16,
+    pub admin_port: u16,
+    /// Where faed.toml and faed.log are written (the log is appended to across restarts). Owned by the caller:
+    /// never removed by [`Faed`].
+    pub dir: PathBuf,
+    /// TOML lines added to the `[server]` table.
+    pub server_keys: String,
+    /// Whole TOML tables appended to the configuration.
+    pub sections: String,
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+    /// `--log-level` (an EnvFilter string).
+    pub log_level: String,
+}
+
+impl FaedSpec {
+    /// Fresh free ports, `dir` for the config and the log (created if missing), log level warn.
+    pub fn new(dir: impl Into<PathBuf>) -> FaedSpec {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).expect("create faed dir");
+        FaedSpec {
+            port: free_port(),
+            admin_port: free_port(),
+            dir,
+            server_keys: String::new(),
+            sections: String::new(),
+            args: Vec::new(),
+            log_level: "warn".into(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+fn config_text(port: u16, admin_port: u16, server_keys: &str, sections: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[log]\nlevel = \"warn\"\n\n{sections}\n"
+    )
 }
 
 impl Faed {
@@ -133,9 +200,7 @@ impl Faed {
         let admin_port = free_port();
         let dir = unique_dir();
         let config = dir.join("faed.toml");
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[log]\nlevel = \"warn\"\n\n{sections}\n"
-        );
+        let text = config_text(port, admin_port, server_keys, sections);
         std::fs::write(&config, text).expect("write config");
         let log = dir.join("faed.log");
         let child = Command::new(FAED)
@@ -153,14 +218,63 @@ impl Faed {
             admin_port,
             dir,
             log,
+            owns_dir: true,
         };
-        let deadline = Instant::now() + START_TIMEOUT;
+        f.wait_ready(START_TIMEOUT)?;
+        Ok(f)
+    }
+
+    /// Starts faed as `spec` says and returns at once, without waiting for it to be ready (see
+    /// [`Faed::wait_ready`]): several cluster nodes can then start side by side. Writes `spec.dir/faed.toml`
+    /// and appends faed's stderr to `spec.dir/faed.log`. Dropping the Faed stops it but leaves `spec.dir`.
+    pub fn spawn(spec: &FaedSpec) -> Faed {
+        std::fs::create_dir_all(&spec.dir).expect("create faed dir");
+        let config = spec.dir.join("faed.toml");
+        let text = config_text(
+            spec.port,
+            spec.admin_port,
+            &spec.server_keys,
+            &spec.sections,
+        );
+        std::fs::write(&config, text).expect("write config");
+        let log = spec.dir.join("faed.log");
+        let mut stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open log");
+        let _ = writeln!(stderr, "==== faed {} ====", spec.args.join(" "));
+        let child = Command::new(FAED)
+            .arg("-c")
+            .arg(&config)
+            .args(["--log-level", &spec.log_level])
+            .args(&spec.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn faed");
+        Faed {
+            child,
+            port: spec.port,
+            admin_port: spec.admin_port,
+            dir: spec.dir.clone(),
+            log,
+            owns_dir: false,
+        }
+    }
+
+    /// Waits up to `within` until both the RPC and the admin port accept connections (and faed is still
+    /// running); `Err` with faed's log if it exits or does not get there in time.
+    pub fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
+        let (port, admin_port) = (self.port, self.admin_port);
+        let deadline = Instant::now() + within;
         let mut ready = [false, false];
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = f.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
                     "faed exited during startup ({status}):\n{}",
-                    f.log()
+                    self.log()
                 ));
             }
             for (i, p) in [port, admin_port].into_iter().enumerate() {
@@ -173,19 +287,19 @@ impl Faed {
             if ready == [true, true] {
                 // Still alive after both ports answered: it is ours.
                 std::thread::sleep(Duration::from_millis(20));
-                if let Ok(Some(status)) = f.child.try_wait() {
+                if let Ok(Some(status)) = self.child.try_wait() {
                     return Err(format!(
                         "faed exited during startup ({status}):\n{}",
-                        f.log()
+                        self.log()
                     ));
                 }
-                return Ok(f);
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(format!(
-            "faed did not accept on 127.0.0.1:{port} within {START_TIMEOUT:?}:\n{}",
-            f.log()
+            "faed did not accept on 127.0.0.1:{port} within {within:?}:\n{}",
+            self.log()
         ))
     }
 
@@ -247,6 +361,8 @@ impl Drop for Faed {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.signal(libc::SIGTERM);
+            // A faed stopped with SIGSTOP acts on the SIGTERM only once continued.
+            self.signal(libc::SIGCONT);
             if self.wait_exit(STOP_TIMEOUT).is_none() {
                 let _ = self.child.kill();
             }
@@ -262,9 +378,14 @@ impl Drop for Faed {
                 .into_iter()
                 .rev()
                 .collect();
-            eprintln!("---- faed stderr (tail) ----\n{tail}\n---- end ----");
+            eprintln!(
+                "---- faed 127.0.0.1:{} stderr (tail) ----\n{tail}\n---- end ----",
+                self.port
+            );
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.owns_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -1,0 +1,1357 @@
+//! The cluster's acceptance checks (issue 4) against real faed processes on loopback: three nodes serving one
+//! keyspace, locks and ids; `kill -9` of the leader and the node's return from its own disk; a fourth node
+//! joining and a node leaving; a node cut off by SIGSTOP; the registry across a restart of every node.
+//!
+//! Every node is a real `faed` with its own ports, config and `--data-dir` under one temp dir (removed at the
+//! end); each process is stopped by its pid when the test ends, panicking or not (the harness's `Faed`).
+//! The tests run one at a time (they measure failover times on a small machine) and every wait is bounded.
+//!
+//! Which node owns a key is asked of the nodes themselves: a call with `sticky = true` (what a forwarding
+//! node sends) is served only by the key's owner (or pending owner) and refused by the others.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{Faed, FaedSpec, TempDir, Val};
+use fae::client::{self, fun_rpc::TCacheMissed, Client, TFunServantSyncClient, Transport};
+use fae_cluster::{ClusterStatus, MemberState};
+
+/// `cluster.failover_timeout_ms` of every node (the default is 5000; shorter keeps the tests quick).
+const FAILOVER_MS: u64 = 2000;
+/// `cluster.forward_timeout_ms` of every node (the default).
+const FORWARD_MS: u64 = 2000;
+/// Bound on a join, a rebalance, an election or a failover settling (a loaded 2-core machine, debug build).
+const SETTLE: Duration = Duration::from_secs(60);
+/// Bound on a node's ports opening (a joining node opens them once the leader has accepted it).
+const READY: Duration = Duration::from_secs(60);
+/// Timeout of one cluster status request and of one client call.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys per test: enough for every node to own many of them.
+const KEYS: usize = 400;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Prints how long a test took when it ends (passing or not).
+struct Took(&'static str, Instant);
+
+impl Drop for Took {
+    fn drop(&mut self) {
+        eprintln!("{} took {:?}", self.0, self.1.elapsed());
+    }
+}
+
+/// One cluster test at a time (they time elections and failovers on a machine with two cores); the test's
+/// duration is printed when it ends.
+fn serial(test: &'static str) -> (MutexGuard<'static, ()>, Took) {
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    (guard, Took(test, Instant::now()))
+}
+
+// ---- clients --------------------------------------------------------------------------------------------
+
+fn ctx() -> client::Context {
+    client::context("cluster-test")
+}
+
+/// The context a forwarding node sends: only the key's owner serves it.
+fn sticky_ctx() -> client::Context {
+    let mut c = ctx();
+    c.sticky = Some(true);
+    c
+}
+
+/// Why a call did not return a value.
+#[derive(Debug, Clone, PartialEq)]
+enum Fail {
+    /// `TCacheMissed`: the key is not cached (a normal answer).
+    Missed,
+    /// A `TApplicationException` (or another declared exception), with its message.
+    App(String),
+    /// The connection failed or timed out (it is dropped; the next call reconnects).
+    Io(String),
+}
+
+/// A client of one node that reconnects after a transport error.
+struct Peer {
+    addr: String,
+    c: Option<Client>,
+}
+
+impl Peer {
+    fn new(addr: String) -> Peer {
+        Peer { addr, c: None }
+    }
+
+    fn with<T>(&mut self, f: impl FnOnce(&mut Client) -> thrift::Result<T>) -> Result<T, Fail> {
+        if self.c.is_none() {
+            let c = client::connect(&self.addr, Transport::Buffered, CALL_TIMEOUT)
+                .map_err(|e| Fail::Io(format!("{}: {e}", self.addr)))?;
+            self.c = Some(c);
+        }
+        match f(self.c.as_mut().expect("connected")) {
+            Ok(v) => Ok(v),
+            Err(thrift::Error::User(e)) if e.downcast_ref::<TCacheMissed>().is_some() => {
+                Err(Fail::Missed)
+            }
+            Err(thrift::Error::User(e)) => Err(Fail::App(format!("user exception: {e}"))),
+            Err(thrift::Error::Application(e)) => Err(Fail::App(e.message)),
+            Err(e) => {
+                self.c = None;
+                Err(Fail::Io(format!("{}: {e}", self.addr)))
+            }
+        }
+    }
+
+    /// `lc_get`: `Ok(None)` when the key is not cached.
+    fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, Fail> {
+        match self.with(|c| c.lc_get(ctx(), key.to_owned())) {
+            Ok(v) => Ok(Some(v)),
+            Err(Fail::Missed) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8]) -> Result<(), Fail> {
+        match self.with(|c| c.lc_set(ctx(), key.to_owned(), value.to_vec()))? {
+            true => Ok(()),
+            false => Err(Fail::App(format!("lc_set {key} returned false"))),
+        }
+    }
+
+    /// Whether this node owns `key` (serves a sticky call for it); `Err` on anything but a served call or a
+    /// "does not own" refusal.
+    fn owns(&mut self, key: &str) -> Result<bool, Fail> {
+        match self.with(|c| c.lc_get(sticky_ctx(), key.to_owned())) {
+            Ok(_) | Err(Fail::Missed) => Ok(true),
+            Err(Fail::App(m)) if m.contains("does not own") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lock(&mut self, key: &str) -> Result<bool, Fail> {
+        self.with(|c| c.lock(ctx(), "cluster-test".into(), key.to_owned()))
+    }
+
+    fn unlock(&mut self, key: &str) -> Result<(), Fail> {
+        self.with(|c| c.unlock(ctx(), "cluster-test".into(), key.to_owned()))
+    }
+
+    fn zk_create(&mut self, path: &str, data: &str) -> Result<bool, Fail> {
+        self.with(|c| c.zk_create(ctx(), path.to_owned(), data.to_owned()))
+    }
+
+    fn zk_del(&mut self, path: &str) -> Result<bool, Fail> {
+        self.with(|c| c.zk_del(ctx(), path.to_owned()))
+    }
+
+    fn zk_children(&mut self, path: &str) -> Result<Vec<String>, Fail> {
+        self.with(|c| c.zk_children(ctx(), path.to_owned()))
+    }
+}
+
+/// Calls `f` until it returns `Ok`, every 50 ms, up to `within`; panics with the last error after that.
+/// Returns the value and how long it took.
+fn wait_for<T, E: std::fmt::Debug>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> Result<T, E>,
+) -> (T, Duration) {
+    let t = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return (v, t.elapsed()),
+            Err(e) if t.elapsed() >= within => {
+                panic!("{what}: not done within {within:?}; last: {e:?}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Checks whose failures are reported together at the end of a test, so that the checks after them still
+/// run (for behaviour that is wrong but does not stop the rest of the scenario).
+#[derive(Default)]
+struct Soft(Vec<String>);
+
+impl Soft {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            let m = what();
+            eprintln!("CHECK FAILED: {m}");
+            self.0.push(m);
+        }
+    }
+
+    fn finish(self) {
+        assert!(
+            self.0.is_empty(),
+            "{} check(s) failed:\n{}",
+            self.0.len(),
+            self.0.join("\n")
+        );
+    }
+}
+
+// ---- keys -----------------------------------------------------------------------------------------------
+
+fn keys(prefix: &str) -> Vec<String> {
+    (0..KEYS).map(|i| format!("{prefix}:{i}")).collect()
+}
+
+fn value(key: &str, round: &str) -> Vec<u8> {
+    let mut v = format!("{key}={round}|").into_bytes();
+    // Some binary bytes, not only text.
+    v.extend((0..=255u8).step_by(7));
+    v
+}
+
+// ---- nodes ----------------------------------------------------------------------------------------------
+
+/// One cluster member: a faed with fixed RPC, admin and cluster ports and a data dir, so it can be restarted.
+struct Node {
+    name: char,
+    spec: FaedSpec,
+    raft_port: u16,
+    data_dir: PathBuf,
+    faed: Option<Faed>,
+    /// The raft node id (known once it has started).
+    id: u64,
+}
+
+impl Node {
+    fn new(root: &Path, name: char) -> Node {
+        let dir = root.join(name.to_string());
+        let mut spec = FaedSpec::new(&dir);
+        spec.sections = format!(
+            "[cluster]\nfailover_timeout_ms = {FAILOVER_MS}\nforward_timeout_ms = {FORWARD_MS}\n\n\
+             [lock]\nttl_ms = 300000\n"
+        );
+        // Cluster events in the log that the harness prints when a test fails.
+        spec.log_level = "warn,fae_cluster=info,fae::cluster=info".into();
+        Node {
+            name,
+            spec,
+            raft_port: common::free_port(),
+            data_dir: dir.join("data"),
+            faed: None,
+            id: 0,
+        }
+    }
+
+    fn raft_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.raft_port)
+    }
+
+    fn rpc_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.spec.port)
+    }
+
+    fn sock_addr(&self) -> SocketAddr {
+        self.spec.addr()
+    }
+
+    fn peer(&self) -> Peer {
+        Peer::new(self.rpc_addr())
+    }
+
+    /// Starts faed on this node's ports and data dir, with `extra` flags (`--bootstrap`, `--join ADDR`;
+    /// none when restarting: the data dir is all a node needs to rejoin). Does not wait (see `wait_ready`).
+    fn spawn(&mut self, extra: &[String]) {
+        assert!(self.faed.is_none(), "node {} is already running", self.name);
+        let mut spec = self.spec.clone();
+        spec.args = vec![
+            "--cluster-listen".into(),
+            self.raft_addr(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+        ];
+        spec.args.extend(extra.iter().cloned());
+        self.faed = Some(Faed::spawn(&spec));
+    }
+
+    /// Waits for the ports, then learns the node id (or checks it is the one this node had before).
+    fn wait_ready(&mut self) {
+        let f = self.faed.as_mut().expect("node started");
+        if let Err(log) = f.wait_ready(READY) {
+            panic!("node {} did not start:\n{log}", self.name);
+        }
+        let (st, _) = wait_for(
+            &format!("node {}'s cluster status", self.name),
+            Duration::from_secs(10),
+            || self.status(),
+        );
+        if self.id == 0 {
+            self.id = st.my_id;
+        } else {
+            assert_eq!(
+                st.my_id, self.id,
+                "node {} came back with another id: it did not recover from its data dir",
+                self.name
+            );
+        }
+    }
+
+    fn status(&self) -> Result<ClusterStatus, String> {
+        fae_cluster::remote_status(&self.raft_addr(), STATUS_TIMEOUT)
+            .map_err(|e| format!("node {}: {e}", self.name))
+    }
+
+    /// faed's log since its latest start.
+    fn log_since_start(&self) -> String {
+        let log = self.faed.as_ref().map(Faed::log).unwrap_or_default();
+        match log.rfind("==== faed") {
+            Some(at) => log[at..].to_owned(),
+            None => log,
+        }
+    }
+
+    fn faed(&mut self) -> &mut Faed {
+        self.faed.as_mut().expect("node running")
+    }
+
+    fn signal(&mut self, sig: libc::c_int) {
+        self.faed().signal(sig);
+    }
+
+    /// `kill -9`, and reaps it.
+    fn kill9(&mut self) {
+        let name = self.name;
+        let f = self.faed();
+        f.signal(libc::SIGKILL);
+        assert!(
+            f.wait_exit(Duration::from_secs(10)).is_some(),
+            "node {name} survived SIGKILL"
+        );
+        self.faed = None;
+    }
+
+    /// SIGTERM and wait for the drain to finish; returns the exit status.
+    fn stop(&mut self) -> ExitStatus {
+        let name = self.name;
+        let f = self.faed();
+        f.signal(libc::SIGTERM);
+        let st = f
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("node {name} did not exit within 20 s of SIGTERM"));
+        self.faed = None;
+        st
+    }
+}
+
+/// Members as a status shows them: id → (state, vbuckets).
+fn members_of(st: &ClusterStatus) -> BTreeMap<u64, (MemberState, usize)> {
+    st.members
+        .iter()
+        .map(|m| (m.member.id, (m.member.state, m.vbuckets)))
+        .collect()
+}
+
+fn brief(st: &ClusterStatus) -> String {
+    let members: Vec<String> = st
+        .members
+        .iter()
+        .map(|m| {
+            format!(
+                "{}:{:?}/{}vb/w{}",
+                m.member.id % 10_000,
+                m.member.state,
+                m.vbuckets,
+                m.member.worker_id
+            )
+        })
+        .collect();
+    format!(
+        "[node {} {:?} leader={:?} term={} epoch={} commit={} applied={} pending={} members={}]",
+        st.my_id % 10_000,
+        st.role,
+        st.leader_id.map(|l| l % 10_000),
+        st.term,
+        st.epoch,
+        st.commit_index,
+        st.applied_index,
+        st.pending_moves,
+        members.join(",")
+    )
+}
+
+/// The nodes, and the directory holding their configs, logs and data (removed after the nodes stop).
+struct Cluster {
+    nodes: Vec<Node>,
+    root: TempDir,
+}
+
+impl Cluster {
+    /// `n` nodes: the first bootstraps, the others join through it side by side; returns once every node
+    /// agrees on an even map with no move pending.
+    fn start(n: usize) -> Cluster {
+        let root = TempDir::new();
+        let mut nodes: Vec<Node> = (0..n)
+            .map(|i| Node::new(root.path(), (b'A' + i as u8) as char))
+            .collect();
+        let t = Instant::now();
+        nodes[0].spawn(&["--bootstrap".into()]);
+        nodes[0].wait_ready();
+        let seed = nodes[0].raft_addr();
+        for node in &mut nodes[1..] {
+            node.spawn(&["--join".into(), seed.clone()]);
+        }
+        for node in &mut nodes[1..] {
+            node.wait_ready();
+        }
+        let c = Cluster { nodes, root };
+        let all: Vec<usize> = (0..n).collect();
+        c.wait_settled(&all, &all, &[], &even(n));
+        eprintln!("{n}-node cluster up and balanced in {:?}", t.elapsed());
+        c
+    }
+
+    fn statuses(&self, of: &[usize]) -> Result<Vec<ClusterStatus>, String> {
+        of.iter().map(|&i| self.nodes[i].status()).collect()
+    }
+
+    /// Waits until the nodes `asked` all report the same map: members exactly `voters` (state Voter) and
+    /// `failed` (state Failed), a leader among the voters, no pending move, one epoch, and vbucket counts
+    /// (voters', sorted) equal to `counts`. Returns the statuses.
+    fn wait_settled(
+        &self,
+        asked: &[usize],
+        voters: &[usize],
+        failed: &[usize],
+        counts: &[usize],
+    ) -> Vec<ClusterStatus> {
+        let voter_ids: Vec<u64> = voters.iter().map(|&i| self.nodes[i].id).collect();
+        let mut want: BTreeMap<u64, MemberState> = voter_ids
+            .iter()
+            .map(|&id| (id, MemberState::Voter))
+            .collect();
+        for &i in failed {
+            want.insert(self.nodes[i].id, MemberState::Failed);
+        }
+        let what = format!(
+            "nodes {:?} to agree on voters {:?} and failed {:?} with {counts:?} vbuckets",
+            names(&self.nodes, asked),
+            names(&self.nodes, voters),
+            names(&self.nodes, failed)
+        );
+        wait_for(&what, SETTLE, || {
+            let sts = self.statuses(asked)?;
+            let show = || sts.iter().map(brief).collect::<Vec<_>>().join(" ");
+            for st in &sts {
+                let m = members_of(st);
+                let states: BTreeMap<u64, MemberState> =
+                    m.iter().map(|(&id, &(s, _))| (id, s)).collect();
+                if states != want {
+                    return Err(format!("members differ: {}", show()));
+                }
+                let mut got: Vec<usize> = voter_ids.iter().map(|id| m[id].1).collect();
+                got.sort_unstable();
+                if got != counts {
+                    return Err(format!("vbuckets {got:?}: {}", show()));
+                }
+                if failed.iter().any(|&i| m[&self.nodes[i].id].1 != 0) {
+                    return Err(format!("a failed node owns vbuckets: {}", show()));
+                }
+                if st.pending_moves != 0 {
+                    return Err(format!("moves pending: {}", show()));
+                }
+                if !st.leader_id.is_some_and(|l| voter_ids.contains(&l)) {
+                    return Err(format!("no leader among the voters: {}", show()));
+                }
+            }
+            let first = &sts[0];
+            if sts.iter().any(|s| {
+                s.epoch != first.epoch
+                    || s.leader_id != first.leader_id
+                    || members_of(s) != members_of(first)
+            }) {
+                return Err(format!("nodes disagree: {}", show()));
+            }
+            Ok(sts)
+        })
+        .0
+    }
+
+    /// The index of the node the nodes `asked` agree is the leader.
+    fn leader(&self, asked: &[usize]) -> usize {
+        let sts = self.statuses(asked).expect("statuses");
+        let id = sts[0].leader_id.expect("a leader");
+        assert!(sts.iter().all(|s| s.leader_id == Some(id)));
+        self.index_of(id)
+    }
+
+    fn index_of(&self, id: u64) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node has id {id}"))
+    }
+
+    /// For each key, the index of the one node among `among` that serves it as its owner. Panics if not
+    /// exactly one does (the map is meant to be settled).
+    fn owners(&self, among: &[usize], keys: &[String]) -> Vec<usize> {
+        let mut peers: Vec<Peer> = among.iter().map(|&i| self.nodes[i].peer()).collect();
+        keys.iter()
+            .map(|k| {
+                let owning: Vec<usize> = among
+                    .iter()
+                    .zip(peers.iter_mut())
+                    .filter_map(|(&i, p)| {
+                        p.owns(k)
+                            .unwrap_or_else(|e| panic!("ownership probe of {k}: {e:?}"))
+                            .then_some(i)
+                    })
+                    .collect();
+                assert_eq!(
+                    owning.len(),
+                    1,
+                    "{k}: served as its owner by nodes {:?}",
+                    names(&self.nodes, &owning)
+                );
+                owning[0]
+            })
+            .collect()
+    }
+
+    /// Every key through every node of `through` must read `expect(key index)`.
+    fn assert_values(
+        &self,
+        through: &[usize],
+        keys: &[String],
+        expect: impl Fn(usize) -> Option<Vec<u8>>,
+        when: &str,
+    ) {
+        for &n in through {
+            let mut p = self.nodes[n].peer();
+            for (i, k) in keys.iter().enumerate() {
+                let got = p.get(k).unwrap_or_else(|e| {
+                    panic!(
+                        "{when}: lc_get {k} through node {}: {e:?}",
+                        self.nodes[n].name
+                    )
+                });
+                assert_eq!(
+                    got.as_deref().map(String::from_utf8_lossy),
+                    expect(i).as_deref().map(String::from_utf8_lossy),
+                    "{when}: lc_get {k} through node {}",
+                    self.nodes[n].name
+                );
+            }
+        }
+    }
+}
+
+fn even(n: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n)
+        .map(|i| fae_cluster::VBUCKETS / n + usize::from(i < fae_cluster::VBUCKETS % n))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn names(nodes: &[Node], idx: &[usize]) -> String {
+    idx.iter().map(|&i| nodes[i].name).collect()
+}
+
+fn count_by_owner(owners: &[usize]) -> BTreeMap<usize, usize> {
+    let mut m = BTreeMap::new();
+    for &o in owners {
+        *m.entry(o).or_insert(0) += 1;
+    }
+    m
+}
+
+/// `lc_get`, `lc_set` and `lc_get` again of every key through the nodes in turn, until every key has worked
+/// once (keys whose vbucket is being failed over are refused meanwhile). The first read must give
+/// `value(key, prev)`, or nothing where `may_be_lost(key index)`; the second the value just written.
+/// Returns how long it took and how many keys had lost their value.
+fn serve_every_key(
+    cl: &Cluster,
+    through: &[usize],
+    keys: &[String],
+    prev: &str,
+    may_be_lost: impl Fn(usize) -> bool,
+    round: &str,
+) -> (Duration, usize) {
+    let mut lost = 0;
+    let mut peers: Vec<Peer> = through.iter().map(|&i| cl.nodes[i].peer()).collect();
+    let mut todo: Vec<usize> = (0..keys.len()).collect();
+    let mut turn = 0;
+    let ((), took) = wait_for(
+        &format!(
+            "lc_set/lc_get of every key through {}",
+            names(&cl.nodes, through)
+        ),
+        SETTLE,
+        || {
+            let mut last = None;
+            todo.retain(|&i| {
+                turn += 1;
+                let p = &mut peers[turn % through.len()];
+                let v = value(&keys[i], round);
+                let old = match p.get(&keys[i]) {
+                    Ok(old) => old,
+                    Err(e) => {
+                        last = Some((keys[i].clone(), e));
+                        return true;
+                    }
+                };
+                match old {
+                    None if may_be_lost(i) => lost += 1,
+                    old => assert_eq!(
+                        old.as_deref().map(String::from_utf8_lossy),
+                        Some(String::from_utf8_lossy(&value(&keys[i], prev))),
+                        "lc_get {} before rewriting it",
+                        keys[i]
+                    ),
+                }
+                let r = p.set(&keys[i], &v).and_then(|()| p.get(&keys[i]));
+                match r {
+                    Ok(Some(got)) => {
+                        assert_eq!(got, v, "lc_get {} right after lc_set", keys[i]);
+                        false
+                    }
+                    Ok(None) => panic!("lc_get {} right after lc_set: missed", keys[i]),
+                    Err(e) => {
+                        last = Some((keys[i].clone(), e));
+                        true
+                    }
+                }
+            });
+            match last {
+                None => Ok(()),
+                Some(e) => Err(format!("{} keys left; e.g. {e:?}", todo.len())),
+            }
+        },
+    );
+    (took, lost)
+}
+
+/// `per_conn` zk_create calls (`{prefix}/c{j}/n{i}`) from each of `conns` connections at once, spread over
+/// the nodes `through`; every one must create its path.
+fn registry_writes(cl: &Cluster, through: &[usize], prefix: &str, conns: usize, per_conn: usize) {
+    std::thread::scope(|s| {
+        for j in 0..conns {
+            let addr = cl.nodes[through[j % through.len()]].rpc_addr();
+            s.spawn(move || {
+                let mut p = Peer::new(addr);
+                for i in 0..per_conn {
+                    let path = format!("{prefix}/c{j}/n{i}");
+                    assert!(
+                        p.zk_create(&path, &format!("d{i}")).expect("zk_create"),
+                        "{path}"
+                    );
+                }
+            });
+        }
+    });
+}
+
+// ---- ids ------------------------------------------------------------------------------------------------
+
+/// `n` ids from `addr` on one connection, pipelined 500 at a time.
+fn take_ids(addr: SocketAddr, n: usize) -> Vec<i64> {
+    let mut c = common::Conn::open(addr, Transport::Buffered);
+    let mut out = Vec::with_capacity(n);
+    let mut seq = 0i32;
+    while out.len() < n {
+        let batch = (n - out.len()).min(500);
+        let mut bytes = Vec::new();
+        for i in 0..batch {
+            bytes.extend(common::call("id_next", seq + i as i32, common::ctx_arg));
+        }
+        c.send_raw(&bytes);
+        for i in 0..batch {
+            let m = c.recv().expect("id_next reply");
+            match m.success("id_next", seq + i as i32) {
+                Val::I64(id) => out.push(*id),
+                other => panic!("id_next returned {other:?}"),
+            }
+        }
+        seq += batch as i32;
+    }
+    out
+}
+
+// ---- the tests ------------------------------------------------------------------------------------------
+
+#[test]
+fn three_nodes_share_keys_locks_ids_and_the_registry() {
+    let _serial = serial("three_nodes_share_keys_locks_ids_and_the_registry");
+    let cl = Cluster::start(3);
+    let [a, b, c] = [0, 1, 2];
+    let st = cl.statuses(&[a, b, c]).expect("statuses");
+
+    // `fae cluster status --json` shows the same cluster.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fae"))
+        .args(["cluster", "status", &cl.nodes[b].raft_addr(), "--json"])
+        .output()
+        .expect("run fae cluster status");
+    assert!(out.status.success(), "fae cluster status: {out:?}");
+    let cli: ClusterStatus =
+        serde_json::from_slice(&out.stdout).expect("fae cluster status --json parses");
+    assert_eq!(cli.my_id, cl.nodes[b].id);
+    assert_eq!(members_of(&cli), members_of(&st[b]));
+
+    // Each member has its own idgen worker id.
+    let workers: BTreeMap<u64, u8> = st[a]
+        .members
+        .iter()
+        .map(|m| (m.member.id, m.member.worker_id))
+        .collect();
+    let distinct: HashSet<u8> = workers.values().copied().collect();
+    assert_eq!(distinct.len(), 3, "worker ids {workers:?}");
+
+    // lc_set through A, lc_get through B and C: the same value, for keys on every owner.
+    let keys = keys("shared");
+    let mut pa = cl.nodes[a].peer();
+    for k in &keys {
+        pa.set(k, &value(k, "a")).expect("lc_set through A");
+    }
+    cl.assert_values(
+        &[b, c],
+        &keys,
+        |i| Some(value(&keys[i], "a")),
+        "set through A",
+    );
+    let owners = cl.owners(&[a, b, c], &keys);
+    let per = count_by_owner(&owners);
+    assert_eq!(per.len(), 3, "keys per owner {per:?}: some node owns none");
+    assert!(
+        per.values().all(|&n| n > KEYS / 6),
+        "keys per owner {per:?}"
+    );
+    eprintln!("keys per owner (A, B, C): {per:?}");
+    // And the other way round: written through C, read through A and B.
+    let mut pc = cl.nodes[c].peer();
+    for k in keys.iter().step_by(3) {
+        pc.set(k, &value(k, "c")).expect("lc_set through C");
+    }
+    cl.assert_values(
+        &[a, b],
+        &keys,
+        |i| Some(value(&keys[i], if i % 3 == 0 { "c" } else { "a" })),
+        "set through C",
+    );
+
+    // A lock taken through A is refused through C (and B) until it is released; one key per owner.
+    let mut pb = cl.nodes[b].peer();
+    let lock_keys: Vec<String> = (0..40).map(|i| format!("lock:{i}")).collect();
+    let lock_owners = cl.owners(&[a, b, c], &lock_keys);
+    for owner in [a, b, c] {
+        let i = lock_owners
+            .iter()
+            .position(|&o| o == owner)
+            .expect("a lock key on every owner");
+        let k = &lock_keys[i];
+        assert!(pa.lock(k).expect("lock through A"), "{k}: first lock");
+        assert!(
+            !pc.lock(k).expect("lock through C"),
+            "{k}: held, yet granted through C"
+        );
+        assert!(
+            !pb.lock(k).expect("lock through B"),
+            "{k}: held, yet granted through B"
+        );
+        assert!(
+            !pa.lock(k).expect("lock through A"),
+            "{k}: held, yet granted again through A"
+        );
+        pa.unlock(k).expect("unlock through A");
+        assert!(
+            pc.lock(k).expect("lock through C"),
+            "{k}: released, yet refused through C"
+        );
+        assert!(
+            !pa.lock(k).expect("lock through A"),
+            "{k}: held through C, yet granted through A"
+        );
+        pc.unlock(k).expect("unlock through C");
+    }
+
+    // 100 000 ids from six connections, two per node, at once: no duplicates, and each carries the worker
+    // id of the node that made it.
+    let t = Instant::now();
+    let per_conn = [16_667, 16_667, 16_667, 16_667, 16_666, 16_666];
+    let batches: Vec<(usize, Vec<i64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = per_conn
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                let node = j % 3;
+                let addr = cl.nodes[node].sock_addr();
+                s.spawn(move || (node, take_ids(addr, n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("id thread"))
+            .collect()
+    });
+    let mut all = HashSet::new();
+    for (node, ids) in &batches {
+        let worker = workers[&cl.nodes[*node].id];
+        for w in ids.windows(2) {
+            assert!(w[0] < w[1], "ids from one connection not increasing: {w:?}");
+        }
+        for &id in ids {
+            assert_eq!(
+                ((id >> 12) & 31) as u8,
+                worker,
+                "id {id} from node {} carries another worker id",
+                cl.nodes[*node].name
+            );
+            assert!(all.insert(id), "duplicate id {id}");
+        }
+    }
+    assert_eq!(all.len(), 100_000);
+    eprintln!(
+        "100000 ids from 3 nodes, no duplicate, in {:?}",
+        t.elapsed()
+    );
+
+    // Registry writes through one node are read through the others (linearizable: no waiting).
+    let mut peers = [pa, pb, pc];
+    for (i, name) in ["x", "y", "z"].iter().enumerate() {
+        let path = format!("/services/web/{name}");
+        assert!(
+            peers[i].zk_create(&path, name).expect("zk_create"),
+            "{path}"
+        );
+        assert!(
+            !peers[(i + 1) % 3]
+                .zk_create(&path, name)
+                .expect("zk_create"),
+            "{path} created twice"
+        );
+    }
+    for p in &mut peers {
+        assert_eq!(
+            p.zk_children("/services/web").expect("zk_children"),
+            ["x", "y", "z"]
+        );
+    }
+    assert!(peers[2].zk_del("/services/web/y").expect("zk_del"));
+    assert_eq!(
+        peers[0].zk_children("/services/web").expect("zk_children"),
+        ["x", "z"]
+    );
+    assert_eq!(
+        peers[1].zk_children("/services").expect("zk_children"),
+        ["web"]
+    );
+}
+
+#[test]
+fn kill9_of_the_leader_fails_over_and_the_node_rejoins_from_its_disk() {
+    let _serial = serial("kill9_of_the_leader_fails_over_and_the_node_rejoins_from_its_disk");
+    let mut soft = Soft::default();
+    let mut cl = Cluster::start(3);
+    let all = [0, 1, 2];
+    let keys = keys("k9");
+    let mut p = cl.nodes[0].peer();
+    for k in &keys {
+        p.set(k, &value(k, "before")).expect("lc_set");
+    }
+    let owners = cl.owners(&all, &keys);
+    let dead = cl.leader(&all);
+    let dead_id = cl.nodes[dead].id;
+    let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != dead).collect();
+    let survivor_ids: Vec<u64> = survivors.iter().map(|&i| cl.nodes[i].id).collect();
+    eprintln!("kill -9 of the leader, node {}", cl.nodes[dead].name);
+    cl.nodes[dead].kill9();
+    let t = Instant::now();
+
+    // Keys the survivors own keep being served, with their values, while the cluster elects and fails over.
+    for &s in &survivors {
+        let mut p = cl.nodes[s].peer();
+        for (i, k) in keys.iter().enumerate() {
+            if owners[i] != dead {
+                let (got, _) =
+                    wait_for(&format!("lc_get {k}"), Duration::from_secs(10), || p.get(k));
+                assert_eq!(
+                    got,
+                    Some(value(k, "before")),
+                    "{k} through node {}",
+                    cl.nodes[s].name
+                );
+            }
+        }
+    }
+
+    // A new leader.
+    let (leader, _) = wait_for("a new leader", SETTLE, || {
+        let sts = cl.statuses(&survivors)?;
+        match sts[0].leader_id {
+            Some(l) if survivor_ids.contains(&l) && sts.iter().all(|s| s.leader_id == Some(l)) => {
+                Ok(l)
+            }
+            _ => Err(sts.iter().map(brief).collect::<Vec<_>>().join(" ")),
+        }
+    });
+    let elected = t.elapsed();
+
+    // Every key served again: the dead node's vbuckets failed over to the survivors. Its cached values died
+    // with it (a crash); a key that is read back must hold what was written.
+    let (took, lost) = serve_every_key(
+        &cl,
+        &survivors,
+        &keys,
+        "before",
+        |i| owners[i] == dead,
+        "after",
+    );
+    let serving = t.elapsed();
+    let dead_keys = owners.iter().filter(|&&o| o == dead).count();
+    let sts = cl.wait_settled(&survivors, &survivors, &[dead], &[512, 512]);
+    assert!(survivor_ids.contains(&sts[0].leader_id.expect("leader")));
+    eprintln!(
+        "kill -9 of the leader: new leader (node {}) elected after {elected:?}; every key served again \
+         after {serving:?} ({took:?} of it in the lc_set/lc_get rounds); {lost} of the dead node's \
+         {dead_keys} keys lost their value",
+        cl.nodes[cl.index_of(leader)].name
+    );
+
+    // While it is down, more registry entries than a snapshot holds back: it catches up by snapshot.
+    let t = Instant::now();
+    registry_writes(&cl, &survivors, "/down", 4, 300);
+    eprintln!(
+        "1200 registry writes while the node is down in {:?}",
+        t.elapsed()
+    );
+
+    // The node comes back with nothing but its data dir: it rejoins as itself and catches up.
+    let t = Instant::now();
+    cl.nodes[dead].spawn(&[]);
+    cl.nodes[dead].wait_ready();
+    // Right away, before it has caught up, it must not answer from its old map with what it no longer
+    // has: every answer is the current value or an error (retryable), never a miss or an old value.
+    let mut p = cl.nodes[dead].peer();
+    let (mut refused, mut wrong) = (0, Vec::new());
+    for k in &keys {
+        match p.get(k) {
+            Ok(got) if got == Some(value(k, "after")) => {}
+            Ok(got) => wrong.push(format!(
+                "{k} -> {:?}",
+                got.as_deref().map(String::from_utf8_lossy)
+            )),
+            Err(_) => refused += 1,
+        }
+    }
+    soft.check(wrong.is_empty(), || {
+        format!(
+            "right after its restart (before catching up), the restarted node answered {} of {KEYS} \
+             keys from its stale map, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(3)]
+        )
+    });
+    let sts = cl.wait_settled(&all, &all, &[], &even(3));
+    let back = t.elapsed();
+    let mine = members_of(&sts[dead])[&dead_id];
+    assert_eq!(mine.0, MemberState::Voter);
+    assert!(mine.1 >= 341, "{mine:?}");
+    let leader_commit = sts.iter().map(|s| s.commit_index).max().unwrap_or(0);
+    assert!(
+        sts[dead].applied_index + 10 >= leader_commit,
+        "the restarted node has not caught up: {}",
+        brief(&sts[dead])
+    );
+    eprintln!(
+        "restarted node {} rejoined from its disk and the map rebalanced (342/341/341) in {back:?} \
+         ({refused} calls refused right after the restart; caught up by a snapshot: {})",
+        cl.nodes[dead].name,
+        cl.nodes[dead]
+            .log_since_start()
+            .contains("installed a snapshot")
+    );
+    // Its vbuckets came back by planned moves, which hand the survivors' entries over: nothing lost.
+    cl.assert_values(
+        &all,
+        &keys,
+        |i| Some(value(&keys[i], "after")),
+        "after the rejoin",
+    );
+    let owners = cl.owners(&all, &keys);
+    assert!(
+        owners.contains(&dead),
+        "the restarted node owns none of {KEYS} keys"
+    );
+    let mut p = cl.nodes[dead].peer();
+    assert_eq!(
+        p.zk_children("/down")
+            .expect("zk_children through the restarted node"),
+        ["c0", "c1", "c2", "c3"]
+    );
+    for j in 0..4 {
+        let names = p.zk_children(&format!("/down/c{j}")).expect("zk_children");
+        assert_eq!(names.len(), 300, "/down/c{j} through the restarted node");
+    }
+    soft.finish();
+}
+
+#[test]
+fn a_fourth_node_takes_a_quarter_and_a_leaving_node_hands_its_keys_over() {
+    let _serial = serial("a_fourth_node_takes_a_quarter_and_a_leaving_node_hands_its_keys_over");
+    let mut cl = Cluster::start(3);
+    let [a, b, c, d] = [0, 1, 2, 3];
+    let keys = keys("k4");
+    let mut pa = cl.nodes[a].peer();
+    for k in &keys {
+        pa.set(k, &value(k, "v")).expect("lc_set");
+    }
+    // Locks held across the moves must stay held (they move with their vbucket).
+    let mut pb = cl.nodes[b].peer();
+    let held: Vec<String> = keys
+        .iter()
+        .step_by(10)
+        .map(|k| format!("lock-{k}"))
+        .collect();
+    for k in &held {
+        assert!(pb.lock(k).expect("lock"), "{k}");
+    }
+    let before = cl.owners(&[a, b, c], &keys);
+    let held_before = cl.owners(&[a, b, c], &held);
+
+    // A fourth node joins (through a node that need not be the leader).
+    let t = Instant::now();
+    let mut node = Node::new(cl.root.path(), 'D');
+    node.spawn(&["--join".into(), cl.nodes[b].raft_addr()]);
+    cl.nodes.push(node);
+    cl.nodes[d].wait_ready();
+    cl.wait_settled(&[a, b, c, d], &[a, b, c, d], &[], &[256, 256, 256, 256]);
+    eprintln!(
+        "fourth node joined, map settled at 256 each in {:?}",
+        t.elapsed()
+    );
+
+    let after = cl.owners(&[a, b, c, d], &keys);
+    let moved: Vec<usize> = (0..keys.len()).filter(|&i| before[i] != after[i]).collect();
+    assert!(
+        moved.len() > KEYS / 8,
+        "only {} of {KEYS} keys moved to the new node",
+        moved.len()
+    );
+    // The fewest moves: vbuckets only go to the new node, never between the old ones.
+    for &i in &moved {
+        assert_eq!(
+            after[i], d,
+            "{} moved from node {} to node {}",
+            keys[i], before[i], after[i]
+        );
+    }
+    // No key set before the move is lost: the moved ones are served by the new owner with their value.
+    cl.assert_values(
+        &[a, b, c, d],
+        &keys,
+        |i| Some(value(&keys[i], "v")),
+        "after the join",
+    );
+    let held_after = cl.owners(&[a, b, c, d], &held);
+    assert!(
+        held_before.iter().zip(&held_after).any(|(x, y)| x != y),
+        "none of {} held locks moved with their vbucket",
+        held.len()
+    );
+    let mut pd = cl.nodes[d].peer();
+    for k in &held {
+        assert!(
+            !pd.lock(k).expect("lock through D"),
+            "{k}: held, yet granted after the move"
+        );
+    }
+
+    // Node B leaves (`fae cluster leave`, asked of node C).
+    let t = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fae"))
+        .args([
+            "cluster",
+            "leave",
+            &cl.nodes[c].raft_addr(),
+            &cl.nodes[b].id.to_string(),
+        ])
+        .output()
+        .expect("run fae cluster leave");
+    assert!(
+        out.status.success(),
+        "fae cluster leave: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cl.wait_settled(&[a, c, d], &[a, c, d], &[], &even(3));
+    eprintln!(
+        "node B left, map settled at 342/341/341 in {:?}",
+        t.elapsed()
+    );
+    let last = cl.owners(&[a, c, d], &keys);
+    for i in 0..keys.len() {
+        if after[i] != b {
+            assert_eq!(
+                last[i], after[i],
+                "{} moved although its owner stayed",
+                keys[i]
+            );
+        }
+    }
+    cl.assert_values(
+        &[a, c, d],
+        &keys,
+        |i| Some(value(&keys[i], "v")),
+        "after the leave",
+    );
+    let mut pc = cl.nodes[c].peer();
+    for k in &held {
+        assert!(
+            !pc.lock(k).expect("lock through C"),
+            "{k}: held, yet granted after the leave"
+        );
+        pd.unlock(k).expect("unlock through D");
+        assert!(
+            pc.lock(k).expect("lock through C"),
+            "{k}: released, yet refused"
+        );
+    }
+}
+
+#[test]
+fn a_node_cut_off_by_sigstop_is_failed_over_and_cannot_change_the_map() {
+    let _serial = serial("a_node_cut_off_by_sigstop_is_failed_over_and_cannot_change_the_map");
+    let mut soft = Soft::default();
+    let mut cl = Cluster::start(3);
+    let all = [0, 1, 2];
+    let keys = keys("stop");
+    let mut p = cl.nodes[0].peer();
+    for k in &keys {
+        p.set(k, &value(k, "before")).expect("lc_set");
+    }
+    let owners = cl.owners(&all, &keys);
+    // Cut off the leader: the hard case (it believes it leads when it wakes up).
+    let cut = cl.leader(&all);
+    let cut_id = cl.nodes[cut].id;
+    let others: Vec<usize> = all.iter().copied().filter(|&i| i != cut).collect();
+    let epoch_before = cl.nodes[cut].status().expect("status").epoch;
+    eprintln!("SIGSTOP of the leader, node {}", cl.nodes[cut].name);
+    cl.nodes[cut].signal(libc::SIGSTOP);
+    let t = Instant::now();
+
+    // Meanwhile (own thread): a key of the cut-off node fails, with an error within the forward timeout.
+    let i = owners
+        .iter()
+        .position(|&o| o == cut)
+        .expect("a key of the cut node");
+    let probe_key = keys[i].clone();
+    let mut probe = cl.nodes[others[0]].peer();
+    let (probe, failed_over, survivors_served) = std::thread::scope(|s| {
+        let probe = s.spawn(move || {
+            let t = Instant::now();
+            (probe.get(&probe_key), t.elapsed())
+        });
+        // The two others serve the keys they own.
+        for &s in &others {
+            let mut p = cl.nodes[s].peer();
+            for (i, k) in keys.iter().enumerate() {
+                if owners[i] != cut {
+                    let got = p
+                        .get(k)
+                        .unwrap_or_else(|e| panic!("{k} through node {}: {e:?}", cl.nodes[s].name));
+                    assert_eq!(
+                        got,
+                        Some(value(k, "before")),
+                        "{k} through node {}",
+                        cl.nodes[s].name
+                    );
+                }
+            }
+        }
+        let survivors_served = t.elapsed();
+        // Failed over after the timeout.
+        cl.wait_settled(&others, &others, &[cut], &[512, 512]);
+        let failed_over = t.elapsed();
+        (
+            probe.join().expect("probe thread"),
+            failed_over,
+            survivors_served,
+        )
+    });
+    let (r, refused_after) = probe;
+    assert!(
+        matches!(r, Err(Fail::App(_))),
+        "{} (owned by the stopped node) before the failover: {r:?}",
+        keys[i]
+    );
+    soft.check(
+        refused_after < Duration::from_millis(FORWARD_MS + 1500),
+        || {
+            format!(
+                "a call for a key of the stopped node was refused only after {refused_after:?} \
+                 (forward_timeout_ms = {FORWARD_MS})"
+            )
+        },
+    );
+    assert!(
+        failed_over >= Duration::from_millis(FAILOVER_MS - 500),
+        "failed over after {failed_over:?}, before the {FAILOVER_MS} ms timeout"
+    );
+    let epoch_majority = cl.nodes[others[0]].status().expect("status").epoch;
+    assert!(epoch_majority > epoch_before);
+    let (_, lost) = serve_every_key(&cl, &others, &keys, "before", |i| owners[i] == cut, "after");
+    eprintln!(
+        "SIGSTOP of the leader: the survivors served their {} keys within {survivors_served:?}; a key of \
+         the stopped node was refused after {refused_after:?} ({r:?}); failed over after \
+         {failed_over:?}; every key served {:?} after the stop ({lost} values of the stopped node's \
+         vbuckets lost)",
+        owners.iter().filter(|&&o| o != cut).count(),
+        t.elapsed()
+    );
+
+    // Wake it: whatever it believes, it cannot commit a change; it adopts the majority's map (and gets its
+    // share back by planned moves). Watch every node's map while it does.
+    cl.nodes[cut].signal(libc::SIGCONT);
+    let t = Instant::now();
+    let mut last_epoch: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut seen = 0;
+    let deadline = Instant::now() + SETTLE;
+    let mut settled = false;
+    while Instant::now() < deadline && !settled {
+        let sts: Vec<(usize, ClusterStatus)> = all
+            .iter()
+            .filter_map(|&i| cl.nodes[i].status().ok().map(|s| (i, s)))
+            .collect();
+        for (i, st) in &sts {
+            seen += 1;
+            let m = members_of(st);
+            for &o in &others {
+                let state = m.get(&cl.nodes[o].id).map(|x| x.0);
+                assert_ne!(
+                    state,
+                    Some(MemberState::Failed),
+                    "node {} shows node {} failed: the cut-off side changed the map: {}",
+                    cl.nodes[*i].name,
+                    cl.nodes[o].name,
+                    brief(st)
+                );
+            }
+            let prev = last_epoch.insert(*i, st.epoch).unwrap_or(0);
+            assert!(
+                st.epoch >= prev,
+                "node {}'s epoch went back from {prev} to {}",
+                cl.nodes[*i].name,
+                st.epoch
+            );
+        }
+        settled = sts.len() == 3
+            && sts.iter().all(|(_, s)| {
+                s.pending_moves == 0
+                    && s.epoch == sts[0].1.epoch
+                    && members_of(s) == members_of(&sts[0].1)
+                    && members_of(s)
+                        .values()
+                        .all(|&(st, n)| st == MemberState::Voter && n >= 341)
+            });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sts = cl.wait_settled(&all, &all, &[], &even(3));
+    let woken = &sts[cut];
+    assert_eq!(woken.my_id, cut_id);
+    assert!(woken.epoch > epoch_majority, "{}", brief(woken));
+    eprintln!(
+        "SIGCONT: the woken node adopted the majority's map and took its share back in {:?} \
+         ({seen} statuses watched)",
+        t.elapsed()
+    );
+    cl.assert_values(
+        &all,
+        &keys,
+        |i| Some(value(&keys[i], "after")),
+        "after the wake-up",
+    );
+    soft.finish();
+}
+
+#[test]
+fn registry_writes_survive_a_restart_of_every_node() {
+    let _serial = serial("registry_writes_survive_a_restart_of_every_node");
+    let mut cl = Cluster::start(3);
+    let all = [0, 1, 2];
+    let before = cl.statuses(&all).expect("statuses");
+    let workers: BTreeMap<u64, u8> = before[0]
+        .members
+        .iter()
+        .map(|m| (m.member.id, m.member.worker_id))
+        .collect();
+
+    // Writes through every node, from a few connections per node at once.
+    let t = Instant::now();
+    // More entries than a node applies between snapshots (1000): the restart recovers from a snapshot
+    // and the log after it.
+    let per_conn = 200;
+    registry_writes(&cl, &all, "/reg", 6, per_conn);
+    let mut p = cl.nodes[1].peer();
+    assert!(p.zk_del("/reg/c5").expect("zk_del"));
+    assert!(p.zk_create("/reg/last", "x").expect("zk_create"));
+    let writes = 6 * per_conn + 2;
+    eprintln!("{writes} registry writes in {:?}", t.elapsed());
+    let want_top: Vec<String> = ["c0", "c1", "c2", "c3", "c4", "last"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut want_c2: Vec<String> = (0..per_conn).map(|i| format!("n{i}")).collect();
+    want_c2.sort();
+
+    // SIGTERM every node (each drains and keeps its membership), then start them again from their data dirs.
+    for n in &mut cl.nodes {
+        let st = n.stop();
+        assert!(
+            st.success(),
+            "node {} exited with {st} after SIGTERM",
+            n.name
+        );
+    }
+    let t = Instant::now();
+    for n in &mut cl.nodes {
+        n.spawn(&[]);
+    }
+    for n in &mut cl.nodes {
+        n.wait_ready();
+    }
+    let after = cl.wait_settled(&all, &all, &[], &even(3));
+    eprintln!(
+        "all three restarted and agreed on the map in {:?}",
+        t.elapsed()
+    );
+    let workers_after: BTreeMap<u64, u8> = after[0]
+        .members
+        .iter()
+        .map(|m| (m.member.id, m.member.worker_id))
+        .collect();
+    assert_eq!(
+        workers_after, workers,
+        "members or worker ids changed across the restart"
+    );
+
+    for n in &cl.nodes {
+        let mut p = n.peer();
+        let (top, _) = wait_for(
+            &format!("zk_children /reg through node {}", n.name),
+            SETTLE,
+            || p.zk_children("/reg"),
+        );
+        assert_eq!(top, want_top, "through node {}", n.name);
+        assert_eq!(
+            p.zk_children("/reg/c2").expect("zk_children"),
+            want_c2,
+            "through node {}",
+            n.name
+        );
+        assert!(
+            !p.zk_create("/reg/c0/n7", "again").expect("zk_create"),
+            "/reg/c0/n7 was lost"
+        );
+    }
+}
