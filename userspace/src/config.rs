@@ -300,7 +300,7 @@ impl Default for ClusterConfig {
             seeds: Vec::new(),
             failover_timeout_ms: 5_000,
             forward_timeout_ms: 2_000,
-            forward_workers: 4,
+            forward_workers: 16,
             leave_on_shutdown: false,
         }
     }
