@@ -20,7 +20,7 @@
 //! cluster.registry_delete(path) -> Result<bool>
 //! cluster.registry_children(path) -> Result<Vec<String>> linearizable read (raft ReadIndex)
 //! cluster.leave(node_id) -> Result<()>      hand over, then removal from the raft group
-//! cluster.move_done(&[vbucket]) -> Result<()>  after a handoff (Handoff::Manual)
+//! cluster.move_done(&[vbucket], from, to) -> Result<()>  after a handoff (Handoff::Manual)
 //! cluster.shutdown(leave: bool) -> Result<()>  (dropping = stop without leaving)
 //! remote_status(addr, timeout), remote_leave(addr, node_id, timeout)   clients of another node's port
 //! vbucket_of(key) -> u16 = crc32(key) % 1024

@@ -654,11 +654,13 @@ impl Cluster {
     }
 
     /// Reports that this node has handed the given vbuckets over (`Handoff::Manual`).
-    pub fn move_done(&self, vbuckets: &[u16]) -> Result<(), ClusterError> {
+    pub fn move_done(&self, vbuckets: &[u16], from: u64, to: u64) -> Result<(), ClusterError> {
         self.propose(
             "move done",
             Command::MoveDone {
                 vbuckets: vbuckets.to_vec(),
+                from: Some(from),
+                to: Some(to),
             },
         )
         .map(drop)
@@ -1164,7 +1166,11 @@ impl Node {
         if self.cfg.handoff == Handoff::Auto {
             let vbuckets: Vec<u16> = self.sm.map.pending().map(|(vb, _)| vb).collect();
             if !vbuckets.is_empty() && self.once("movedone".into(), now) {
-                self.propose_internal(Command::MoveDone { vbuckets });
+                self.propose_internal(Command::MoveDone {
+                    vbuckets,
+                    from: None,
+                    to: None,
+                });
             }
         }
     }

@@ -71,9 +71,15 @@ pub enum Command {
     RegistryDelete {
         path: String,
     },
-    /// The pending owners of these vbuckets become their owners (the handoff is done).
+    /// The pending owners of these vbuckets become their owners (the handoff is done). With `from`/`to`,
+    /// only moves from `from` to `to` complete: a MoveDone for an older move (a node re-applying its log
+    /// replays its old moves) must not complete a newer move of the same vbucket before its handoff.
     MoveDone {
         vbuckets: Vec<u16>,
+        #[serde(default)]
+        from: Option<u64>,
+        #[serde(default)]
+        to: Option<u64>,
     },
     MarkFailed {
         id: u64,
@@ -159,13 +165,18 @@ impl StateMachine {
                 }
                 Outcome::Bool(self.registry_delete(path))
             }
-            Command::MoveDone { vbuckets } => {
+            Command::MoveDone { vbuckets, from, to } => {
                 let mut changed = false;
                 for &vb in vbuckets {
                     if vb as usize >= VBUCKETS {
                         continue;
                     }
                     let e = self.map.get_mut(vb);
+                    let this_move = from.is_none_or(|f| e.owner == f)
+                        && to.is_none_or(|t| e.pending == Some(t));
+                    if !this_move {
+                        continue;
+                    }
                     if let Some(to) = e.pending.take() {
                         e.owner = to;
                         changed = true;
@@ -436,7 +447,14 @@ mod tests {
 
     fn finish_moves(sm: &mut StateMachine, ev: &mut Vec<ClusterEvent>) {
         let vbuckets: Vec<u16> = sm.map.pending().map(|(vb, _)| vb).collect();
-        sm.apply(&Command::MoveDone { vbuckets }, ev);
+        sm.apply(
+            &Command::MoveDone {
+                vbuckets,
+                from: None,
+                to: None,
+            },
+            ev,
+        );
     }
 
     #[test]

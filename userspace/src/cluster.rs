@@ -186,7 +186,7 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
                                 locks,
                                 "vbuckets handed over"
                             );
-                            match cluster.move_done(&vbs) {
+                            match cluster.move_done(&vbs, view.my_id, to) {
                                 Ok(()) => vbuckets.clear(),
                                 Err(e) => {
                                     tracing::warn!(to, error = %e, "cannot complete the moves yet")
@@ -206,14 +206,17 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
     }
 }
 
+/// Copies the vbuckets' entries and held locks to `target`, then drops them here. On any failure nothing is
+/// dropped and the caller retries (the new owner refuses until it has applied the move); calls for a moving
+/// vbucket are refused, so the entries cannot change meanwhile.
 fn hand_over(
     servants: &Servants,
     vbuckets: &[u16],
     target: &str,
 ) -> Result<(usize, usize), String> {
     let in_vb = |k: &[u8]| vbuckets.contains(&fae_cluster::vbucket_of(k));
-    let entries = servants.lcache.take_matching(in_vb);
-    let locks = servants.lock.take_matching(in_vb);
+    let entries = servants.lcache.copy_matching(in_vb);
+    let locks = servants.lock.copy_matching(in_vb);
     if entries.is_empty() && locks.is_empty() {
         return Ok((0, 0));
     }
@@ -233,5 +236,7 @@ fn hand_over(
         c.lock(ctx(), "vbucket-handoff".into(), key)
             .map_err(|e| e.to_string())?;
     }
+    servants.lcache.take_matching(in_vb);
+    servants.lock.take_matching(in_vb);
     Ok((entries.len(), locks.len()))
 }

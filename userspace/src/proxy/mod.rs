@@ -161,7 +161,11 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
                         submitted: job.submitted,
                     },
                 ),
-                Work::Forward { node, addr, request } => {
+                Work::Forward {
+                    node,
+                    addr,
+                    request,
+                } => {
                     let item = (job.session, job.submitted, request);
                     match groups.iter_mut().find(|g| g.1 == addr) {
                         Some(g) => g.2.push(item),
