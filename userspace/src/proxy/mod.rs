@@ -139,6 +139,9 @@ fn deliver(returns: &OnceLock<Vec<Return>>, done: ForwardDone) {
     }
 }
 
+/// Calls queued for one owner: its node id, its address, and each call's session, start and request.
+type OwnerBatch = (u64, String, Vec<(SessionId, Instant, Vec<u8>)>);
+
 /// Forwards queued jobs. Jobs that arrive together for the same owner go out in one `write` and their
 /// replies are read back in order on the same connection (pipelined), which saves a system call and a
 /// wake-up per call under load.
@@ -150,7 +153,7 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter().take(BATCH - 1));
         // Deferred work runs as it comes; forwards are grouped by owner, in arrival order.
-        let mut groups: Vec<(u64, String, Vec<(SessionId, Instant, Vec<u8>)>)> = Vec::new();
+        let mut groups: Vec<OwnerBatch> = Vec::new();
         for job in jobs {
             match job.work {
                 Work::Run(f) => deliver(
