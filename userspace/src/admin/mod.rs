@@ -73,10 +73,30 @@ fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf[..len]);
     let mut parts = head.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" && method != "HEAD" {
-        return respond(&mut s, "405 Method Not Allowed", "text/plain", "GET only\n");
-    }
     let path = target.split('?').next().unwrap_or("");
+    if method == "POST" && path == "/api/cluster/leave" {
+        // Admin action: this node leaves the cluster; its vbuckets move to the others with their entries.
+        let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) else {
+            return respond(
+                &mut s,
+                "404 Not Found",
+                "text/plain",
+                "this node is not in a cluster\n",
+            );
+        };
+        return match c.leave(c.id()) {
+            Ok(()) => respond(&mut s, "200 OK", "text/plain", "leaving the cluster\n"),
+            Err(e) => respond(&mut s, "409 Conflict", "text/plain", &format!("{e}\n")),
+        };
+    }
+    if method != "GET" && method != "HEAD" {
+        return respond(
+            &mut s,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET, or POST /api/cluster/leave\n",
+        );
+    }
     match path {
         "/metrics" => respond(
             &mut s,
