@@ -247,11 +247,12 @@ fn route(
     s: &mut Session,
     env: &Env,
 ) -> Option<Result<(), String>> {
-    if let Some(reg) = router.registry() {
-        if matches!(
-            method,
-            Method::ZkCreate | Method::ZkChildren | Method::ZkDel
-        ) {
+    // (Asked only for zk_* calls: `registry()` hands out a new handle.)
+    if matches!(
+        method,
+        Method::ZkCreate | Method::ZkChildren | Method::ZkDel
+    ) {
+        if let Some(reg) = router.registry() {
             return registry_call(c, args, method, reg, s, env);
         }
     }
