@@ -39,6 +39,17 @@ pub struct Malformed<'a> {
     pub header: Option<MessageHeader<'a>>,
 }
 
+impl<'a> Malformed<'a> {
+    /// The error of a message on a connection speaking `transport`.
+    fn on(transport: Transport) -> impl Fn(WireError, Option<MessageHeader<'a>>) -> Malformed<'a> {
+        move |error, header| Malformed {
+            error,
+            transport: Some(transport),
+            header,
+        }
+    }
+}
+
 /// Finds the first whole message at the start of `buf`. `Ok(None)`: not all of it has arrived yet.
 /// `known` is the connection's transport once its first message fixed it.
 pub fn scan<'a>(
@@ -122,11 +133,7 @@ fn walk_whole<'a, F>(
 where
     F: FnOnce(&mut Reader<'a>, &Limits) -> Result<(), WireError>,
 {
-    let fail = |error, header| Malformed {
-        error,
-        transport: Some(transport),
-        header,
-    };
+    let fail = Malformed::on(transport);
     // Running out of bytes inside a whole message is a truncated message.
     let mut r = Reader::new(message);
     let header = MessageHeader::read(&mut r).map_err(|e| fail(e, None))?;
@@ -187,11 +194,7 @@ where
     // Running out of bytes here means the rest has not arrived yet, unless the message would then be
     // longer than allowed.
     let mut r = Reader::with_cap(buf, limits.max_message);
-    let fail = |error, header| Malformed {
-        error,
-        transport: Some(Transport::Buffered),
-        header,
-    };
+    let fail = Malformed::on(Transport::Buffered);
     let header = match MessageHeader::read(&mut r) {
         Ok(h) => h,
         Err(WireError::Truncated) => return Ok(None),
@@ -220,11 +223,7 @@ fn walk_framed<'a, F>(
 where
     F: FnOnce(&mut Reader<'a>, &Limits) -> Result<(), WireError>,
 {
-    let fail = |error, header| Malformed {
-        error,
-        transport: Some(Transport::Framed),
-        header,
-    };
+    let fail = Malformed::on(Transport::Framed);
     let Some(len) = buf.get(..FRAME_HEADER) else {
         return Ok(None);
     };
