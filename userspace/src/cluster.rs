@@ -236,7 +236,7 @@ fn hand_over(
         c.lock(ctx(), "vbucket-handoff".into(), key)
             .map_err(|e| e.to_string())?;
     }
-    servants.lcache.take_matching(in_vb);
-    servants.lock.take_matching(in_vb);
+    servants.lcache.remove_matching(in_vb);
+    servants.lock.remove_matching(in_vb);
     Ok((entries.len(), locks.len()))
 }

@@ -287,16 +287,12 @@ fn route(
             };
             let ctx_bytes = args.structure(1, "ctx").ok()?;
             let request = crate::proxy::sticky_request(c.message, ctx_bytes, &ctx);
-            s.awaiting = Some((method, c.header.seqid));
-            fwd.submit(ForwardJob {
-                session: s.id,
-                work: Work::Forward {
-                    node,
-                    addr,
-                    request,
-                },
-                submitted: Instant::now(),
-            });
+            let work = Work::Forward {
+                node,
+                addr,
+                request,
+            };
+            defer(s, fwd, method, c.header.seqid, work);
             Some(Ok(()))
         }
     }
@@ -334,25 +330,23 @@ fn registry_call(
         match method {
             Method::ZkCreate => e.field_bool(0, reg.create(&path, &data)?),
             Method::ZkDel => e.field_bool(0, reg.delete(&path)?),
-            _ => {
-                let names = reg.children(&path)?;
-                e.field_begin(wire::ttype::LIST, 0);
-                e.list_begin(wire::ttype::STRING, names.len());
-                for n in &names {
-                    e.bytes(n.as_bytes());
-                }
-            }
+            _ => crate::servant::registry::encode_children(e, &reg.children(&path)?),
         }
         reply.finish();
         Ok(out)
     }));
+    defer(s, fwd, method, seqid, work);
+    Some(Ok(()))
+}
+
+/// Hands a call's work to a worker; the session answers nothing else until its reply is back.
+fn defer(s: &mut Session, fwd: &Forwarder, method: Method, seqid: i32, work: Work) {
     s.awaiting = Some((method, seqid));
     fwd.submit(ForwardJob {
         session: s.id,
         work,
         submitted: Instant::now(),
     });
-    Some(Ok(()))
 }
 
 /// Runs one whole message and appends its reply; returns the time it finished (the next call's start).

@@ -121,9 +121,8 @@ impl LCache {
         out
     }
 
-    /// Removes and returns every entry whose key matches (a vbucket handed to another node).
-    pub fn take_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut out = Vec::new();
+    /// Removes every entry whose key matches (a vbucket handed to another node).
+    pub fn remove_matching(&self, matches: impl Fn(&[u8]) -> bool) {
         for shard in self.shards.iter() {
             let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
             let keys: Vec<Box<[u8]>> = s
@@ -135,11 +134,9 @@ impl LCache {
             for k in keys {
                 if let Some(v) = s.lru.pop(&k) {
                     s.bytes -= cost(&k, &v);
-                    out.push((k.into_vec(), v.into_vec()));
                 }
             }
         }
-        out
     }
 
     pub fn stats(&self) -> LcacheStats {

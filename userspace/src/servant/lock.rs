@@ -85,24 +85,12 @@ impl Locks {
         out
     }
 
-    /// Removes and returns the keys of held (unexpired) locks whose key matches (a vbucket handed over).
-    pub fn take_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
-        let now = Instant::now();
-        let mut out = Vec::new();
+    /// Drops every lock whose key matches (a vbucket handed over).
+    pub fn remove_matching(&self, matches: impl Fn(&[u8]) -> bool) {
         for shard in self.shards.iter() {
             let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
-            s.held.retain(|k, expiry| {
-                if matches(k) {
-                    if *expiry > now {
-                        out.push(k.to_vec());
-                    }
-                    false
-                } else {
-                    true
-                }
-            });
+            s.held.retain(|k, _| !matches(k));
         }
-        out
     }
 
     /// Locks held and not expired.

@@ -80,12 +80,7 @@ impl Registry {
 
     /// The sorted names of the node's children (none for a missing node).
     pub fn children(&self, path: &[u8], out: &mut Encoder<'_>) -> Result<(), CallError> {
-        let names = self.child_names(path)?;
-        out.field_begin(ttype::LIST, 0);
-        out.list_begin(ttype::STRING, names.len());
-        for n in names {
-            out.bytes(n.as_bytes());
-        }
+        encode_children(out, &self.child_names(path)?);
         Ok(())
     }
 
@@ -132,6 +127,15 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A `zk_children` result: the names as result field 0 (shared with the cluster's registry).
+pub fn encode_children(out: &mut Encoder<'_>, names: &[String]) {
+    out.field_begin(ttype::LIST, 0);
+    out.list_begin(ttype::STRING, names.len());
+    for n in names {
+        out.bytes(n.as_bytes());
     }
 }
 
