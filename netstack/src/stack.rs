@@ -209,11 +209,7 @@ impl Stack {
 
     /// Waits until a packet arrives or smoltcp has a timer due, at most `max`.
     pub fn wait(&mut self, max: Duration) {
-        let now = self.now();
-        let delay = self
-            .iface
-            .poll_delay(now, &self.sockets)
-            .map_or(max, |d| Duration::from_micros(d.total_micros()).min(max));
+        let delay = self.delay(max);
         if delay.is_zero() {
             return;
         }
@@ -225,6 +221,15 @@ impl Stack {
         let ms = delay.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
+    /// How long the stack may sleep: until its next timer, at most `max`. For a caller that waits on the
+    /// socket's descriptor ([`Stack::fd`]) together with its own.
+    pub fn delay(&mut self, max: Duration) -> Duration {
+        let now = self.now();
+        self.iface
+            .poll_delay(now, &self.sockets)
+            .map_or(max, |d| Duration::from_micros(d.total_micros()).min(max))
     }
 }
 

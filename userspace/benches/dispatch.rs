@@ -70,18 +70,9 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let cfg = Config::default();
-    let servants = Arc::new(Servants::new(&cfg));
-    let env = Env {
-        servants: servants.clone(),
-        limits: cfg.server.limits(),
-        call_timeout: Duration::from_secs(5),
-        slow_call: Duration::from_secs(5),
-        message_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(300),
-        max_pending_reply: 1 << 30,
-        router: None,
-        forwarder: None,
-    };
+    let servants = Arc::new(Servants::new(&cfg).expect("no back-end pools to start"));
+    let mut env = Env::new(&cfg, servants.clone());
+    env.max_pending_reply = 1 << 30;
     let metrics = LoopMetrics::default();
     let processor = FunServantSyncProcessor::new(Peer::default());
     let value = vec![b'v'; 100];

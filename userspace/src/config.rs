@@ -38,6 +38,9 @@ pub struct Config {
     pub lock: LockConfig,
     pub registry: RegistryConfig,
     pub cluster: ClusterConfig,
+    pub backend: BackendConfig,
+    pub memcache: MemcacheConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -54,6 +57,7 @@ pub struct ServerConfig {
     pub max_depth: usize,
     pub max_container: usize,
     pub max_pending_reply_bytes: usize,
+    pub max_deferred_per_session: usize,
     pub shutdown_timeout_ms: u64,
 }
 
@@ -71,6 +75,7 @@ impl Default for ServerConfig {
             max_depth: 64,
             max_container: 1 << 20,
             max_pending_reply_bytes: 32 << 20,
+            max_deferred_per_session: 128,
             shutdown_timeout_ms: 10_000,
         }
     }
@@ -306,6 +311,269 @@ impl Default for ClusterConfig {
     }
 }
 
+/// Pool and breaker defaults shared by every back end (memcache, Redis, MySQL); a pool may override each.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub threads: usize,
+    pub max_conns: usize,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub health_check_idle_ms: u64,
+    pub max_queue: usize,
+    pub breaker: BreakerConfig,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            threads: 1,
+            max_conns: 4,
+            connect_timeout_ms: 200,
+            idle_timeout_ms: 60_000,
+            health_check_idle_ms: 5_000,
+            max_queue: 10_000,
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// A circuit breaker per back-end server.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub window_ms: u64,
+    pub min_calls: u32,
+    pub slow_call_ms: u64,
+    pub open_ms: u64,
+    pub max_open_ms: u64,
+    pub half_open_probes: u32,
+    pub close_after: u32,
+    pub eject: bool,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window_ms: 10_000,
+            min_calls: 20,
+            slow_call_ms: 1_000,
+            open_ms: 1_000,
+            max_open_ms: 30_000,
+            half_open_probes: 3,
+            close_after: 3,
+            eject: false,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// A pool's overrides of `[backend]` (every key optional).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolOverrides {
+    pub max_conns: Option<usize>,
+    pub connect_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub health_check_idle_ms: Option<u64>,
+    pub max_queue: Option<usize>,
+    pub breaker: BreakerOverrides,
+}
+
+/// A pool's overrides of `[backend.breaker]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerOverrides {
+    pub consecutive_failures: Option<u32>,
+    pub failure_rate: Option<f64>,
+    pub window_ms: Option<u64>,
+    pub min_calls: Option<u32>,
+    pub slow_call_ms: Option<u64>,
+    pub open_ms: Option<u64>,
+    pub max_open_ms: Option<u64>,
+    pub half_open_probes: Option<u32>,
+    pub close_after: Option<u32>,
+    pub eject: Option<bool>,
+    pub max_ejected_percent: Option<u32>,
+}
+
+/// The settings one pool runs with: `[backend]` with the pool's overrides applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub max_conns: usize,
+    pub connect_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub health_check_idle_ms: u64,
+    pub max_queue: usize,
+    pub breaker: BreakerConfig,
+}
+
+impl BackendConfig {
+    /// These defaults with a pool's overrides applied.
+    pub fn settings(&self, o: &PoolOverrides) -> PoolSettings {
+        let (b, ob) = (&self.breaker, &o.breaker);
+        PoolSettings {
+            max_conns: o.max_conns.unwrap_or(self.max_conns),
+            connect_timeout_ms: o.connect_timeout_ms.unwrap_or(self.connect_timeout_ms),
+            idle_timeout_ms: o.idle_timeout_ms.unwrap_or(self.idle_timeout_ms),
+            health_check_idle_ms: o.health_check_idle_ms.unwrap_or(self.health_check_idle_ms),
+            max_queue: o.max_queue.unwrap_or(self.max_queue),
+            breaker: BreakerConfig {
+                consecutive_failures: ob.consecutive_failures.unwrap_or(b.consecutive_failures),
+                failure_rate: ob.failure_rate.unwrap_or(b.failure_rate),
+                window_ms: ob.window_ms.unwrap_or(b.window_ms),
+                min_calls: ob.min_calls.unwrap_or(b.min_calls),
+                slow_call_ms: ob.slow_call_ms.unwrap_or(b.slow_call_ms),
+                open_ms: ob.open_ms.unwrap_or(b.open_ms),
+                max_open_ms: ob.max_open_ms.unwrap_or(b.max_open_ms),
+                half_open_probes: ob.half_open_probes.unwrap_or(b.half_open_probes),
+                close_after: ob.close_after.unwrap_or(b.close_after),
+                eject: ob.eject.unwrap_or(b.eject),
+                max_ejected_percent: ob.max_ejected_percent.unwrap_or(b.max_ejected_percent),
+            },
+        }
+    }
+}
+
+/// How a memcache key picks its server (compatible with the PHP clients FAE's users run).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum McHash {
+    /// PHP `memcache` with `hash_strategy=standard`: `((crc32(key) >> 16) & 0x7fff) % n`, 0 counted as 1.
+    Standard,
+    /// PHP `memcache`'s consistent strategy: 160 crc32 points per server, 1,024 buckets.
+    Consistent,
+    /// libmemcached's ketama (PHP `memcached` with `OPT_LIBKETAMA_COMPATIBLE`): 160 md5 points per server.
+    Ketama,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemcacheConfig {
+    pub hash: McHash,
+    pub pools: Vec<MemcachePool>,
+}
+
+impl Default for MemcacheConfig {
+    fn default() -> Self {
+        MemcacheConfig {
+            hash: McHash::Standard,
+            pools: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemcachePool {
+    pub name: String,
+    pub servers: Vec<String>,
+    /// This pool's placement, if not `memcache.hash`.
+    #[serde(default)]
+    pub hash: Option<McHash>,
+    #[serde(default)]
+    pub backend: PoolOverrides,
+}
+
+/// Commands rd_call refuses by default: they would hurt the store, block a shared connection, keep state on
+/// it, or escape the routing of keys.
+pub const REDIS_DENY: &[&str] = &[
+    "ACL",
+    "AUTH",
+    "BGREWRITEAOF",
+    "BGSAVE",
+    "BLMOVE",
+    "BLMPOP",
+    "BLPOP",
+    "BRPOP",
+    "BRPOPLPUSH",
+    "BZMPOP",
+    "BZPOPMAX",
+    "BZPOPMIN",
+    "CLIENT",
+    "CLUSTER",
+    "CONFIG",
+    "DEBUG",
+    "DISCARD",
+    "EXEC",
+    "FAILOVER",
+    "FLUSHALL",
+    "FLUSHDB",
+    "FUNCTION",
+    "HELLO",
+    "KEYS",
+    "MIGRATE",
+    "MODULE",
+    "MONITOR",
+    "MOVE",
+    "MULTI",
+    "PSUBSCRIBE",
+    "PSYNC",
+    "PUBLISH",
+    "PUNSUBSCRIBE",
+    "QUIT",
+    "RANDOMKEY",
+    "READONLY",
+    "READWRITE",
+    "REPLICAOF",
+    "RESET",
+    "SAVE",
+    "SCAN",
+    "SCRIPT",
+    "SELECT",
+    "SHUTDOWN",
+    "SLAVEOF",
+    "SPUBLISH",
+    "SSUBSCRIBE",
+    "SUBSCRIBE",
+    "SUNSUBSCRIBE",
+    "SWAPDB",
+    "SYNC",
+    "UNSUBSCRIBE",
+    "UNWATCH",
+    "WAIT",
+    "WAITAOF",
+    "WATCH",
+];
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub deny: Vec<String>,
+    pub pools: Vec<RedisPool>,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            deny: REDIS_DENY.iter().map(|s| (*s).to_owned()).collect(),
+            pools: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisPool {
+    pub name: String,
+    pub servers: Vec<String>,
+    /// Sent with AUTH on every new connection; `password_file` keeps it out of the config.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// Database selected on every new connection.
+    #[serde(default)]
+    pub db: u32,
+    #[serde(default)]
+    pub backend: PoolOverrides,
+}
+
 fn check(ok: bool, key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
     if ok {
         Ok(())
@@ -357,6 +625,11 @@ impl Config {
             "server.max_pending_reply_bytes",
             "at least 64 KiB",
         )?;
+        check(
+            (1..=65536).contains(&s.max_deferred_per_session),
+            "server.max_deferred_per_session",
+            "1..65536",
+        )?;
         for (key, v) in [
             ("server.idle_timeout_ms", s.idle_timeout_ms),
             ("server.message_timeout_ms", s.message_timeout_ms),
@@ -392,6 +665,7 @@ impl Config {
             "listener.xdp_buffer_bytes",
             "16 KiB..64 MiB",
         )?;
+        self.validate_backends()?;
         check(
             self.log
                 .level
@@ -401,6 +675,132 @@ impl Config {
             format!("cannot parse {:?}", self.log.level),
         )?;
         Ok(())
+    }
+}
+
+impl Config {
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        let b = &self.backend;
+        check(
+            (1..=64).contains(&b.threads),
+            "backend.threads",
+            "between 1 and 64",
+        )?;
+        check_settings("backend", &b.settings(&PoolOverrides::default()))?;
+        let mc = self
+            .memcache
+            .pools
+            .iter()
+            .map(|p| (&p.name, &p.servers, &p.backend));
+        let rd = self
+            .redis
+            .pools
+            .iter()
+            .map(|p| (&p.name, &p.servers, &p.backend));
+        for (section, pools) in [
+            ("memcache.pools", mc.collect::<Vec<_>>()),
+            ("redis.pools", rd.collect::<Vec<_>>()),
+        ] {
+            let mut seen = std::collections::HashSet::new();
+            for (name, servers, overrides) in pools {
+                let key: &'static str = section;
+                check(!name.is_empty(), key, "every pool needs a name")?;
+                check(
+                    seen.insert(name.as_str()),
+                    key,
+                    format!("pool {name:?} is defined twice"),
+                )?;
+                check(
+                    !servers.is_empty(),
+                    key,
+                    format!("pool {name:?} has no servers"),
+                )?;
+                for s in servers {
+                    check(
+                        server_address_ok(s),
+                        key,
+                        format!("pool {name:?}: server {s:?} is not HOST:PORT"),
+                    )?;
+                }
+                let settings = b.settings(overrides);
+                check_settings(key, &settings).map_err(|e| ConfigError::Invalid {
+                    key,
+                    reason: format!("pool {name:?}: {e}"),
+                })?;
+                check(
+                    !settings.breaker.eject || servers.len() <= 64,
+                    key,
+                    format!("pool {name:?}: ejection supports pools of at most 64 servers"),
+                )?;
+            }
+        }
+        for p in &self.redis.pools {
+            check(
+                p.password.is_none() || p.password_file.is_none(),
+                "redis.pools",
+                format!("pool {:?}: set password or password_file, not both", p.name),
+            )?;
+        }
+        for cmd in &self.redis.deny {
+            check(
+                !cmd.is_empty() && cmd.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'),
+                "redis.deny",
+                format!("{cmd:?} is not a command name"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `HOST:PORT` (a name or an IPv4 address, or `[IPv6]:PORT`) with a port in 1..65535.
+fn server_address_ok(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && !host.contains(char::is_whitespace)
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+fn check_settings(prefix: &'static str, s: &PoolSettings) -> Result<(), ConfigError> {
+    let b = &s.breaker;
+    let bad = |what: &str| ConfigError::Invalid {
+        key: prefix,
+        reason: what.to_owned(),
+    };
+    let rules: [(bool, &str); 13] = [
+        ((1..=1024).contains(&s.max_conns), "max_conns: 1..1024"),
+        (s.connect_timeout_ms >= 1, "connect_timeout_ms: at least 1"),
+        (s.idle_timeout_ms >= 1, "idle_timeout_ms: at least 1"),
+        (s.max_queue >= 1, "max_queue: at least 1"),
+        (
+            b.consecutive_failures >= 1,
+            "breaker.consecutive_failures: at least 1",
+        ),
+        (
+            b.failure_rate > 0.0 && b.failure_rate <= 1.0,
+            "breaker.failure_rate: above 0, at most 1",
+        ),
+        (b.window_ms >= 100, "breaker.window_ms: at least 100"),
+        (b.min_calls >= 1, "breaker.min_calls: at least 1"),
+        (b.slow_call_ms >= 1, "breaker.slow_call_ms: at least 1"),
+        (b.open_ms >= 1, "breaker.open_ms: at least 1"),
+        (
+            b.max_open_ms >= b.open_ms,
+            "breaker.max_open_ms: at least open_ms",
+        ),
+        (
+            b.half_open_probes >= 1 && b.close_after >= 1,
+            "breaker.half_open_probes and breaker.close_after: at least 1",
+        ),
+        (
+            b.max_ejected_percent <= 100,
+            "breaker.max_ejected_percent: 0..100",
+        ),
+    ];
+    match rules.iter().find(|(ok, _)| !ok) {
+        Some((_, why)) => Err(bad(why)),
+        None => Ok(()),
     }
 }
 

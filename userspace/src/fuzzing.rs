@@ -2,7 +2,7 @@
 //! that every corpus input is checked on every test run, not only while fuzzing.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::Config;
 use crate::engine::metrics::LoopMetrics;
@@ -57,17 +57,10 @@ fn env() -> &'static Env {
         let mut cfg = Config::default();
         cfg.lcache.max_bytes = 16 << 20;
         cfg.server.max_message_bytes = 1 << 20;
-        Env {
-            servants: Arc::new(Servants::new(&cfg)),
-            limits: cfg.server.limits(),
-            call_timeout: Duration::from_secs(5),
-            slow_call: Duration::from_secs(5),
-            message_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(300),
-            max_pending_reply: 1 << 20,
-            router: None,
-            forwarder: None,
-        }
+        let servants = Servants::new(&cfg).expect("no back-end pools to start");
+        let mut env = Env::new(&cfg, Arc::new(servants));
+        env.max_pending_reply = 1 << 20;
+        env
     })
 }
 

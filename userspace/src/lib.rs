@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -78,7 +78,12 @@ fn exercise(addr: &str, transport: Transport) {
     }
     match c.mc_get(ctx(), "pool".into(), "k".into()) {
         Err(thrift::Error::Application(e)) => {
-            assert_eq!(e.kind, thrift::ApplicationErrorKind::UnknownMethod)
+            assert_eq!(e.kind, thrift::ApplicationErrorKind::InternalError);
+            assert!(
+                e.message.contains("unknown memcache pool \"pool\""),
+                "{}",
+                e.message
+            );
         }
         other => panic!("mc_get: {other:?}"),
     }

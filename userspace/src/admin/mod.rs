@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backend::{Backends, FailureKind, Server};
 use crate::engine::kernel::Gate;
-use crate::engine::metrics::{bucket_upper, LoopMetrics, Snapshot, BUCKETS, SLOTS};
+use crate::engine::metrics::{bucket_upper, LoopMetrics, MethodSnapshot, Snapshot, BUCKETS, SLOTS};
 use crate::engine::EngineError;
 use crate::servant::{misc, Servants};
 
@@ -175,25 +178,13 @@ pub fn prometheus(state: &AdminState) -> String {
         if m.calls == 0 {
             continue;
         }
-        let name = Snapshot::slot_name(slot);
-        let mut cum = 0;
-        let mut next = 0;
-        for (i, le) in prometheus_bounds() {
-            cum += m.latency[next..=i].iter().sum::<u64>();
-            next = i + 1;
-            let _ = writeln!(
-                o,
-                "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"{le}\"}} {cum}"
-            );
-        }
-        let total: u64 = m.latency.iter().sum();
-        let _ = writeln!(
-            o,
-            "fae_call_duration_seconds_bucket{{method=\"{name}\",le=\"+Inf\"}} {total}"
-        );
-        let _ = writeln!(
-            o,
-            "fae_call_duration_seconds_count{{method=\"{name}\"}} {total}"
+        let labels = format!("method=\"{}\"", Snapshot::slot_name(slot));
+        write_histogram(
+            &mut o,
+            "fae_call_duration_seconds",
+            &labels,
+            &m.latency,
+            None,
         );
     }
     let lc = state.servants.lcache.stats();
@@ -274,6 +265,7 @@ pub fn prometheus(state: &AdminState) -> String {
     ] {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     }
+    backends_prometheus(&mut o, &state.servants.backends);
     if let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) {
         let v = c.view();
         let mine = v.vbucket_counts().get(&v.my_id).copied().unwrap_or(0) as u64;
@@ -386,9 +378,208 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
         "locks_held": state.servants.lock.held(),
         "registry_nodes": state.servants.registry.len(),
         "methods": methods,
+        "backends": backends_json(&state.servants.backends),
         "xdp": state.xdp.as_ref().map(|p| {
             let c = crate::engine::xdp::counters(p);
             json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket, "malformed": c.malformed})
         }),
     })
+}
+
+/// One histogram's series: cumulative buckets at the exported bounds, `+Inf`, the count and, when known,
+/// the sum (in seconds).
+fn write_histogram(o: &mut String, name: &str, labels: &str, latency: &[u64], sum_ns: Option<u64>) {
+    let mut cum = 0;
+    let mut next = 0;
+    for (i, le) in prometheus_bounds() {
+        cum += latency[next..=i].iter().sum::<u64>();
+        next = i + 1;
+        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
+    }
+    let total: u64 = latency.iter().sum();
+    let _ = writeln!(o, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
+    if let Some(ns) = sum_ns {
+        let _ = writeln!(o, "{name}_sum{{{labels}}} {}", ns as f64 / 1e9);
+    }
+    let _ = writeln!(o, "{name}_count{{{labels}}} {total}");
+}
+
+/// Labels of one back-end server.
+fn server_labels(s: &Server) -> String {
+    format!(
+        "protocol=\"{}\",pool=\"{}\",server=\"{}\"",
+        s.protocol.name(),
+        escape_label(&s.pool),
+        escape_label(&s.name)
+    )
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+fn backends_prometheus(o: &mut String, b: &Backends) {
+    if b.servers.is_empty() {
+        return;
+    }
+    type Counter = fn(&Server) -> u64;
+    let families: [(&str, &str, &str, Counter); 8] = [
+        (
+            "fae_backend_calls_total",
+            "counter",
+            "Calls a back-end server answered or failed.",
+            |s| get(&s.metrics.calls),
+        ),
+        (
+            "fae_backend_app_errors_total",
+            "counter",
+            "Answers that were application errors (ERROR, CLIENT_ERROR, a Redis error).",
+            |s| get(&s.metrics.app_errors),
+        ),
+        (
+            "fae_backend_rejected_total",
+            "counter",
+            "Calls refused at once by an open circuit breaker.",
+            |s| get(&s.metrics.rejected_open),
+        ),
+        (
+            "fae_backend_connections",
+            "gauge",
+            "Open connections to the server.",
+            |s| get(&s.metrics.conns_open),
+        ),
+        (
+            "fae_backend_connections_busy",
+            "gauge",
+            "Connections with calls in flight (the rest are idle).",
+            |s| get(&s.metrics.conns_busy),
+        ),
+        (
+            "fae_backend_connects_total",
+            "counter",
+            "Connections opened to the server.",
+            |s| get(&s.metrics.connects),
+        ),
+        (
+            "fae_backend_queued",
+            "gauge",
+            "Calls queued or in flight for the server.",
+            |s| get(&s.metrics.queued),
+        ),
+        (
+            "fae_backend_breaker_state",
+            "gauge",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            |s| s.breaker.state() as u64,
+        ),
+    ];
+    for (name, kind, help, f) in families {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in &b.servers {
+            let _ = writeln!(o, "{name}{{{}}} {}", server_labels(s), f(s));
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_backend_failures_total System failures of calls, by kind.\n# TYPE fae_backend_failures_total counter"
+    );
+    for s in &b.servers {
+        for k in FailureKind::ALL {
+            let _ = writeln!(
+                o,
+                "fae_backend_failures_total{{{},kind=\"{}\"}} {}",
+                server_labels(s),
+                k.name(),
+                get(&s.metrics.failures[k as usize])
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_backend_breaker_transitions_total Circuit breaker transitions, by the state entered.\n\
+         # TYPE fae_backend_breaker_transitions_total counter"
+    );
+    for s in &b.servers {
+        for (to, c) in [
+            ("open", &s.breaker.opened),
+            ("half_open", &s.breaker.half_opened),
+            ("closed", &s.breaker.closed),
+        ] {
+            let _ = writeln!(
+                o,
+                "fae_backend_breaker_transitions_total{{{},to=\"{to}\"}} {}",
+                server_labels(s),
+                get(c)
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_backend_call_duration_seconds Time from sending a call to the server to its answer.\n\
+         # TYPE fae_backend_call_duration_seconds histogram"
+    );
+    for s in &b.servers {
+        let latency: Vec<u64> = s.metrics.latency.iter().map(get).collect();
+        let labels = server_labels(s);
+        let sum = Some(get(&s.metrics.latency_sum_ns));
+        write_histogram(
+            o,
+            "fae_backend_call_duration_seconds",
+            &labels,
+            &latency,
+            sum,
+        );
+    }
+}
+
+fn backends_json(b: &Backends) -> serde_json::Value {
+    let servers: Vec<serde_json::Value> = b
+        .servers
+        .iter()
+        .map(|s| {
+            let latency = MethodSnapshot {
+                calls: 0,
+                errors: 0,
+                latency: s.metrics.latency.iter().map(get).collect(),
+            };
+            let failures: serde_json::Map<String, serde_json::Value> = FailureKind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        k.name().to_owned(),
+                        json!(get(&s.metrics.failures[*k as usize])),
+                    )
+                })
+                .collect();
+            json!({
+                "protocol": s.protocol.name(),
+                "pool": &*s.pool,
+                "server": &*s.name,
+                "breaker": s.breaker.state().name(),
+                "transitions": {
+                    "open": get(&s.breaker.opened),
+                    "half_open": get(&s.breaker.half_opened),
+                    "closed": get(&s.breaker.closed),
+                },
+                "calls": get(&s.metrics.calls),
+                "failures": failures,
+                "app_errors": get(&s.metrics.app_errors),
+                "rejected": get(&s.metrics.rejected_open),
+                "connections": get(&s.metrics.conns_open),
+                "connections_busy": get(&s.metrics.conns_busy),
+                "connects": get(&s.metrics.connects),
+                "queued": get(&s.metrics.queued),
+                "max_conns": s.settings.max_conns,
+                "p50_us": latency.quantile_us(0.5),
+                "p99_us": latency.quantile_us(0.99),
+            })
+        })
+        .collect();
+    json!(servers)
 }

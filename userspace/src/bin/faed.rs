@@ -170,7 +170,7 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let cfg = &cfg;
-    let servants = Arc::new(fae::servant::Servants::new(cfg));
+    let servants = Arc::new(fae::servant::Servants::new(cfg)?);
     let router = cluster.as_ref().map(|c| {
         fae::cluster::spawn_handoff(c, servants.clone());
         Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() }) as Arc<dyn fae::proxy::Router>

@@ -13,7 +13,8 @@ use slab::Slab;
 
 use super::metrics::LoopMetrics;
 use super::session::{Env, Session};
-use crate::proxy::{ForwardDone, SessionId};
+use super::Completion;
+use crate::backend::{Doorbell, SessionId};
 use crossbeam_channel::Receiver;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -89,12 +90,13 @@ pub struct KernelLoop {
     /// This loop's index among all loops, and the generation of the next session (slab slots are reused).
     index: u32,
     generation: u64,
-    /// Replies of forwarded calls, from the forwarding workers.
-    returns: Receiver<ForwardDone>,
+    /// Replies of deferred calls, from forwarding workers and back-end threads.
+    returns: Receiver<Completion>,
+    bell: Arc<Doorbell>,
 }
 
 impl KernelLoop {
-    /// Builds a loop around its listener; returns the loop and the waker that interrupts it.
+    /// Builds a loop around its listener; returns the loop and the doorbell that wakes it.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: u32,
@@ -104,10 +106,10 @@ impl KernelLoop {
         gate: Arc<Gate>,
         stopping: Arc<AtomicBool>,
         shutdown_timeout: Duration,
-        returns: Receiver<ForwardDone>,
-    ) -> io::Result<(Self, Arc<Waker>)> {
+        returns: Receiver<Completion>,
+    ) -> io::Result<(Self, Arc<Doorbell>)> {
         let poll = Poll::new()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let bell = Arc::new(Doorbell::new(Waker::new(poll.registry(), WAKER)?));
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -126,8 +128,9 @@ impl KernelLoop {
                 index,
                 generation: 0,
                 returns,
+                bell: bell.clone(),
             },
-            waker,
+            bell,
         ))
     }
 
@@ -136,16 +139,26 @@ impl KernelLoop {
         let mut last_sweep = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         loop {
-            if let Err(e) = self.poll.poll(&mut events, Some(TICK)) {
+            // Sleep only if no deferred reply came in meanwhile (the doorbell rings only a sleeping loop).
+            let returns = &self.returns;
+            let timeout = if self.bell.sleep(|| !returns.is_empty()) {
+                TICK
+            } else {
+                Duration::ZERO
+            };
+            let polled = self.poll.poll(&mut events, Some(timeout));
+            self.bell.awake();
+            if let Err(e) = polled {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(e);
             }
+            self.on_completions();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
-                    WAKER => self.on_forwarded(),
+                    WAKER => {}
                     Token(key) => {
                         if ev.is_read_closed() {
                             if let Some(c) = self.conns.get_mut(key) {
@@ -263,20 +276,35 @@ impl KernelLoop {
         }
     }
 
-    /// Forwarded calls answered: each goes into its session's stream, which then carries on.
-    fn on_forwarded(&mut self) {
+    /// Deferred calls answered: each goes into its session's stream, which then carries on.
+    fn on_completions(&mut self) {
+        let mut touched: Vec<usize> = Vec::new();
         while let Ok(done) = self.returns.try_recv() {
-            let key = done.session.slot as usize;
+            let session = match &done {
+                Completion::Forward(f) => f.ticket.session,
+                Completion::Backend(b) => b.ticket.session,
+            };
+            let key = session.slot as usize;
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            if conn.session.id != done.session {
+            if conn.session.id != session {
                 continue; // the session closed meanwhile; its slot serves another
             }
-            conn.session.forward_done(done, &self.metrics);
-            conn.session
-                .resume(&self.env, &self.metrics, Instant::now());
-            self.on_conn_event(key, false, true);
+            conn.session.complete(done, &self.env, &self.metrics);
+            if touched.last() != Some(&key) {
+                touched.push(key);
+            }
+        }
+        // Each session once per batch: serve what waited, then one write for all its replies.
+        touched.sort_unstable();
+        touched.dedup();
+        let now = Instant::now();
+        for key in touched {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.session.resume(&self.env, &self.metrics, now);
+                self.on_conn_event(key, false, true);
+            }
         }
     }
 
@@ -305,6 +333,19 @@ impl KernelLoop {
 
     /// Closes sessions idle past the idle timeout or stuck in the middle of a message.
     fn sweep(&mut self, now: Instant) {
+        let stuck: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.session.awaiting())
+            .map(|(k, _)| k)
+            .collect();
+        for key in stuck {
+            if let Some(c) = self.conns.get_mut(key) {
+                c.session.expire_deferred(now, &self.metrics);
+                c.last_active = now;
+            }
+            self.on_conn_event(key, false, true);
+        }
         let idle = self.env.idle_timeout;
         let stale: Vec<usize> = self
             .conns

@@ -8,16 +8,59 @@ pub mod xdp;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
+
+use crate::backend::{self, Doorbell};
 use crate::config::{Config, ListenerMode};
-use crate::proxy::{Forwarder, Return, Router};
+use crate::proxy::{ForwardDone, Forwarder, Router};
 use crate::servant::Servants;
 use kernel::{Gate, KernelLoop};
 use metrics::LoopMetrics;
 use session::Env;
+
+/// A deferred call's outcome, on its way back to the loop that owns its session.
+pub enum Completion {
+    /// From a forwarding worker: a peer's reply, or a registry call's.
+    Forward(ForwardDone),
+    /// From a back-end I/O thread.
+    Backend(backend::Done),
+}
+
+/// One loop's way back: its channel, and the doorbell that wakes it.
+pub struct Return {
+    pub tx: Sender<Completion>,
+    pub bell: Arc<Doorbell>,
+}
+
+/// Every loop's way back, by loop index; filled once the loops exist. Workers and back-end threads send
+/// deferred replies through it.
+#[derive(Clone, Default)]
+pub struct Returns(Arc<OnceLock<Vec<Return>>>);
+
+impl Returns {
+    fn set(&self, returns: Vec<Return>) {
+        let _ = self.0.set(returns);
+    }
+
+    /// Hands `c` to loop `lp` and wakes it if it sleeps.
+    pub fn send(&self, lp: u32, c: Completion) {
+        if let Some(r) = self.0.get().and_then(|r| r.get(lp as usize)) {
+            if r.tx.send(c).is_ok() {
+                r.bell.ring();
+            }
+        }
+    }
+}
+
+impl backend::Sink for Returns {
+    fn deliver(&self, done: backend::Done) {
+        self.send(done.ticket.session.lp, Completion::Backend(done));
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -33,6 +76,8 @@ pub enum EngineError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("back ends: {0}")]
+    Backend(#[from] crate::backend::BackendStartError),
     #[error("XDP path: {0}")]
     Xdp(#[from] fae_netstack::NetError),
 }
@@ -45,7 +90,7 @@ pub struct Server {
     /// The attached XDP program, when the XDP path runs.
     pub xdp: Option<xdp::SharedProgram>,
     stopping: Arc<AtomicBool>,
-    wakers: Vec<Arc<mio::Waker>>,
+    wakers: Vec<Arc<Doorbell>>,
     loops: Vec<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -53,7 +98,8 @@ impl Server {
     /// Binds every listener first (so that a taken port is reported before anything runs), then starts one
     /// loop thread per listener.
     pub fn start(cfg: &Config) -> Result<Server, EngineError> {
-        Self::start_with(cfg, Arc::new(Servants::new(cfg)), None)
+        let servants = Servants::new(cfg).map_err(EngineError::Backend)?;
+        Self::start_with(cfg, Arc::new(servants), None)
     }
 
     /// As [`Server::start`], with the node's servants and, in a cluster, the router of keyed calls.
@@ -63,24 +109,19 @@ impl Server {
         router: Option<Arc<dyn Router>>,
     ) -> Result<Server, EngineError> {
         let s = &cfg.server;
+        let returns = Returns::default();
         let forwarder = router.as_ref().map(|_| {
             Arc::new(Forwarder::start(
                 cfg.cluster.forward_workers,
                 Duration::from_millis(cfg.cluster.forward_timeout_ms),
+                returns.clone(),
             ))
         });
-        let env = Arc::new(Env {
-            servants: servants.clone(),
-            limits: s.limits(),
-            call_timeout: Duration::from_millis(s.call_timeout_ms),
-            slow_call: Duration::from_millis(cfg.metrics.slow_call_ms),
-            message_timeout: Duration::from_millis(s.message_timeout_ms),
-            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
-            max_pending_reply: s.max_pending_reply_bytes,
-            router,
-            forwarder: forwarder.clone(),
-        });
-        let mut returns: Vec<Return> = Vec::new();
+        let mut env = Env::new(cfg, servants.clone());
+        env.router = router;
+        env.forwarder = forwarder.clone();
+        let env = Arc::new(env);
+        let mut ways_back: Vec<Return> = Vec::new();
         let gate = Arc::new(Gate::new(s.max_sessions));
         let stopping = Arc::new(AtomicBool::new(false));
         let kernel = cfg.listener.mode != ListenerMode::Xdp;
@@ -103,7 +144,7 @@ impl Server {
             })?;
             let m = Arc::new(LoopMetrics::default());
             let (tx, rx) = crossbeam_channel::unbounded();
-            let (lp, waker) = KernelLoop::new(
+            let (lp, bell) = KernelLoop::new(
                 i as u32,
                 listener,
                 env.clone(),
@@ -114,16 +155,13 @@ impl Server {
                 rx,
             )
             .map_err(EngineError::Loop)?;
-            let w = waker.clone();
-            returns.push(Return {
+            ways_back.push(Return {
                 tx,
-                wake: Box::new(move || {
-                    let _ = w.wake();
-                }),
+                bell: bell.clone(),
             });
             built.push(lp);
             metrics.push(m);
-            wakers.push(waker);
+            wakers.push(bell);
         }
         let mut loops = built
             .into_iter()
@@ -145,15 +183,17 @@ impl Server {
                 let m = Arc::new(LoopMetrics::default());
                 metrics.push(m.clone());
                 let (tx, rx) = crossbeam_channel::unbounded();
-                let index = returns.len() as u32;
-                // XDP loops poll their channel every pass (they wait at most 1 ms while a reply is due).
-                returns.push(Return {
+                let index = ways_back.len() as u32;
+                let (waiter, bell) = xdp::Waiter::new(&stack).map_err(EngineError::Loop)?;
+                ways_back.push(Return {
                     tx,
-                    wake: Box::new(|| {}),
+                    bell: bell.clone(),
                 });
+                wakers.push(bell);
                 let lp = xdp::XdpLoop {
                     index,
                     returns: rx,
+                    waiter,
                     stack,
                     env: env.clone(),
                     metrics: m,
@@ -171,9 +211,8 @@ impl Server {
                 loops.push(h);
             }
         }
-        if let Some(f) = &forwarder {
-            f.set_returns(returns);
-        }
+        returns.set(ways_back);
+        servants.backends.set_sink(Arc::new(returns));
         Ok(Server {
             servants,
             metrics,
@@ -210,7 +249,7 @@ impl Server {
 #[derive(Clone)]
 pub struct Stopper {
     stopping: Arc<AtomicBool>,
-    wakers: Vec<Arc<mio::Waker>>,
+    wakers: Vec<Arc<Doorbell>>,
 }
 
 impl Stopper {
@@ -218,7 +257,7 @@ impl Stopper {
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         for w in &self.wakers {
-            let _ = w.wake();
+            w.wake_now();
         }
     }
 

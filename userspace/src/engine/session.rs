@@ -1,14 +1,21 @@
 //! A session: one client's byte stream in, its replies out. It knows nothing of sockets, so the kernel path
 //! and the kernel-bypass path drive the same code.
+//!
+//! Most calls are answered on the spot into `out`. A call that waits (on a back-end store, a peer, raft) is
+//! deferred to a worker and leaves a [`Slot`] in `inflight`; the calls after it keep being served, their
+//! replies kept in `later` until every deferred reply before them is in, so that pipelined replies leave
+//! in the order the calls came. Calls forwarded to a peer and registry calls are barriers: nothing after
+//! them is served until they are answered (a lock and its unlock must reach the owner in order).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
-use crate::proxy::{
-    ForwardDone, ForwardJob, Forwarder, RegistryBackend, Route, Router, SessionId, Work,
-};
-use crate::servant::{Method, Servants};
+use super::Completion;
+use crate::backend::{SessionId, Ticket};
+use crate::proxy::{ForwardJob, Forwarder, RegistryBackend, Route, Router, Work};
+use crate::servant::{CallEnv, Method, Outcome, Servants};
 use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Progress, Reply, Transport};
 
 /// What every session of a node shares.
@@ -20,13 +27,49 @@ pub struct Env {
     pub message_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_pending_reply: usize,
+    /// Deferred calls one session may have out at once; past it, its next calls wait.
+    pub max_deferred: usize,
     /// Cluster routing of keyed calls; `None` on a single node (everything is local).
     pub router: Option<Arc<dyn Router>>,
     pub forwarder: Option<Arc<Forwarder>>,
 }
 
+impl Env {
+    /// The sessions' settings from `cfg`, with no cluster routing.
+    pub fn new(cfg: &crate::config::Config, servants: Arc<Servants>) -> Env {
+        let s = &cfg.server;
+        Env {
+            servants,
+            limits: s.limits(),
+            call_timeout: Duration::from_millis(s.call_timeout_ms),
+            slow_call: Duration::from_millis(cfg.metrics.slow_call_ms),
+            message_timeout: Duration::from_millis(s.message_timeout_ms),
+            idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+            max_pending_reply: s.max_pending_reply_bytes,
+            max_deferred: s.max_deferred_per_session,
+            router: None,
+            forwarder: None,
+        }
+    }
+}
+
 /// Inbound buffer capacity kept between messages; a larger one (after a big message) is given back.
 const KEEP_CAPACITY: usize = 64 << 10;
+/// How long past its deadline a deferred call may stay unanswered before the loop answers it itself (the
+/// worker answers at the deadline; this only guards against a worker that never answers).
+const DEFERRED_GRACE: Duration = Duration::from_secs(2);
+
+/// A deferred call, in the order of the stream.
+struct Slot {
+    tag: u64,
+    method: Method,
+    seqid: i32,
+    deadline: Instant,
+    /// Answered, its reply at `later[start..end]`, waiting for the slots before it.
+    ready: Option<(usize, usize)>,
+    /// A forwarded or registry call: nothing after it was served.
+    barrier: bool,
+}
 
 #[derive(Default)]
 pub struct Session {
@@ -34,19 +77,25 @@ pub struct Session {
     pending: Vec<u8>,
     /// Replies not yet sent.
     pub out: Vec<u8>,
+    /// Replies of calls that came after a deferred call still out (see `inflight`).
+    later: Vec<u8>,
     transport: Option<Transport>,
     /// When the first byte of the pending message arrived.
     partial_since: Option<Instant>,
     /// A protocol violation was answered: send what is in `out`, then close.
     closing: bool,
-    /// Whole calls wait in `pending`, unserved while the client is not reading its replies.
+    /// Whole calls wait in `pending`, unserved while the client is not reading its replies or too many
+    /// deferred calls are out.
     held_back: bool,
     /// How far the walk of a partly arrived unframed message has come.
     progress: Progress,
-    /// This session across loops, for forwarded replies to find it.
+    /// This session across loops, for deferred replies to find it.
     pub id: SessionId,
-    /// A call forwarded to its owner, whose reply comes before anything else this session answers.
-    awaiting: Option<(Method, i32)>,
+    /// Deferred calls not yet sent, oldest first; ready ones wait for those before them.
+    inflight: VecDeque<Slot>,
+    next_tag: u64,
+    /// A barrier call is out.
+    barrier: bool,
 }
 
 impl Session {
@@ -61,42 +110,144 @@ impl Session {
         }
     }
 
-    /// Whether a forwarded call's reply is awaited.
+    /// Whether deferred calls are out (the session must not close before their replies are sent).
     pub fn awaiting(&self) -> bool {
-        self.awaiting.is_some()
+        !self.inflight.is_empty()
     }
 
-    /// A forwarded call's reply (or why there is none): answered in its place in the stream.
-    pub fn forward_done(&mut self, done: ForwardDone, metrics: &LoopMetrics) {
-        let Some((method, seqid)) = self.awaiting.take() else {
+    /// A deferred call's outcome: its reply goes in its place in the stream. Late or unknown answers (the
+    /// session answered the call itself meanwhile) are dropped.
+    pub fn complete(&mut self, c: Completion, env: &Env, metrics: &LoopMetrics) {
+        let (tag, submitted) = match &c {
+            Completion::Forward(f) => (f.ticket.tag, f.submitted),
+            Completion::Backend(b) => (b.ticket.tag, b.submitted),
+        };
+        let Some(i) = self
+            .inflight
+            .iter()
+            .position(|s| s.tag == tag && s.ready.is_none())
+        else {
             return;
         };
+        let (method, seqid) = (self.inflight[i].method, self.inflight[i].seqid);
         let transport = self.transport.unwrap_or(Transport::Buffered);
-        let error = match done.reply {
-            Ok(body) => {
-                if transport == Transport::Framed {
-                    self.out
-                        .extend_from_slice(&(body.len() as u32).to_be_bytes());
+        let name = method.name().as_bytes();
+        let buf = if i == 0 {
+            &mut self.out
+        } else {
+            &mut self.later
+        };
+        let start = buf.len();
+        let error = match c {
+            Completion::Forward(f) => match f.reply {
+                Ok(body) => {
+                    if transport == Transport::Framed {
+                        buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                    }
+                    buf.extend_from_slice(&body);
+                    metrics.add(&metrics.forwarded, 1);
+                    false
                 }
-                self.out.extend_from_slice(&body);
-                false
-            }
-            Err(why) => {
-                let name = method.name().as_bytes();
-                Reply::app_error(
-                    &mut self.out,
-                    transport,
-                    name,
-                    seqid,
-                    AppErrorKind::InternalError,
-                    &why,
-                );
-                true
+                Err(why) => {
+                    metrics.add(&metrics.forwarded, 1);
+                    Reply::app_error(
+                        buf,
+                        transport,
+                        name,
+                        seqid,
+                        AppErrorKind::InternalError,
+                        &why,
+                    );
+                    true
+                }
+            },
+            Completion::Backend(b) => {
+                let mut reply = Reply::begin(buf, transport, name, seqid);
+                match env.servants.finish(method, b.result, &mut reply) {
+                    Ok(()) => {
+                        reply.finish();
+                        false
+                    }
+                    Err(e) => {
+                        reply.abort();
+                        let msg = format!("{}: {}", method.name(), e.message);
+                        Reply::app_error(buf, transport, name, seqid, e.kind, &msg);
+                        true
+                    }
+                }
             }
         };
-        metrics.add(&metrics.forwarded, 1);
-        let ns = done.submitted.elapsed().as_nanos() as u64;
-        metrics.call(method as usize, ns, error);
+        let end = buf.len();
+        metrics.call(
+            method as usize,
+            submitted.elapsed().as_nanos() as u64,
+            error,
+        );
+        if self.inflight[i].barrier {
+            self.barrier = false;
+        }
+        self.inflight[i].ready = Some((start, end));
+        if i == 0 {
+            self.inflight.pop_front();
+            self.release_ready();
+        }
+    }
+
+    /// Moves the replies that no longer wait for an earlier deferred call into `out`.
+    fn release_ready(&mut self) {
+        while let Some((a, b)) = self.inflight.front().and_then(|s| s.ready) {
+            self.out.extend_from_slice(&self.later[a..b]);
+            self.inflight.pop_front();
+        }
+        if self.inflight.is_empty() {
+            self.later.clear();
+            if self.later.capacity() > KEEP_CAPACITY {
+                self.later = Vec::new();
+            }
+        }
+    }
+
+    /// Answers, with an error, deferred calls whose worker never answered (past their deadline and a grace).
+    pub fn expire_deferred(&mut self, now: Instant, metrics: &LoopMetrics) {
+        let transport = self.transport.unwrap_or(Transport::Buffered);
+        let mut any = false;
+        for i in 0..self.inflight.len() {
+            let s = &self.inflight[i];
+            if s.ready.is_some() || s.barrier || now < s.deadline + DEFERRED_GRACE {
+                continue;
+            }
+            let (method, seqid) = (s.method, s.seqid);
+            let buf = if i == 0 {
+                &mut self.out
+            } else {
+                &mut self.later
+            };
+            let start = buf.len();
+            let msg = format!(
+                "{}: no answer from the back-end worker past the call's deadline",
+                method.name()
+            );
+            Reply::app_error(
+                buf,
+                transport,
+                method.name().as_bytes(),
+                seqid,
+                AppErrorKind::InternalError,
+                &msg,
+            );
+            let end = buf.len();
+            metrics.add(&metrics.deadline_exceeded, 1);
+            metrics.call(method as usize, 0, true);
+            self.inflight[i].ready = Some((start, end));
+            any = true;
+        }
+        if any {
+            // Slot 0's reply went straight into `out`.
+            if self.inflight.front().is_some_and(|s| s.ready.is_some()) {
+                self.inflight.pop_front();
+            }
+            self.release_ready();
+        }
     }
 
     /// The session must be closed once `out` is sent.
@@ -106,25 +257,30 @@ impl Session {
 
     /// Replies are waiting past the limit: stop reading requests until the client reads its replies.
     pub fn backlogged(&self, env: &Env) -> bool {
-        self.out.len() >= env.max_pending_reply
+        self.out.len() + self.later.len() >= env.max_pending_reply
     }
 
     /// A message begun longer ago than the message timeout (a client trickling bytes or gone silent
     /// mid-message).
     pub fn stalled(&self, env: &Env, now: Instant) -> bool {
         !self.held_back
-            && self.awaiting.is_none()
+            && self.inflight.is_empty()
             && self
                 .partial_since
                 .is_some_and(|t| now.saturating_duration_since(t) > env.message_timeout)
     }
 
-    /// Serves calls held back (replies were backlogged, or a forwarded reply was awaited); for the loop once
-    /// the client read its replies or the forwarded reply came.
+    /// Serves calls held back (replies were backlogged, a barrier call was out, or too many deferred calls
+    /// were); for the loop once the client read its replies or deferred replies came.
     pub fn resume(&mut self, env: &Env, metrics: &LoopMetrics, now: Instant) {
-        if !self.pending.is_empty() && self.awaiting.is_none() {
+        if !self.pending.is_empty() && !self.blocked(env) {
             self.on_bytes(&[], env, metrics, now);
         }
+    }
+
+    /// Whether no further call may be served now.
+    fn blocked(&self, env: &Env) -> bool {
+        self.barrier || self.inflight.len() >= env.max_deferred
     }
 
     /// Takes bytes that arrived and answers every whole message among them into `out`.
@@ -175,6 +331,57 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Writes a reply with `write`, in its place: straight into `out`, or after the deferred calls still
+    /// out. Returns what `write` returned.
+    fn answer<R>(
+        &mut self,
+        method: Method,
+        seqid: i32,
+        write: impl FnOnce(&mut Vec<u8>) -> R,
+    ) -> R {
+        if self.inflight.is_empty() {
+            return write(&mut self.out);
+        }
+        let start = self.later.len();
+        let r = write(&mut self.later);
+        let end = self.later.len();
+        if end > start {
+            self.inflight.push_back(Slot {
+                tag: u64::MAX,
+                method,
+                seqid,
+                deadline: Instant::now(),
+                ready: Some((start, end)),
+                barrier: false,
+            });
+        }
+        r
+    }
+
+    /// The ticket the next deferred call will carry.
+    fn ticket(&self) -> Ticket {
+        Ticket {
+            session: self.id,
+            tag: self.next_tag,
+        }
+    }
+
+    /// Records a deferred call (issued with [`Session::ticket`]) in its place in the stream.
+    fn deferred(&mut self, method: Method, seqid: i32, deadline: Instant, barrier: bool) {
+        self.inflight.push_back(Slot {
+            tag: self.next_tag,
+            method,
+            seqid,
+            deadline,
+            ready: None,
+            barrier,
+        });
+        self.next_tag += 1;
+        self.barrier |= barrier;
+    }
+}
+
 /// Serves whole messages from the start of `buf`; returns the bytes used.
 fn serve(
     buf: &[u8],
@@ -187,12 +394,10 @@ fn serve(
     let mut started = Instant::now();
     let mut args = Args::new(&env.limits);
     loop {
-        if s.awaiting.is_some() {
-            return used;
-        }
-        // Replies are piling up unread: keep the remaining calls for later rather than answer them all
-        // into memory (a 64 KiB read of small calls for a large value could otherwise take gigabytes).
-        s.held_back = s.out.len() >= env.max_pending_reply;
+        // Replies are piling up unread (keep the remaining calls for later rather than answer them all
+        // into memory: a 64 KiB read of small calls for a large value could otherwise take gigabytes), or
+        // the calls must wait for deferred ones.
+        s.held_back = s.backlogged(env) || s.blocked(env);
         if s.held_back {
             return used;
         }
@@ -213,14 +418,18 @@ fn serve(
                 metrics.add(&metrics.protocol_errors, 1);
                 let (name, seqid) = bad.header.map_or((&b""[..], 0), |h| (h.name, h.seqid));
                 tracing::debug!(error = %bad.error, "malformed message; closing the session");
-                Reply::app_error(
-                    &mut s.out,
-                    bad.transport.unwrap_or(Transport::Buffered),
-                    name,
-                    seqid,
-                    AppErrorKind::ProtocolError,
-                    &bad.error.to_string(),
-                );
+                let transport = bad.transport.unwrap_or(Transport::Buffered);
+                let msg = bad.error.to_string();
+                s.answer(Method::Noop, seqid, |out| {
+                    Reply::app_error(
+                        out,
+                        transport,
+                        name,
+                        seqid,
+                        AppErrorKind::ProtocolError,
+                        &msg,
+                    )
+                });
                 s.closing = true;
                 return used;
             }
@@ -237,6 +446,12 @@ fn routed_key(m: Method) -> Option<i16> {
     }
 }
 
+/// How a call left: answered here, or deferred (a barrier or not).
+enum Left {
+    Answered,
+    Deferred { barrier: bool },
+}
+
 /// Routes a keyed call: `None` to run it here; `Some(Ok)` when it was forwarded to its owner;
 /// `Some(Err)` when it must be refused.
 fn route(
@@ -244,7 +459,7 @@ fn route(
     args: &Args<'_>,
     method: Method,
     router: &dyn Router,
-    s: &mut Session,
+    ticket: Ticket,
     env: &Env,
 ) -> Option<Result<(), String>> {
     // (Asked only for zk_* calls: `registry()` hands out a new handle.)
@@ -253,7 +468,7 @@ fn route(
         Method::ZkCreate | Method::ZkChildren | Method::ZkDel
     ) {
         if let Some(reg) = router.registry() {
-            return registry_call(c, args, method, reg, s, env);
+            return registry_call(c, args, method, reg, ticket, env);
         }
     }
     let key_id = routed_key(method)?;
@@ -292,7 +507,7 @@ fn route(
                 addr,
                 request,
             };
-            defer(s, fwd, method, c.header.seqid, work);
+            defer(fwd, ticket, work);
             Some(Ok(()))
         }
     }
@@ -305,7 +520,7 @@ fn registry_call(
     args: &Args<'_>,
     method: Method,
     reg: Arc<dyn RegistryBackend>,
-    s: &mut Session,
+    ticket: Ticket,
     env: &Env,
 ) -> Option<Result<(), String>> {
     let ctx = args.context().ok()?;
@@ -335,21 +550,21 @@ fn registry_call(
         reply.finish();
         Ok(out)
     }));
-    defer(s, fwd, method, seqid, work);
+    defer(fwd, ticket, work);
     Some(Ok(()))
 }
 
-/// Hands a call's work to a worker; the session answers nothing else until its reply is back.
-fn defer(s: &mut Session, fwd: &Forwarder, method: Method, seqid: i32, work: Work) {
-    s.awaiting = Some((method, seqid));
+/// Hands a call's work to a forwarding worker.
+fn defer(fwd: &Forwarder, ticket: Ticket, work: Work) {
     fwd.submit(ForwardJob {
-        session: s.id,
+        ticket,
         work,
         submitted: Instant::now(),
     });
 }
 
-/// Runs one whole message and appends its reply; returns the time it finished (the next call's start).
+/// Runs one whole message and answers it in its place (or defers it); returns the time it finished (the
+/// next call's start).
 fn call(
     c: &Call<'_>,
     args: &Args<'_>,
@@ -359,33 +574,63 @@ fn call(
     received: Instant,
     started: Instant,
 ) -> Instant {
+    let seqid = c.header.seqid;
+    let method = Method::from_name(c.header.name);
+    let ticket = s.ticket();
+    let (done, left) = s.answer(method.unwrap_or(Method::Noop), seqid, |out| {
+        run(
+            c, args, method, ticket, out, env, metrics, received, started,
+        )
+    });
+    if let (Left::Deferred { barrier }, Some(m)) = (left, method) {
+        s.deferred(m, seqid, received + env.call_timeout, barrier);
+    }
+    done
+}
+
+/// Runs one call, writing its reply into `out` unless it was deferred.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    c: &Call<'_>,
+    args: &Args<'_>,
+    method: Option<Method>,
+    ticket: Ticket,
+    out: &mut Vec<u8>,
+    env: &Env,
+    metrics: &LoopMetrics,
+    received: Instant,
+    started: Instant,
+) -> (Instant, Left) {
     let (header, transport) = (&c.header, c.transport);
     let app_error = |out: &mut Vec<u8>, kind, msg: &str| {
         Reply::app_error(out, transport, header.name, header.seqid, kind, msg)
     };
-    let Some(method) = Method::from_name(header.name) else {
+    let Some(method) = method else {
         let name = String::from_utf8_lossy(header.name);
         app_error(
-            &mut s.out,
+            out,
             AppErrorKind::UnknownMethod,
             &format!("unknown method {name:?}"),
         );
         metrics.call(UNKNOWN_SLOT, 0, true);
-        return started;
+        return (started, Left::Answered);
     };
     if header.mtype != mtype::CALL && header.mtype != mtype::ONEWAY {
         let msg = format!("message type {} is not a call", header.mtype);
-        app_error(&mut s.out, AppErrorKind::InvalidMessageType, &msg);
+        app_error(out, AppErrorKind::InvalidMessageType, &msg);
         metrics.call(method as usize, 0, true);
-        return started;
+        return (started, Left::Answered);
     }
     if let Some(router) = &env.router {
-        if let Some(forwarded) = route(c, args, method, router.as_ref(), s, env) {
-            if let Err(why) = forwarded {
-                app_error(&mut s.out, AppErrorKind::InternalError, &why);
-                metrics.call(method as usize, 0, true);
-            }
-            return started;
+        if let Some(forwarded) = route(c, args, method, router.as_ref(), ticket, env) {
+            return match forwarded {
+                Ok(()) => (started, Left::Deferred { barrier: true }),
+                Err(why) => {
+                    app_error(out, AppErrorKind::InternalError, &why);
+                    metrics.call(method as usize, 0, true);
+                    (started, Left::Answered)
+                }
+            };
         }
     }
     if started.saturating_duration_since(received) > env.call_timeout {
@@ -395,16 +640,25 @@ fn call(
             method.name(),
             env.call_timeout
         );
-        app_error(&mut s.out, AppErrorKind::InternalError, &msg);
+        app_error(out, AppErrorKind::InternalError, &msg);
         metrics.call(method as usize, 0, true);
-        return started;
+        return (started, Left::Answered);
     }
-    let mark = s.out.len();
-    let mut reply = Reply::begin(&mut s.out, transport, header.name, header.seqid);
-    let result = match env.servants.call(method, args, &mut reply) {
-        Ok(()) => {
+    let mark = out.len();
+    let mut reply = Reply::begin(out, transport, header.name, header.seqid);
+    let cenv = CallEnv {
+        ticket,
+        now: started,
+        deadline: received + env.call_timeout,
+    };
+    let result = match env.servants.call(method, args, &mut reply, &cenv) {
+        Ok(Outcome::Answered) => {
             reply.finish();
             Ok(())
+        }
+        Ok(Outcome::Deferred) => {
+            reply.abort();
+            return (started, Left::Deferred { barrier: false });
         }
         Err(e) => {
             reply.abort();
@@ -413,15 +667,11 @@ fn call(
     };
     let error = result.is_err();
     if let Err(e) = result {
-        s.out.truncate(mark);
-        app_error(
-            &mut s.out,
-            e.kind,
-            &format!("{}: {}", method.name(), e.message),
-        );
+        out.truncate(mark);
+        app_error(out, e.kind, &format!("{}: {}", method.name(), e.message));
     }
     if header.mtype == mtype::ONEWAY {
-        s.out.truncate(mark);
+        out.truncate(mark);
     }
     let done = Instant::now();
     let took = done.saturating_duration_since(started);
@@ -434,7 +684,7 @@ fn call(
             "slow call"
         );
     }
-    done
+    (done, Left::Answered)
 }
 
 #[cfg(test)]
@@ -444,18 +694,12 @@ mod tests {
     use crate::wire::Encoder;
 
     fn env(call_timeout: Duration) -> Env {
-        let cfg = Config::default();
-        Env {
-            servants: Arc::new(Servants::new(&cfg)),
-            limits: cfg.server.limits(),
-            call_timeout,
-            slow_call: Duration::from_secs(1),
-            message_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            max_pending_reply: 1 << 20,
-            router: None,
-            forwarder: None,
-        }
+        let mut cfg = Config::default();
+        cfg.server.max_pending_reply_bytes = 1 << 20;
+        cfg.server.message_timeout_ms = 1000;
+        let mut env = Env::new(&cfg, Arc::new(Servants::new(&cfg).unwrap()));
+        env.call_timeout = call_timeout;
+        env
     }
 
     fn noop(seq: i32) -> Vec<u8> {

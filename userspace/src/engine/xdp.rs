@@ -13,8 +13,9 @@ use fae_netstack::NetError;
 use super::kernel::Gate;
 use super::metrics::LoopMetrics;
 use super::session::{Env, Session};
+use super::Completion;
+use crate::backend::{Doorbell, SessionId};
 use crate::config::{Config, XdpMode};
-use crate::proxy::{ForwardDone, SessionId};
 use crossbeam_channel::Receiver;
 
 /// The attached program, shared with the admin endpoint for its counters.
@@ -69,6 +70,53 @@ pub fn counters(p: &SharedProgram) -> XdpCounters {
         .unwrap_or_default()
 }
 
+/// Where an XDP loop sleeps: on its AF_XDP socket and its doorbell together, so that a deferred reply wakes
+/// it at once.
+pub struct Waiter {
+    poll: mio::Poll,
+    events: mio::Events,
+    bell: Arc<Doorbell>,
+}
+
+const XSK: mio::Token = mio::Token(0);
+const BELL: mio::Token = mio::Token(1);
+
+impl Waiter {
+    pub fn new(stack: &Stack) -> std::io::Result<(Waiter, Arc<Doorbell>)> {
+        let poll = mio::Poll::new()?;
+        let fd = stack.fd();
+        poll.registry()
+            .register(&mut mio::unix::SourceFd(&fd), XSK, mio::Interest::READABLE)?;
+        let bell = Arc::new(Doorbell::new(mio::Waker::new(poll.registry(), BELL)?));
+        let w = Waiter {
+            poll,
+            events: mio::Events::with_capacity(4),
+            bell: bell.clone(),
+        };
+        Ok((w, bell))
+    }
+
+    /// Sleeps until a packet, a deferred reply or the stack's next timer, at most `max`.
+    fn wait(&mut self, stack: &mut Stack, returns: &Receiver<Completion>, max: Duration) {
+        let delay = stack.delay(max);
+        if delay.is_zero() || !self.bell.sleep(|| !returns.is_empty()) {
+            self.bell.awake();
+            return;
+        }
+        // The socket is level-triggered for this purpose: re-arm it, so a packet already waiting wakes us.
+        let fd = stack.fd();
+        let _ = self.poll.registry().reregister(
+            &mut mio::unix::SourceFd(&fd),
+            XSK,
+            mio::Interest::READABLE,
+        );
+        let _ = self
+            .poll
+            .poll(&mut self.events, Some(delay.max(Duration::from_millis(1))));
+        self.bell.awake();
+    }
+}
+
 struct Conn {
     session: Session,
     last_active: Instant,
@@ -78,7 +126,8 @@ struct Conn {
 /// One queue's loop.
 pub struct XdpLoop {
     pub index: u32,
-    pub returns: Receiver<ForwardDone>,
+    pub returns: Receiver<Completion>,
+    pub waiter: Waiter,
     pub stack: Stack,
     pub env: Arc<Env>,
     pub metrics: Arc<LoopMetrics>,
@@ -124,12 +173,13 @@ impl XdpLoop {
                 );
             }
             while let Ok(done) = self.returns.try_recv() {
-                let conn = slots
-                    .get(&done.session.slot)
-                    .and_then(|id| conns.get_mut(id));
+                let session = match &done {
+                    Completion::Forward(f) => f.ticket.session,
+                    Completion::Backend(b) => b.ticket.session,
+                };
+                let conn = slots.get(&session.slot).and_then(|id| conns.get_mut(id));
                 if let Some(c) = conn {
-                    c.session.forward_done(done, &self.metrics);
-                    c.session.resume(&self.env, &self.metrics, now);
+                    c.session.complete(done, &self.env, &self.metrics);
                     busy = true;
                 }
             }
@@ -166,6 +216,10 @@ impl XdpLoop {
             } else if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
                 last_sweep = now;
                 for (&id, c) in conns.iter_mut() {
+                    if c.session.awaiting() {
+                        c.session.expire_deferred(now, &self.metrics);
+                        c.last_active = now;
+                    }
                     let idle = now.saturating_duration_since(c.last_active) > self.env.idle_timeout;
                     if !c.closing && (idle || c.session.stalled(&self.env, now)) {
                         self.metrics.add(&self.metrics.timed_out_sessions, 1);
@@ -175,8 +229,8 @@ impl XdpLoop {
                 }
             }
             if !busy {
-                self.stack
-                    .wait(Duration::from_millis(if stopping { 5 } else { 100 }));
+                let max = Duration::from_millis(if stopping { 5 } else { 100 });
+                self.waiter.wait(&mut self.stack, &self.returns, max);
             }
         }
     }

@@ -9,11 +9,13 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::backend::Ticket;
+use crate::engine::{Completion, Returns};
 use crate::wire::{Context, Encoder};
 
 /// Where a keyed call runs.
@@ -47,16 +49,10 @@ pub trait RegistryBackend: Send + Sync {
     fn delete(&self, path: &str) -> Result<bool, String>;
 }
 
-/// A session, across loops: which loop, which slot, which generation of that slot.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct SessionId {
-    pub lp: u32,
-    pub slot: u64,
-    pub generation: u64,
-}
+pub use crate::backend::SessionId;
 
 pub struct ForwardJob {
-    pub session: SessionId,
+    pub ticket: Ticket,
     pub work: Work,
     pub submitted: Instant,
 }
@@ -74,29 +70,23 @@ pub enum Work {
 }
 
 pub struct ForwardDone {
-    pub session: SessionId,
+    pub ticket: Ticket,
     /// The owner's reply message (no frame header), or why there is none.
     pub reply: Result<Vec<u8>, String>,
     pub submitted: Instant,
 }
 
-/// A loop's way back: its channel and how to wake it.
-pub struct Return {
-    pub tx: Sender<ForwardDone>,
-    pub wake: Box<dyn Fn() + Send + Sync>,
-}
-
 /// The forwarding workers and the loops' return channels.
 pub struct Forwarder {
     jobs: Sender<ForwardJob>,
-    returns: Arc<OnceLock<Vec<Return>>>,
+    returns: Returns,
 }
 
 impl Forwarder {
-    /// Starts `workers` threads; `timeout` bounds connect, send and receive of one forward.
-    pub fn start(workers: usize, timeout: Duration) -> Forwarder {
+    /// Starts `workers` threads; `timeout` bounds connect, send and receive of one forward. Replies go back
+    /// through `returns` (filled once the loops exist).
+    pub fn start(workers: usize, timeout: Duration, returns: Returns) -> Forwarder {
         let (jobs, rx) = crossbeam_channel::unbounded::<ForwardJob>();
-        let returns: Arc<OnceLock<Vec<Return>>> = Arc::new(OnceLock::new());
         for i in 0..workers.max(1) {
             let rx: Receiver<ForwardJob> = rx.clone();
             let returns = returns.clone();
@@ -110,19 +100,14 @@ impl Forwarder {
         Forwarder { jobs, returns }
     }
 
-    /// Registers the loops' return channels, in loop order (once, after the loops exist).
-    pub fn set_returns(&self, returns: Vec<Return>) {
-        let _ = self.returns.set(returns);
-    }
-
     pub fn submit(&self, job: ForwardJob) {
-        let session = job.session;
+        let ticket = job.ticket;
         let submitted = job.submitted;
         if let Err(e) = self.jobs.send(job) {
             deliver(
                 &self.returns,
                 ForwardDone {
-                    session,
+                    ticket,
                     reply: Err(format!("forwarding stopped: {e}")),
                     submitted,
                 },
@@ -131,21 +116,17 @@ impl Forwarder {
     }
 }
 
-fn deliver(returns: &OnceLock<Vec<Return>>, done: ForwardDone) {
-    if let Some(r) = returns.get().and_then(|r| r.get(done.session.lp as usize)) {
-        if r.tx.send(done).is_ok() {
-            (r.wake)();
-        }
-    }
+fn deliver(returns: &Returns, done: ForwardDone) {
+    returns.send(done.ticket.session.lp, Completion::Forward(done));
 }
 
 /// Calls queued for one owner: its node id, its address, and each call's session, start and request.
-type OwnerBatch = (u64, String, Vec<(SessionId, Instant, Vec<u8>)>);
+type OwnerBatch = (u64, String, Vec<(Ticket, Instant, Vec<u8>)>);
 
 /// Forwards queued jobs. Jobs that arrive together for the same owner go out in one `write` and their
 /// replies are read back in order on the same connection (pipelined), which saves a system call and a
 /// wake-up per call under load.
-fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout: Duration) {
+fn worker(rx: Receiver<ForwardJob>, returns: Returns, timeout: Duration) {
     // Each worker keeps its own connection per peer: no lock between workers.
     let mut pool: HashMap<String, BufReader<TcpStream>> = HashMap::new();
     const BATCH: usize = 64;
@@ -159,7 +140,7 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
                 Work::Run(f) => deliver(
                     &returns,
                     ForwardDone {
-                        session: job.session,
+                        ticket: job.ticket,
                         reply: f(),
                         submitted: job.submitted,
                     },
@@ -169,7 +150,7 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
                     addr,
                     request,
                 } => {
-                    let item = (job.session, job.submitted, request);
+                    let item = (job.ticket, job.submitted, request);
                     match groups.iter_mut().find(|g| g.1 == addr) {
                         Some(g) => g.2.push(item),
                         None => groups.push((node, addr, vec![item])),
@@ -195,7 +176,7 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
             }
             let why = err.map(|e| format!("forwarding to node {node} at {addr} failed: {e}"));
             let mut got = got.into_iter();
-            for (session, submitted, _) in items {
+            for (ticket, submitted, _) in items {
                 let reply = match got.next() {
                     Some(body) => Ok(body),
                     None => Err(why.clone().unwrap_or_else(|| "no reply".into())),
@@ -203,7 +184,7 @@ fn worker(rx: Receiver<ForwardJob>, returns: Arc<OnceLock<Vec<Return>>>, timeout
                 deliver(
                     &returns,
                     ForwardDone {
-                        session,
+                        ticket,
                         reply,
                         submitted,
                     },

@@ -4,9 +4,14 @@
 pub mod idgen;
 pub mod lcache;
 pub mod lock;
+pub mod memcache;
 pub mod misc;
+pub mod redis;
 pub mod registry;
 
+use std::time::Instant;
+
+use crate::backend::{BackendError, BackendStartError, Backends, Expect, Job, Response, Ticket};
 use crate::config::Config;
 use crate::wire::{AppErrorKind, ArgError, Args, Context, Reply};
 
@@ -108,6 +113,52 @@ fn checked_context<'a>(args: &Args<'a>) -> Result<Context<'a>, CallError> {
     Ok(ctx)
 }
 
+/// What the engine tells a servant about the call it runs.
+pub struct CallEnv {
+    /// Where a deferred answer goes.
+    pub ticket: Ticket,
+    /// When the call started running.
+    pub now: Instant,
+    /// `server.call_timeout_ms` after its message arrived.
+    pub deadline: Instant,
+}
+
+/// How a call left the servant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its result is in the reply.
+    Answered,
+    /// It went to a back end; [`Servants::finish`] writes its result when the answer comes back.
+    Deferred,
+}
+
+/// Hands a call placed on `server` to the back end, if the server's breaker lets it through.
+fn submit(
+    b: &Backends,
+    server: usize,
+    request: Vec<u8>,
+    expect: Expect,
+    env: &CallEnv,
+) -> Result<Outcome, CallError> {
+    let s = &b.servers[server];
+    let permit = s
+        .breaker
+        .admit(env.now)
+        .map_err(|r| CallError::refused(s.refused(&r)))?;
+    let session = env.ticket.session;
+    b.submit(Job {
+        server,
+        affinity: u64::from(session.lp) << 48 ^ session.generation,
+        request,
+        expect,
+        ticket: env.ticket,
+        submitted: env.now,
+        deadline: env.deadline,
+        permit,
+    });
+    Ok(Outcome::Deferred)
+}
+
 /// All servants of one node, shared by every event loop.
 pub struct Servants {
     pub misc: misc::Misc,
@@ -115,26 +166,30 @@ pub struct Servants {
     pub lcache: lcache::LCache,
     pub lock: lock::Locks,
     pub registry: registry::Registry,
+    pub backends: Backends,
 }
 
 impl Servants {
-    pub fn new(cfg: &Config) -> Self {
-        Servants {
+    /// The node's servants; starts the back-end I/O threads when pools are configured.
+    pub fn new(cfg: &Config) -> Result<Self, BackendStartError> {
+        Ok(Servants {
             misc: misc::Misc::new(cfg.node.id),
             idgen: idgen::IdGen::new(&cfg.idgen),
             lcache: lcache::LCache::new(&cfg.lcache),
             lock: lock::Locks::new(&cfg.lock),
             registry: registry::Registry::new(&cfg.registry),
-        }
+            backends: Backends::start(cfg)?,
+        })
     }
 
-    /// Runs one call, writing its result struct's fields into `reply`.
+    /// Runs one call: writes its result struct's fields into `reply`, or hands it to a back end.
     pub fn call(
         &self,
         method: Method,
         args: &Args<'_>,
         reply: &mut Reply<'_>,
-    ) -> Result<(), CallError> {
+        env: &CallEnv,
+    ) -> Result<Outcome, CallError> {
         use Method::*;
         let out = reply.enc();
         match method {
@@ -160,8 +215,11 @@ impl Servants {
                     }
                     ZkChildren => self.registry.children(args.bytes(2, "path")?, out)?,
                     ZkDel => out.field_bool(0, self.registry.delete(args.bytes(2, "path")?)?),
-                    McSet | McGet | McAdd | McDelete | McIncrement | RdCall | MyQuery | MyBulkExec
-                    | MyQueryShards | MyMerge | MyEvict => {
+                    McSet | McGet | McAdd | McDelete | McIncrement => {
+                        return memcache::call(&self.backends, method, args, env)
+                    }
+                    RdCall => return redis::call(&self.backends, args, env),
+                    MyQuery | MyBulkExec | MyQueryShards | MyMerge | MyEvict => {
                         return Err(CallError::new(
                             AppErrorKind::UnknownMethod,
                             format!(
@@ -174,6 +232,20 @@ impl Servants {
                 }
             }
         }
-        Ok(())
+        Ok(Outcome::Answered)
+    }
+
+    /// Writes the result of a deferred call whose back end answered (or failed).
+    pub fn finish(
+        &self,
+        method: Method,
+        result: Result<Response, BackendError>,
+        reply: &mut Reply<'_>,
+    ) -> Result<(), CallError> {
+        let out = reply.enc();
+        match method {
+            Method::RdCall => redis::finish(result, out),
+            _ => memcache::finish(method, result, out),
+        }
     }
 }

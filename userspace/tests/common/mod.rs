@@ -480,6 +480,28 @@ pub enum Val {
     Map(u8, u8, Vec<(Val, Val)>),
 }
 
+impl Val {
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Val::Bin(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn i32(&self) -> Option<i32> {
+        match self {
+            Val::I32(v) => Some(*v),
+            _ => None,
+        }
+    }
+    /// Field `id` of a struct.
+    pub fn field(&self, id: i16) -> Option<&Val> {
+        match self {
+            Val::Struct(f) => f.iter().find(|(i, _)| *i == id).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+}
+
 /// A decoded message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Msg {
@@ -819,3 +841,4 @@ pub fn timed_ping_within(addr: SocketAddr, limit: Duration) -> Duration {
     m.success("ping", 4243);
     t.elapsed()
 }
+pub mod stores;

@@ -1,0 +1,392 @@
+//! The memcache and Redis servants against real memcached and redis-server processes (started on loopback
+//! ports by the tests, stopped by PID): pipelining and order, pools bounded by `max_conns` under 2,000
+//! sessions, circuit breakers under a killed server, deadlines under a stopped one.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::stores::Store;
+use common::*;
+use fae::client::fun_rpc::TMemcacheData;
+use fae::client::{self, TFunServantSyncClient};
+
+fn ctx() -> fae::client::Context {
+    fae::client::Context::new(7, "backends-test".into(), 1, None)
+}
+
+fn pools(mc: &[&Store], rd: &[&Store], extra: &str) -> String {
+    let list = |s: &[&Store]| {
+        s.iter()
+            .map(|s| format!("\"{}\"", s.addr()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[[memcache.pools]]\nname = \"default\"\nservers = [{}]\n\n[[redis.pools]]\nname = \"default\"\nservers = [{}]\n\n{extra}\n",
+        list(mc),
+        list(rd)
+    )
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::Write;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn stats(f: &Faed) -> serde_json::Value {
+    let r = http_get(f.admin_port, "/api/stats");
+    serde_json::from_str(&r[r.find("\r\n\r\n").unwrap() + 4..]).unwrap()
+}
+
+/// The /api/stats entry of back-end server `addr`.
+fn server_stats(f: &Faed, addr: &str) -> serde_json::Value {
+    stats(f)["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["server"] == addr)
+        .cloned()
+        .unwrap_or_else(|| panic!("no stats for {addr}"))
+}
+
+fn app_error(r: thrift::Result<impl std::fmt::Debug>) -> String {
+    match r {
+        Err(thrift::Error::Application(e)) => {
+            assert_eq!(
+                e.kind,
+                thrift::ApplicationErrorKind::InternalError,
+                "{}",
+                e.message
+            );
+            e.message
+        }
+        other => panic!("expected an application error, got {other:?}"),
+    }
+}
+
+/// Calls of one session pipelined across back ends and in-memory servants come back in the order sent,
+/// each with its own answer.
+#[test]
+fn pipelined_replies_keep_their_order() {
+    let (m1, m2, r1) = (Store::memcached(), Store::memcached(), Store::redis());
+    let f = Faed::start_with("", &pools(&[&m1, &m2], &[&r1], ""));
+    let mut c = f.connect(Transport::Framed);
+    let ctx_key = |e: &mut Encoder<'_>, key: &[u8]| {
+        ctx_arg(e);
+        e.field_bytes(2, b"default");
+        e.field_bytes(3, key);
+    };
+    let mc_set = |seq, key: &'static [u8], v: &'static [u8]| {
+        call("mc_set", seq, |e| {
+            ctx_key(e, key);
+            e.field_begin(ttype::STRUCT, 4);
+            e.field_bytes(1, v);
+            e.field_i32(2, seq);
+            e.stop();
+            e.field_i32(5, 0);
+        })
+    };
+    let mc_get = |seq, key: &'static [u8]| call("mc_get", seq, |e| ctx_key(e, key));
+    let rd = |seq, args: &[&[u8]]| {
+        let args: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+        call("rd_call", seq, move |e| {
+            ctx_arg(e);
+            e.field_bytes(2, &args[0]);
+            e.field_bytes(3, b"default");
+            e.field_begin(ttype::LIST, 4);
+            e.list_begin(ttype::STRING, args.len() - 1);
+            for a in &args[1..] {
+                e.bytes(a);
+            }
+        })
+    };
+    let mut batch = Vec::new();
+    let mut n = 0;
+    for round in 0..50 {
+        let key: &'static [u8] = Box::leak(
+            format!("order:{}", round % 7)
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        let v1: &'static [u8] = Box::leak(format!("a{round}").into_bytes().into_boxed_slice());
+        let v2: &'static [u8] = Box::leak(format!("b{round}").into_bytes().into_boxed_slice());
+        for msg in [
+            mc_set(n + 1, key, v1),
+            mc_get(n + 2, key),
+            noop_call(n + 3, n + 3),
+            rd(n + 4, &[b"SET", key, v2]),
+            mc_set(n + 5, key, v2),
+            rd(n + 6, &[b"GET", key]),
+            mc_get(n + 7, key),
+            lc_get_call(n + 8, b"nothing-here"),
+        ] {
+            batch.extend_from_slice(&framed(&msg));
+        }
+        n += 8;
+    }
+    c.send_raw(&batch);
+    for round in 0..50 {
+        let base = round * 8;
+        let v1 = format!("a{round}");
+        let v2 = format!("b{round}");
+        let m = c.recv().expect("reply");
+        assert_eq!(m.seqid, base + 1, "reply order");
+        let r = c.recv().unwrap();
+        assert_eq!(r.seqid, base + 2);
+        let got = r.success("mc_get", base + 2);
+        assert_eq!(
+            got.field(1).and_then(|v| v.bytes()),
+            Some(v1.as_bytes()),
+            "mc_get after mc_set"
+        );
+        let r = c.recv().unwrap();
+        assert_eq!(r.seqid, base + 3);
+        assert_eq!(r.success("noop", base + 3).i32(), Some(base + 3));
+        assert_eq!(c.recv().unwrap().seqid, base + 4);
+        assert_eq!(c.recv().unwrap().seqid, base + 5);
+        let r = c.recv().unwrap();
+        assert_eq!(r.success("rd_call", base + 6).bytes(), Some(v2.as_bytes()));
+        let r = c.recv().unwrap();
+        let got = r.success("mc_get", base + 7);
+        assert_eq!(got.field(1).and_then(|v| v.bytes()), Some(v2.as_bytes()));
+        assert_eq!(
+            got.field(2).and_then(|v| v.i32()),
+            Some(base as i32 + 5),
+            "flags kept"
+        );
+        let r = c.recv().unwrap();
+        assert_eq!(r.seqid, base + 8);
+        assert!(r.field(1).is_some(), "lc_get miss: TCacheMissed");
+    }
+    f.assert_alive();
+}
+
+/// 2,000 sessions calling rd_call and mc_get at once reach each store over at most `max_conns`
+/// connections.
+#[test]
+fn two_thousand_sessions_share_max_conns_connections() {
+    raise_nofile(8192);
+    let (m1, r1) = (Store::memcached(), Store::redis());
+    let f = Faed::start_with(
+        "max_sessions = 5000",
+        &pools(&[&m1], &[&r1], "[backend]\nmax_conns = 3\n"),
+    );
+    let mut sessions: Vec<Conn> = (0..2000).map(|_| f.connect(Transport::Buffered)).collect();
+    let rd_get = |seq: i32| {
+        call("rd_call", seq, |e| {
+            ctx_arg(e);
+            e.field_bytes(2, b"INCR");
+            e.field_bytes(3, b"default");
+            e.field_begin(ttype::LIST, 4);
+            e.list_begin(ttype::STRING, 1);
+            e.bytes(b"sessions");
+        })
+    };
+    let mc_get = |seq: i32| {
+        call("mc_get", seq, |e| {
+            ctx_arg(e);
+            e.field_bytes(2, b"default");
+            e.field_bytes(3, b"nokey");
+        })
+    };
+    // Every session sends before any reads, so that all 2,000 calls are in flight together.
+    for (i, s) in sessions.iter_mut().enumerate() {
+        s.send(&on(Transport::Buffered, &rd_get(i as i32 + 1)));
+        s.send(&on(Transport::Buffered, &mc_get(i as i32 + 1)));
+    }
+    let (mut max_rd, mut max_mc) = (0, 0);
+    for (i, s) in sessions.iter_mut().enumerate() {
+        let r = s.recv().expect("rd_call reply");
+        assert!(r.app_error().is_none(), "session {i}: {:?}", r.app_error());
+        let r = s.recv().expect("mc_get reply");
+        assert!(
+            r.field(1).is_some(),
+            "session {i}: mc_get of a missing key: TCacheMissed"
+        );
+        if i % 250 == 0 {
+            max_rd = max_rd.max(r1.client_connections());
+            max_mc = max_mc.max(m1.client_connections());
+        }
+    }
+    let counter = r1.ask(b"GET sessions\r\n", b"\r\n").unwrap();
+    assert!(counter.contains("2000"), "{counter}");
+    max_rd = max_rd.max(r1.client_connections());
+    max_mc = max_mc.max(m1.client_connections());
+    assert!(
+        (1..=3).contains(&max_rd),
+        "redis saw {max_rd} connections from faed"
+    );
+    assert!(
+        (1..=3).contains(&max_mc),
+        "memcached saw {max_mc} connections from faed"
+    );
+    let st = server_stats(&f, &r1.addr());
+    assert!(st["connects"].as_u64().unwrap() <= 3, "{st}");
+    f.assert_alive();
+}
+
+/// A killed memcached: its breaker opens, calls for its keys fail at once naming it, keys on the other
+/// server keep working; restarted, the breaker goes half-open, then closed.
+#[test]
+fn killed_memcached_opens_its_breaker_and_recovers() {
+    let (mut m1, m2) = (Store::memcached(), Store::memcached());
+    let extra = "[backend.breaker]\nconsecutive_failures = 3\nopen_ms = 300\nmax_open_ms = 600\nclose_after = 2\n";
+    let f = Faed::start_with(
+        "",
+        &pools(&[&m1, &m2], &[], extra)
+            .replace("[[redis.pools]]\nname = \"default\"\nservers = []\n", ""),
+    );
+    let mut c = client::connect(&f.addr().to_string(), Transport::Framed, IO_TIMEOUT).unwrap();
+    // Keys by server, placed by the standard strategy over [m1, m2].
+    let place = |k: &str| {
+        let h = ((crc32fast::hash(k.as_bytes()) >> 16) & 0x7fff).max(1);
+        (h % 2) as usize
+    };
+    let keys: Vec<String> = (0..40).map(|i| format!("brk:{i}")).collect();
+    let on1: Vec<&String> = keys.iter().filter(|k| place(k) == 0).collect();
+    let on2: Vec<&String> = keys.iter().filter(|k| place(k) == 1).collect();
+    assert!(on1.len() >= 5 && on2.len() >= 5);
+    let data = |v: &str| TMemcacheData::new(v.as_bytes().to_vec(), 0);
+    for k in &keys {
+        assert!(c
+            .mc_set(ctx(), "default".into(), (*k).clone(), data("v"), 0)
+            .unwrap());
+    }
+    m1.kill();
+    // The first calls fail as the connections break or refuse; then the breaker is open.
+    for k in on1.iter().cycle().take(10) {
+        let msg = app_error(c.mc_get(ctx(), "default".into(), (*k).clone()));
+        assert!(msg.contains(&m1.addr()), "{msg}");
+    }
+    let st = server_stats(&f, &m1.addr());
+    assert_eq!(st["breaker"], "open", "{st}");
+    let msg = app_error(c.mc_get(ctx(), "default".into(), on1[0].clone()));
+    assert!(
+        msg.contains("circuit breaker open") && msg.contains(&m1.addr()),
+        "{msg}"
+    );
+    assert!(server_stats(&f, &m1.addr())["rejected"].as_u64().unwrap() >= 1);
+    // The other server's keys are untouched.
+    for k in &on2 {
+        assert_eq!(
+            c.mc_get(ctx(), "default".into(), (*k).clone())
+                .unwrap()
+                .data,
+            b"v"
+        );
+    }
+    m1.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.mc_set(ctx(), "default".into(), on1[0].clone(), data("back"), 0);
+        let closed = server_stats(&f, &m1.addr())["breaker"] == "closed";
+        if r.is_ok() && closed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "breaker did not close after the restart: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = server_stats(&f, &m1.addr());
+    assert!(
+        st["transitions"]["half_open"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert!(st["transitions"]["closed"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(
+        c.mc_get(ctx(), "default".into(), on1[0].clone())
+            .unwrap()
+            .data,
+        b"back"
+    );
+    f.assert_alive();
+}
+
+/// A Redis stopped with SIGSTOP: its calls fail with a deadline error naming it, while noop is answered on
+/// every event loop meanwhile.
+#[test]
+fn stopped_redis_gives_deadline_errors_while_noop_is_answered() {
+    let r1 = Store::redis();
+    let f = Faed::start_with(
+        "call_timeout_ms = 600\nthreads = 2",
+        &pools(&[], &[&r1], "")
+            .replace("[[memcache.pools]]\nname = \"default\"\nservers = []\n", ""),
+    );
+    let addr = f.addr().to_string();
+    let mut c = client::connect(&addr, Transport::Buffered, IO_TIMEOUT).unwrap();
+    assert_eq!(
+        c.rd_call(
+            ctx(),
+            "SET".into(),
+            "default".into(),
+            vec!["k".into(), "v".into()]
+        )
+        .unwrap(),
+        "OK"
+    );
+    r1.signal(libc::SIGSTOP);
+    // Calls to the stopped store, from a few sessions at once.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let waiters: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, answered) = (addr.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut c = client::connect(&addr, Transport::Buffered, IO_TIMEOUT).unwrap();
+                let t0 = Instant::now();
+                let r = c.rd_call(ctx(), "GET".into(), "default".into(), vec!["k".into()]);
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (r, t0.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    // Meanwhile noop on many sessions (spread over both loops) is answered while the store's calls are
+    // still out: it never waits behind them.
+    for i in 0..40 {
+        let mut n = client::connect(&addr, Transport::Buffered, IO_TIMEOUT).unwrap();
+        assert_eq!(n.noop(i).unwrap(), i);
+    }
+    assert_eq!(
+        answered.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the rd_calls to the stopped store were answered before the noops"
+    );
+    for w in waiters {
+        let (r, took) = w.join().unwrap();
+        let msg = app_error(r);
+        assert!(msg.contains("late") && msg.contains(&r1.addr()), "{msg}");
+        // Not before the deadline (call_timeout_ms), and not long after it.
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+    r1.signal(libc::SIGCONT);
+    // Recovered: a new connection replaces the one closed as late.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.rd_call(ctx(), "GET".into(), "default".into(), vec!["k".into()]) {
+            Ok(v) => {
+                assert_eq!(v, "v");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "not recovered: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.assert_alive();
+}
