@@ -163,7 +163,7 @@ fn pipelined_replies_keep_their_order() {
         assert_eq!(got.field(1).and_then(|v| v.bytes()), Some(v2.as_bytes()));
         assert_eq!(
             got.field(2).and_then(|v| v.i32()),
-            Some(base as i32 + 5),
+            Some(base + 5),
             "flags kept"
         );
         let r = c.recv().unwrap();
