@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The PHP suite: generate the PHP code from idl/fae.thrift into a temp dir, start faed on two free loopback
-# ports, run tests/php/test_fae.php (with plain PHP, then again with the thrift_protocol extension if it can be
-# loaded), stop faed by PID (SIGTERM, SIGKILL after 10 s) and require exit code 0 from it.
+# The PHP suite: generate the PHP code from idl/fae.thrift into a temp dir, start memcached and redis-server
+# processes and faed on free loopback ports (faed's pools hold the stores), run tests/php/test_fae.php and
+# tests/php/test_backends.php (with plain PHP, then again with the thrift_protocol extension if it can be
+# loaded), stop faed by PID (SIGTERM, SIGKILL after 10 s) and require exit code 0 from it, and stop every
+# store by PID.
 #
 #   tests/php/run.sh                 # uses target/debug/faed
 #   FAED_BIN=/path/to/faed tests/php/run.sh
@@ -17,6 +19,7 @@ HOST=127.0.0.1
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/fae-php.XXXXXX")
 FAED_PID=""
+STORE_PIDS=()
 
 stop_faed() {
     # Stop faed by PID: SIGTERM, then SIGKILL after 10 s. Sets FAED_RC.
@@ -40,6 +43,10 @@ stop_faed() {
 
 cleanup() {
     stop_faed
+    for pid in "${STORE_PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -63,15 +70,64 @@ if ! "$THRIFT" --gen php -out "$GEN" "$IDL" 2>"$TMP/thrift.err"; then
 fi
 [ -f "$GEN/fun/rpc/FunServantClient.php" ] || fail "generated code not where expected: $GEN/fun/rpc"
 
-# ---- the server ----
+# ---- the stores and the server ----
 [ -x "$FAED_BIN" ] || fail "faed binary not found or not executable: $FAED_BIN (set FAED_BIN)"
-read -r RPC_PORT ADMIN_PORT < <("$PHP" -r '
-    $a = stream_socket_server("tcp://127.0.0.1:0"); $b = stream_socket_server("tcp://127.0.0.1:0");
+# Nine free ports at once: faed's RPC and admin, memcached x5 (two for "default", three for placement), redis x2.
+read -r RPC_PORT ADMIN_PORT MC1 MC2 P1 P2 P3 RD1 RD2 < <("$PHP" -r '
+    $s = array(); for ($i = 0; $i < 9; $i++) { $s[] = stream_socket_server("tcp://127.0.0.1:0"); }
     $p = function ($s) { $n = stream_socket_get_name($s, false); return substr($n, strrpos($n, ":") + 1); };
-    echo $p($a), " ", $p($b), "\n";')
-[ -n "${ADMIN_PORT:-}" ] || fail "could not pick free ports"
+    echo implode(" ", array_map($p, $s)), "\n";')
+[ -n "${RD2:-}" ] || fail "could not pick free ports"
 
-"$FAED_BIN" --listen "$HOST:$RPC_PORT" --admin "$HOST:$ADMIN_PORT" --log-level warn \
+wait_store() { # PORT PROBE EXPECT: the store answers PROBE with a line starting with EXPECT, within 10 s
+    local r
+    for _ in $(seq 200); do
+        r=$(printf '%b' "$2" | timeout 1 nc -q 1 "$HOST" "$1" 2>/dev/null | head -c 64)
+        [[ "$r" == "$3"* ]] && return 0
+        sleep 0.05
+    done
+    fail "the store on port $1 did not answer"
+}
+for port in $MC1 $MC2 $P1 $P2 $P3; do
+    memcached -l "$HOST" -p "$port" -U 0 -u root -m 64 -t 1 </dev/null >/dev/null 2>&1 &
+    STORE_PIDS+=($!)
+    wait_store "$port" 'version\r\n' VERSION
+done
+for port in $RD1 $RD2; do
+    mkdir -p "$TMP/redis-$port"
+    redis-server --port "$port" --bind "$HOST" --save '' --appendonly no --daemonize no --logfile '' \
+        --dir "$TMP/redis-$port" </dev/null >/dev/null 2>&1 &
+    STORE_PIDS+=($!)
+    wait_store "$port" 'PING\r\n' +PONG
+done
+PLACEMENT="\"$HOST:$P1\", \"$HOST:$P2\", \"$HOST:$P3\""
+cat >"$TMP/faed.toml" <<EOF
+[[memcache.pools]]
+name = "default"
+servers = ["$HOST:$MC1", "$HOST:$MC2"]
+
+[[memcache.pools]]
+name = "php_standard"
+hash = "standard"
+servers = [$PLACEMENT]
+
+[[memcache.pools]]
+name = "php_consistent"
+hash = "consistent"
+servers = [$PLACEMENT]
+
+[[memcache.pools]]
+name = "php_ketama"
+hash = "ketama"
+servers = [$PLACEMENT]
+
+[[redis.pools]]
+name = "default"
+servers = ["$HOST:$RD1", "$HOST:$RD2"]
+EOF
+export FAE_BACKENDS="{\"memcache\": [\"$HOST:$MC1\", \"$HOST:$MC2\"], \"redis\": [\"$HOST:$RD1\", \"$HOST:$RD2\"], \"placement\": [$PLACEMENT]}"
+
+"$FAED_BIN" -c "$TMP/faed.toml" --listen "$HOST:$RPC_PORT" --admin "$HOST:$ADMIN_PORT" --log-level warn \
     </dev/null >"$TMP/faed.log" 2>&1 &
 FAED_PID=$!
 
@@ -90,11 +146,13 @@ done
 status=0
 echo "== php (plain TBinaryProtocol) =="
 "$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+"$PHP" "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 
 if ! "$PHP" -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null &&
    "$PHP" -d extension=thrift_protocol.so -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null; then
     echo "== php (thrift_protocol extension, TBinaryProtocolAccelerated) =="
     "$PHP" -d extension=thrift_protocol.so "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+    "$PHP" -d extension=thrift_protocol.so "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 else
     echo "== php: thrift_protocol extension not loadable (or already loaded): accelerated run skipped =="
 fi

@@ -1,12 +1,18 @@
-"""Shared fixtures: Thrift code generation, one faed for the whole session, client factories.
+"""Shared fixtures: Thrift code generation, the data stores, one faed for the whole session, client factories.
 
 Run from the repository root:  /usr/bin/python3 -m pytest tests/python -q
 Environment: FAED_BIN (default <repo>/target/debug/faed), THRIFT (default `thrift`).
 FAE_ADDR=host:port with FAE_ADMIN_PORT=port: run the suite against a faed that is already running there
-(the XDP lab test runs the whole suite this way from the client namespace) instead of starting one.
+(the XDP lab test runs the whole suite this way from the client namespace) instead of starting one; then
+FAE_BACKENDS='{"memcache": ["h:p", "h:p"], "redis": ["h:p", "h:p"]}' names the stores behind its "default"
+pools, which the back-end tests also reach directly.
+
+Without FAE_ADDR the suite starts two memcached and two redis-server processes on free loopback ports (stopped
+by PID at the end) and a faed whose "default" memcache and redis pools hold them.
 """
 
 import importlib
+import json
 import os
 import random
 import re
@@ -77,6 +83,91 @@ def rpc(tmp_path_factory):
         TApplicationException=TApplicationException, fae_client=fae_client, ctx=ctx, gen_dir=out)
 
 
+# ---- the data stores --------------------------------------------------------------------------------
+
+class Store(object):
+    """memcached or redis-server as a process of its own on a loopback port, stopped by PID."""
+
+    def __init__(self, kind, port, tmp):
+        self.kind, self.port, self.tmp = kind, port, tmp
+        self.proc = None
+        self.start()
+
+    @property
+    def addr(self):
+        return "%s:%d" % (HOST, self.port)
+
+    def start(self):
+        if self.kind == "memcached":
+            argv = ["memcached", "-l", HOST, "-p", str(self.port), "-U", "0", "-u", "root", "-m", "64", "-t", "1"]
+            probe, want = b"version\r\n", b"VERSION"
+        else:
+            argv = ["redis-server", "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                    "--daemonize", "no", "--logfile", "", "--dir", str(self.tmp)]
+            probe, want = b"PING\r\n", b"+PONG"
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        except FileNotFoundError:
+            pytest.fail("%s not found: scripts/setup installs it" % argv[0])
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail("%s on port %d exited at start with %s" % (self.kind, self.port, self.proc.returncode))
+            try:
+                if self.ask(probe).startswith(want):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("%s on port %d not ready within 10 s" % (self.kind, self.port))
+            time.sleep(0.02)
+
+    def ask(self, request, end=b"\r\n"):
+        with socket.create_connection((HOST, self.port), timeout=5) as s:
+            s.sendall(request)
+            got = b""
+            while not got.endswith(end):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return got
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory):
+    """The stores behind faed's "default" pools: .memcache and .redis, lists of "host:port"."""
+    if os.environ.get("FAE_ADDR"):
+        spec = os.environ.get("FAE_BACKENDS")
+        if not spec:
+            pytest.fail("FAE_ADDR is set without FAE_BACKENDS: say which stores the faed at FAE_ADDR uses")
+        d = json.loads(spec)
+        yield types.SimpleNamespace(memcache=d["memcache"], redis=d["redis"])
+        return
+    ports = free_ports(4)
+    started = []
+    try:
+        for kind, port in zip(["memcached", "memcached", "redis", "redis"], ports):
+            started.append(Store(kind, port, tmp_path_factory.mktemp(kind)))
+        yield types.SimpleNamespace(memcache=[s.addr for s in started[:2]], redis=[s.addr for s in started[2:]])
+    finally:
+        for s in started:
+            s.stop()
+
+
+def pools_toml(stores):
+    q = lambda addrs: ", ".join('"%s"' % a for a in addrs)
+    return ('[[memcache.pools]]\nname = "default"\nservers = [%s]\n\n'
+            '[[redis.pools]]\nname = "default"\nservers = [%s]\n' % (q(stores.memcache), q(stores.redis)))
+
+
 # ---- the server -------------------------------------------------------------------------------------
 
 class Faed(object):
@@ -115,17 +206,21 @@ class External(Faed):
 
 
 @pytest.fixture(scope="session")
-def faed(tmp_path_factory):
-    """Start faed on two free loopback ports; stop it with SIGTERM at the end and require exit code 0."""
+def faed(tmp_path_factory, stores):
+    """Start faed on two free loopback ports with the stores as its "default" pools; stop it with SIGTERM at
+    the end and require exit code 0."""
     if os.environ.get("FAE_ADDR"):
         yield External(os.environ["FAE_ADDR"], int(os.environ["FAE_ADMIN_PORT"]))
         return
     if not (os.path.isfile(FAED_BIN) and os.access(FAED_BIN, os.X_OK)):
         pytest.fail("faed binary not found or not executable: %s (set FAED_BIN)" % FAED_BIN)
     rpc_port, admin_port = free_ports(2)
-    log_path = tmp_path_factory.mktemp("faed") / "faed.log"
-    argv = [FAED_BIN, "--listen", "%s:%d" % (HOST, rpc_port), "--admin", "%s:%d" % (HOST, admin_port),
-            "--log-level", "warn"]
+    tmp = tmp_path_factory.mktemp("faed")
+    log_path = tmp / "faed.log"
+    config = tmp / "faed.toml"
+    config.write_text(pools_toml(stores))
+    argv = [FAED_BIN, "-c", str(config), "--listen", "%s:%d" % (HOST, rpc_port),
+            "--admin", "%s:%d" % (HOST, admin_port), "--log-level", "warn"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     server = Faed(proc, rpc_port, admin_port, log_path)

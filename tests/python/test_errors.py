@@ -22,6 +22,10 @@ CTX_METHODS = [
     ("zk_create", ["/pytest-badctx/x", "d"]),
     ("zk_children", ["/pytest-badctx"]),
     ("zk_del", ["/pytest-badctx/x"]),
+    ("mc_get", ["default", "pytest-badctx-key"]),
+    ("mc_delete", ["default", "pytest-badctx-key"]),
+    ("mc_increment", ["default", "pytest-badctx-key", 1]),
+    ("rd_call", ["GET", "default", ["pytest-badctx-key"]]),
 ]
 
 
