@@ -73,3 +73,34 @@ for target, prefix in (("wire_decode", b""), ("session", b"\x07")):
         with open(os.path.join(d, "seed-" + name), "wb") as f:
             f.write(prefix + data)
 print(f"wrote {len(seeds)} seeds per target")
+
+# Store replies for backend_replies: first byte = what the parser expects (0 get, 1 store, 2 delete, 3 incr,
+# 4 version, 5 Redis), second = where the bytes are split between two reads.
+replies = {
+    "mc_value": (0, b"VALUE k 42 5\r\nhello\r\nEND\r\nEND\r\n"),
+    "mc_value_crlf_in_data": (0, b"VALUE k 0 7\r\n\r\nEND\r\n\r\nEND\r\n"),
+    "mc_value_bad_trailer": (0, b"VALUE k 0 1\r\nxYEND\r\n"),
+    "mc_value_huge": (0, b"VALUE k 0 999999999\r\n"),
+    "mc_miss": (0, b"END\r\n"),
+    "mc_stored": (1, b"STORED\r\nNOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\n"),
+    "mc_errors": (1, b"ERROR\r\nCLIENT_ERROR bad data chunk\r\nSERVER_ERROR object too large for cache\r\n"),
+    "mc_deleted": (2, b"DELETED\r\nNOT_FOUND\r\n"),
+    "mc_number": (3, b"0\r\n18446744073709551615\r\n18446744073709551616\r\n"),
+    "mc_version": (4, b"VERSION 1.6.18\r\n"),
+    "mc_long_line": (1, b"X" * 5000),
+    "rd_status": (5, b"+OK\r\n-ERR wrong number of arguments\r\n:-42\r\n"),
+    "rd_bulk": (5, b"$5\r\nhello\r\n$0\r\n\r\n$-1\r\n"),
+    "rd_array": (5, b"*3\r\n$1\r\na\r\n*-1\r\n*2\r\n:1\r\n*1\r\n+x\r\n"),
+    "rd_deep": (5, b"*1\r\n" * 20 + b":1\r\n"),
+    "rd_bad_len": (5, b"$-7\r\n$abc\r\n"),
+    "rd_bulk_no_crlf": (5, b"$3\r\nabcXY"),
+    "rd_huge_array": (5, b"*99999999\r\n"),
+    "rd_unknown_type": (5, b"%2\r\n"),
+}
+d = os.path.join(HERE, "corpus", "backend_replies")
+os.makedirs(d, exist_ok=True)
+for name, (kind, data) in replies.items():
+    for cut in (0, 3, 11):
+        with open(os.path.join(d, "seed-%s-%d" % (name, cut)), "wb") as f:
+            f.write(bytes([kind, cut]) + data)
+print(f"wrote {len(replies) * 3} backend_replies seeds")

@@ -89,3 +89,57 @@ pub fn session(data: &[u8]) {
         out = &out[frame.consumed..];
     }
 }
+
+/// A store's reply bytes as a back-end connection reads them: `data[0]` picks what the parser expects
+/// (memcached's five answer kinds, or Redis), `data[1]` where the bytes are split between two reads; the rest
+/// is the reply stream. Must never panic; the resumable Redis walk must find the same end as a one-pass walk,
+/// and what it finds must decode.
+pub fn backend_replies(data: &[u8]) {
+    use crate::backend::{memcache, redis};
+    let [kind, cut, stream @ ..] = data else {
+        return;
+    };
+    let (max_value, max_count) = (1 << 16, 1 << 10);
+    let split = usize::from(*cut).min(stream.len());
+    if kind % 6 < 5 {
+        let expect = [
+            memcache::Expect::Value,
+            memcache::Expect::Stored,
+            memcache::Expect::Deleted,
+            memcache::Expect::Number,
+            memcache::Expect::Version,
+        ][usize::from(kind % 6)];
+        let mut rest = stream;
+        while let Ok(Some((_, used))) = memcache::parse(rest, expect, max_value) {
+            assert!(used > 0 && used <= rest.len());
+            // A prefix of a whole answer is never taken for a whole answer.
+            assert!(matches!(
+                memcache::parse(&rest[..used - 1], expect, max_value),
+                Ok(None) | Err(_)
+            ));
+            rest = &rest[used..];
+        }
+        return;
+    }
+    let mut rest = stream;
+    loop {
+        let one_pass = redis::Scan::default().walk(rest, max_value, max_count);
+        let mut scan = redis::Scan::default();
+        let resumed = scan
+            .walk(&rest[..split.min(rest.len())], max_value, max_count)
+            .and_then(|found| match found {
+                Some(n) => Ok(Some(n)),
+                None => scan.walk(rest, max_value, max_count),
+            });
+        match (one_pass, resumed) {
+            (Ok(Some(a)), Ok(Some(b))) => {
+                assert_eq!(a, b, "resumed walk ended elsewhere");
+                assert!(a > 0 && a <= rest.len());
+                redis::value(&rest[..a]).expect("a whole reply decodes");
+                rest = &rest[a..];
+            }
+            (Ok(None), Ok(None)) | (Err(_), Err(_)) => return,
+            (a, b) => panic!("one-pass walk {a:?}, resumed walk {b:?}"),
+        }
+    }
+}

@@ -390,3 +390,80 @@ fn stopped_redis_gives_deadline_errors_while_noop_is_answered() {
     }
     f.assert_alive();
 }
+
+/// An answer larger than `server.max_message_bytes` fails its call with a clear error, and does not count
+/// against the server: the breaker stays closed and the next call is served.
+#[test]
+fn oversized_answers_fail_their_call_not_the_server() {
+    let r1 = Store::redis();
+    let f = Faed::start_with(
+        "max_message_bytes = 1048576",
+        &pools(&[], &[&r1], "[backend.breaker]\nconsecutive_failures = 1\n")
+            .replace("[[memcache.pools]]\nname = \"default\"\nservers = []\n", ""),
+    );
+    let big = vec![b'x'; 2 << 20];
+    let mut req = format!("*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n${}\r\n", big.len()).into_bytes();
+    req.extend_from_slice(&big);
+    req.extend_from_slice(b"\r\n");
+    assert!(r1.ask(&req, b"\r\n").unwrap().starts_with("+OK"));
+    let mut c = client::connect(&f.addr().to_string(), Transport::Framed, IO_TIMEOUT).unwrap();
+    for _ in 0..3 {
+        let msg = app_error(c.rd_call(ctx(), "GET".into(), "default".into(), vec!["big".into()]));
+        assert!(msg.contains("more than 1048576 bytes"), "{msg}");
+        assert_eq!(
+            c.rd_call(ctx(), "STRLEN".into(), "default".into(), vec!["big".into()])
+                .unwrap(),
+            "2097152"
+        );
+    }
+    let st = server_stats(&f, &r1.addr());
+    assert_eq!(st["breaker"], "closed", "{st}");
+    assert_eq!(st["failures"]["too_large"], 3, "{st}");
+    f.assert_alive();
+}
+
+/// A client pipelining calls to a stopped store: faed stops reading it once its deferred calls are out and
+/// a read's worth of requests waits, instead of buffering everything it is sent.
+#[test]
+fn pipelining_behind_a_stopped_store_does_not_grow_memory() {
+    let m1 = Store::memcached();
+    let f = Faed::start_with(
+        "call_timeout_ms = 3000",
+        &pools(&[&m1], &[], "").replace("[[redis.pools]]\nname = \"default\"\nservers = []\n", ""),
+    );
+    let mut c = f.connect(Transport::Framed);
+    c.call(&noop_call(1, 1));
+    m1.signal(libc::SIGSTOP);
+    let rss0 = f.rss_kib();
+    // 400,000 pipelined mc_get calls (about 28 MB, more than the kernel's socket buffers hold) written without
+    // reading any reply.
+    let one = framed(&call("mc_get", 2, |e| {
+        ctx_arg(e);
+        e.field_bytes(2, b"default");
+        e.field_bytes(3, b"some:key");
+    }));
+    let mut writer = c.w.try_clone().unwrap();
+    writer.set_nonblocking(true).unwrap();
+    let mut sent = 0usize;
+    let all = one.repeat(400_000);
+    let t0 = Instant::now();
+    while sent < all.len() && t0.elapsed() < Duration::from_secs(2) {
+        use std::io::Write;
+        match writer.write(&all[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    let grown = f.rss_kib().saturating_sub(rss0);
+    assert!(
+        sent < all.len(),
+        "faed took all {} bytes while the store was stopped",
+        all.len()
+    );
+    assert!(grown < 32 << 10, "faed grew by {grown} KiB");
+    m1.signal(libc::SIGCONT);
+    f.assert_alive();
+}

@@ -27,3 +27,8 @@ fn wire_decode_corpus() {
 fn session_corpus() {
     replay("session", fae::fuzzing::session);
 }
+
+#[test]
+fn backend_replies_corpus() {
+    replay("backend_replies", fae::fuzzing::backend_replies);
+}

@@ -51,6 +51,8 @@ impl State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Permit {
     probe: bool,
+    /// The half-open round a probe belongs to: a probe of an earlier round that ends late moves nothing.
+    round: u32,
 }
 
 /// Why a call was refused.
@@ -87,6 +89,8 @@ struct Inner {
     backoff: u32,
     probes_out: u32,
     probe_successes: u32,
+    /// Half-open rounds so far.
+    round: u32,
     last_failure: String,
 }
 
@@ -113,6 +117,7 @@ impl Breaker {
                 backoff: 0,
                 probes_out: 0,
                 probe_successes: 0,
+                round: 0,
                 last_failure: String::new(),
             }),
             epoch: Instant::now(),
@@ -140,12 +145,16 @@ impl Breaker {
 
     /// Asks to make a call now.
     pub fn admit(&self, now: Instant) -> Result<Permit, Refused> {
+        const NORMAL: Permit = Permit {
+            probe: false,
+            round: 0,
+        };
         if self.state() == State::Closed {
-            return Ok(Permit { probe: false });
+            return Ok(NORMAL);
         }
         let mut g = self.lock();
         match self.state() {
-            State::Closed => Ok(Permit { probe: false }),
+            State::Closed => Ok(NORMAL),
             State::Open => {
                 let until = g.open_until.unwrap_or(now);
                 if now < until {
@@ -156,14 +165,21 @@ impl Breaker {
                     });
                 }
                 self.set(State::HalfOpen);
+                g.round = g.round.wrapping_add(1);
                 g.probes_out = 1;
                 g.probe_successes = 0;
-                Ok(Permit { probe: true })
+                Ok(Permit {
+                    probe: true,
+                    round: g.round,
+                })
             }
             State::HalfOpen => {
                 if g.probes_out < self.cfg.half_open_probes {
                     g.probes_out += 1;
-                    Ok(Permit { probe: true })
+                    Ok(Permit {
+                        probe: true,
+                        round: g.round,
+                    })
                 } else {
                     Err(Refused {
                         state: State::HalfOpen,
@@ -179,7 +195,9 @@ impl Breaker {
     pub fn release(&self, p: Permit) {
         if p.probe {
             let mut g = self.lock();
-            g.probes_out = g.probes_out.saturating_sub(1);
+            if p.round == g.round && self.state() == State::HalfOpen {
+                g.probes_out = g.probes_out.saturating_sub(1);
+            }
         }
     }
 
@@ -206,7 +224,9 @@ impl Breaker {
                 )
             };
         }
-        if p.probe {
+        // A probe counts only in its own half-open round.
+        let probe = p.probe && p.round == g.round && self.state() == State::HalfOpen;
+        if probe {
             g.probes_out = g.probes_out.saturating_sub(1);
         }
         match self.state() {
@@ -224,7 +244,7 @@ impl Breaker {
                     g.consecutive = 0;
                 }
             }
-            State::HalfOpen if p.probe => {
+            State::HalfOpen if probe => {
                 if failed {
                     g.backoff = g.backoff.saturating_add(1);
                     self.open(&mut g, now);
@@ -437,6 +457,39 @@ mod tests {
         call(&b, t2, Outcome::Failure).unwrap();
         call(&b, t2, Outcome::Failure).unwrap();
         assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_probe_of_an_earlier_round_moves_nothing() {
+        let b = Breaker::new(&cfg());
+        let t = Instant::now();
+        for _ in 0..3 {
+            call(&b, t, Outcome::Failure).unwrap();
+        }
+        let t1 = t + Duration::from_millis(200);
+        let old = b.admit(t1).unwrap();
+        let failing = b.admit(t1).unwrap();
+        b.record(
+            failing,
+            Outcome::Failure,
+            Duration::from_millis(1),
+            t1,
+            "down",
+        );
+        let t2 = t1 + Duration::from_millis(500);
+        let p1 = b.admit(t2).unwrap();
+        assert_eq!(b.state(), State::HalfOpen);
+        // The first round's probe ends now: it neither frees a place nor counts toward closing.
+        b.record(old, Outcome::Success, Duration::from_millis(1), t2, "");
+        b.release(old);
+        let _p2 = b.admit(t2).unwrap();
+        assert!(b.admit(t2).is_err(), "still two probes out");
+        b.record(p1, Outcome::Success, Duration::from_millis(1), t2, "");
+        assert_eq!(
+            b.state(),
+            State::HalfOpen,
+            "one success of this round is not close_after = 2"
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ProtoError> {
     let scan = &buf[..buf.len().min(MAX_LINE)];
     match scan.windows(2).position(|w| w == b"\r\n") {
         Some(i) => Ok(Some((&buf[..i], i + 2))),
-        None if buf.len() >= MAX_LINE => Err(ProtoError(format!(
+        None if buf.len() >= MAX_LINE => Err(ProtoError::garbage(format!(
             "memcached sent a line longer than {MAX_LINE} bytes"
         ))),
         None => Ok(None),
@@ -114,7 +114,7 @@ fn line(buf: &[u8]) -> Result<Option<(&[u8], usize)>, ProtoError> {
 
 fn garbage(what: &str, line: &[u8]) -> ProtoError {
     let shown: String = String::from_utf8_lossy(&line[..line.len().min(80)]).into();
-    ProtoError(format!("memcached answered {what} with {shown:?}"))
+    ProtoError::garbage(format!("memcached answered {what} with {shown:?}"))
 }
 
 /// Parses one answer to a request of kind `expect` from the start of `buf`: the answer and the bytes it
@@ -155,8 +155,8 @@ pub fn parse(
             let flags = u32::try_from(flags).map_err(|_| garbage("a get", l))?;
             let len = len as usize;
             if len > max_value {
-                return Err(ProtoError(format!(
-                    "memcached sent a value of {len} bytes, over the limit of {max_value}"
+                return Err(ProtoError::oversized(format!(
+                    "memcached sent a value of {len} bytes, over the limit of {max_value} (server.max_message_bytes)"
                 )));
             }
             let end = used + len + 2 + 5;

@@ -43,10 +43,29 @@ pub struct Ticket {
     pub tag: u64,
 }
 
-/// A store sent bytes that are not an answer of its protocol.
+/// A store sent bytes that are not an answer of its protocol, or an answer larger than fae takes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ProtoError(pub String);
+#[error("{message}")]
+pub struct ProtoError {
+    pub message: String,
+    /// The answer is well-formed but over the size limit: the server is not at fault.
+    pub oversized: bool,
+}
+
+impl ProtoError {
+    pub fn garbage(message: impl Into<String>) -> Self {
+        ProtoError {
+            message: message.into(),
+            oversized: false,
+        }
+    }
+    pub fn oversized(message: impl Into<String>) -> Self {
+        ProtoError {
+            message: message.into(),
+            oversized: true,
+        }
+    }
+}
 
 /// The stores fae speaks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +97,9 @@ pub enum Response {
     Redis(redis::Value),
 }
 
-/// Why a call got no answer from its server. Every kind but `Overloaded` is a system failure, counted by
-/// the server's breaker.
+/// Why a call got no answer from its server. Connect, timeout, broken and protocol failures are the
+/// server's, counted by its breaker (unless fae itself was at fault: a call that waited past its deadline
+/// before it was sent, a call on a connection closed for another call's oversized answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
     Connect,
@@ -88,15 +108,18 @@ pub enum FailureKind {
     Protocol,
     /// Too many calls already queued for the server (`max_queue`).
     Overloaded,
+    /// The answer was larger than `server.max_message_bytes`.
+    TooLarge,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 5] = [
+    pub const ALL: [FailureKind; 6] = [
         FailureKind::Connect,
         FailureKind::Timeout,
         FailureKind::Broken,
         FailureKind::Protocol,
         FailureKind::Overloaded,
+        FailureKind::TooLarge,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -105,6 +128,7 @@ impl FailureKind {
             FailureKind::Broken => "broken",
             FailureKind::Protocol => "protocol",
             FailureKind::Overloaded => "overloaded",
+            FailureKind::TooLarge => "too_large",
         }
     }
 }
@@ -198,8 +222,8 @@ impl Doorbell {
 /// One back-end server's counters, written by its I/O thread (and by the loops for refusals).
 pub struct ServerMetrics {
     pub calls: AtomicU64,
-    /// System failures by [`FailureKind`].
-    pub failures: [AtomicU64; 5],
+    /// Failures by [`FailureKind`].
+    pub failures: [AtomicU64; 6],
     /// Answers that were application errors (NOT_STORED aside: ERROR, CLIENT_ERROR, a Redis error).
     pub app_errors: AtomicU64,
     /// Calls refused at once because the breaker was open.
@@ -246,6 +270,8 @@ pub struct Server {
     pub settings: PoolSettings,
     pub breaker: Breaker,
     pub metrics: ServerMetrics,
+    /// Its addresses, resolved when faed started (an I/O thread never waits on DNS).
+    addrs: Vec<std::net::SocketAddr>,
     /// Commands sent first on every new connection (Redis AUTH and SELECT), and how many.
     setup: Vec<u8>,
     setup_count: usize,
@@ -364,9 +390,17 @@ impl Backends {
                 .iter()
                 .map(|s| {
                     let id = servers.len();
+                    let addrs = match std::net::ToSocketAddrs::to_socket_addrs(s.as_str()) {
+                        Ok(a) => a.collect(),
+                        Err(e) => {
+                            tracing::warn!(server = %s, error = %e, "cannot resolve a back-end server; its calls will fail");
+                            Vec::new()
+                        }
+                    };
                     servers.push(Arc::new(Server {
                         protocol,
                         name: s.as_str().into(),
+                        addrs,
                         pool: pool.clone(),
                         settings: settings.clone(),
                         breaker: Breaker::new(&settings.breaker),

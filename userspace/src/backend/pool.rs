@@ -11,7 +11,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -55,7 +54,6 @@ pub(super) fn spawn(
             shared: s,
             conns: (0..max).map(|_| None).collect(),
             queued: 0,
-            addrs: Vec::new(),
         });
     }
     let mut w = Worker {
@@ -123,7 +121,6 @@ struct Srv {
     conns: Vec<Option<Conn>>,
     /// Calls queued or in flight, against `max_queue`.
     queued: usize,
-    addrs: Vec<SocketAddr>,
 }
 
 struct Worker {
@@ -153,7 +150,13 @@ impl Worker {
                     continue;
                 }
                 if let Some(&(s, c)) = self.tokens.get(ev.token().0) {
-                    self.on_event(s, c, ev.is_readable() || ev.is_read_closed(), now);
+                    self.on_event(
+                        s,
+                        c,
+                        ev.is_readable() || ev.is_read_closed(),
+                        ev.is_read_closed(),
+                        now,
+                    );
                 }
             }
             while let Ok(job) = self.rx.try_recv() {
@@ -191,32 +194,37 @@ impl Worker {
                 srv.queued
             );
             shared.breaker.release(job.permit);
-            return self.answer_err(
-                s,
-                job.ticket,
-                job.submitted,
-                None,
-                FailureKind::Overloaded,
-                msg,
-            );
+            shared.metrics.failures[FailureKind::Overloaded as usize]
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(sink) = self.sink.get() {
+                let result = Err(shared.error(FailureKind::Overloaded, msg));
+                sink.deliver(Done {
+                    ticket: job.ticket,
+                    submitted: job.submitted,
+                    result,
+                });
+            }
+            return;
         }
-        if job.deadline <= now {
-            let e = shared.error(
-                FailureKind::Timeout,
-                "the call's deadline passed while it was queued for the server",
-            );
-            return self.fail(s, meta_of(&job, now), e, now);
-        }
+        // Counted from here on: every path below ends in `finish`, which uncounts it.
         srv.queued += 1;
         shared
             .metrics
             .queued
             .store(srv.queued as u64, Ordering::Relaxed);
+        if job.deadline <= now {
+            // fae's own queueing took the time, not the server: not counted against it.
+            let e = shared.error(
+                FailureKind::Timeout,
+                "late: the call's deadline passed while it was queued in fae for the server",
+            );
+            return self.fail(s, meta_of(&job, now), e, now, false);
+        }
         let slot = (job.affinity % srv.conns.len() as u64) as usize;
         if srv.conns[slot].is_none() {
             if let Err(e) = self.open(s, slot, now) {
                 let e = shared.error(FailureKind::Connect, format!("cannot connect: {e}"));
-                return self.fail(s, meta_of(&job, now), e, now);
+                return self.fail(s, meta_of(&job, now), e, now, true);
             }
         }
         let health_after = Duration::from_millis(shared.settings.health_check_idle_ms);
@@ -246,13 +254,11 @@ impl Worker {
     /// Opens connection `slot` of server `s` (non-blocking: it completes on a writable event).
     fn open(&mut self, s: usize, slot: usize, now: Instant) -> io::Result<()> {
         let srv = &mut self.servers[s];
-        if srv.addrs.is_empty() {
-            srv.addrs = srv.shared.name.to_socket_addrs()?.collect();
-        }
         let addr = *srv
+            .shared
             .addrs
             .first()
-            .ok_or_else(|| io::Error::other("the name has no address"))?;
+            .ok_or_else(|| io::Error::other("its name did not resolve when faed started"))?;
         let mut stream = TcpStream::connect(addr)?;
         let entry = self.tokens.vacant_entry();
         let token = entry.key();
@@ -281,7 +287,7 @@ impl Worker {
         Ok(())
     }
 
-    fn on_event(&mut self, s: usize, slot: usize, readable: bool, now: Instant) {
+    fn on_event(&mut self, s: usize, slot: usize, readable: bool, read_closed: bool, now: Instant) {
         let shared = self.servers[s].shared.clone();
         let Some(conn) = self.servers[s].conns[slot].as_mut() else {
             return;
@@ -328,7 +334,7 @@ impl Worker {
             self.dirty.push((s, slot));
         }
         if readable {
-            self.read(s, slot, now);
+            self.read(s, slot, read_closed, now);
         }
         if self.servers[s].conns[slot]
             .as_ref()
@@ -338,8 +344,9 @@ impl Worker {
         }
     }
 
-    /// Reads what the connection has and takes every whole answer.
-    fn read(&mut self, s: usize, slot: usize, now: Instant) {
+    /// Reads what the connection has and takes every whole answer. With `read_closed` (the server's FIN was
+    /// seen) it reads to the end: a short read does not mean the socket is drained.
+    fn read(&mut self, s: usize, slot: usize, read_closed: bool, now: Instant) {
         let (max_value, max_count) = (self.max_value, self.max_count);
         let mut eof = None;
         {
@@ -354,7 +361,7 @@ impl Worker {
                     }
                     Ok(n) => {
                         conn.inbuf.extend_from_slice(&self.scratch[..n]);
-                        if n < self.scratch.len() {
+                        if n < self.scratch.len() && !read_closed {
                             break;
                         }
                     }
@@ -395,6 +402,7 @@ impl Worker {
             let (answer, n) = match parsed {
                 Ok(Some(a)) => a,
                 Ok(None) => break,
+                Err(e) if e.oversized => return self.close_oversized(s, slot, e.message, now),
                 Err(e) => {
                     let msg = format!("protocol garbage: {e}");
                     return self.close(s, slot, FailureKind::Protocol, msg, now);
@@ -485,8 +493,10 @@ impl Worker {
                 self.close(s, slot, FailureKind::Broken, why, now);
             }
         }
-        self.dirty = dirty;
+        // Keep what closing pushed meanwhile; reuse the list's memory.
+        let added = std::mem::replace(&mut self.dirty, dirty);
         self.dirty.clear();
+        self.dirty.extend(added);
     }
 
     /// Fails what is late or stale; returns when something is next due.
@@ -575,7 +585,7 @@ impl Worker {
                             FailureKind::Timeout,
                             "late: the call's deadline passed while its connection was being opened or checked",
                         );
-                        self.fail(s, meta_of(&j, now), e, now);
+                        self.fail(s, meta_of(&j, now), e, now, true);
                     }
                 }
                 Expiry::Idle => {
@@ -598,21 +608,59 @@ impl Worker {
         let retry_held = conn.health;
         for w in conn.waiting {
             if let Waiting::Call(meta, _) = w {
-                self.fail(s, meta, shared.error(kind, why.clone()), now);
+                self.fail(s, meta, shared.error(kind, why.clone()), now, true);
             }
         }
         if retry_held && !conn.held.is_empty() {
             // The idle connection was found dead by its check: its calls were never sent, so they are safe
-            // to send on a new one.
+            // to send on a new one. (Uncounted here, counted again by `accept`.)
             for job in conn.held {
                 let srv = &mut self.servers[s];
-                srv.queued -= 1;
+                srv.queued = srv.queued.saturating_sub(1);
                 self.accept(job, now);
             }
             return;
         }
         for job in conn.held {
-            self.fail(s, meta_of(&job, now), shared.error(kind, why.clone()), now);
+            self.fail(
+                s,
+                meta_of(&job, now),
+                shared.error(kind, why.clone()),
+                now,
+                true,
+            );
+        }
+    }
+
+    /// Closes a connection after an answer larger than fae takes: the server is well, so nothing counts
+    /// against its breaker. The call that asked fails saying why; the calls behind it on the connection
+    /// fail as broken (their answers would come after bytes fae will not read).
+    fn close_oversized(&mut self, s: usize, slot: usize, why: String, now: Instant) {
+        let Some(conn) = self.take_conn(s, slot) else {
+            return;
+        };
+        let shared = self.servers[s].shared.clone();
+        let mut first = true;
+        for w in conn.waiting {
+            if let Waiting::Call(meta, _) = w {
+                let e = if first {
+                    shared.error(FailureKind::TooLarge, why.clone())
+                } else {
+                    shared.error(
+                        FailureKind::Broken,
+                        "its connection was closed after an oversized answer to an earlier call",
+                    )
+                };
+                first = false;
+                self.fail(s, meta, e, now, false);
+            }
+        }
+        for job in conn.held {
+            let e = shared.error(
+                FailureKind::Broken,
+                "its connection was closed after an oversized answer",
+            );
+            self.fail(s, meta_of(&job, now), e, now, false);
         }
     }
 
@@ -644,36 +692,20 @@ impl Worker {
         self.finish(s, meta.ticket, meta.submitted, Ok(answer));
     }
 
-    fn fail(&mut self, s: usize, meta: Meta, e: BackendError, now: Instant) {
+    /// A call that got no answer; `counted`: the server is at fault (its breaker counts it).
+    fn fail(&mut self, s: usize, meta: Meta, e: BackendError, now: Instant, counted: bool) {
         let shared = &self.servers[s].shared;
         let took = now.saturating_duration_since(meta.sent);
-        shared
-            .breaker
-            .record(meta.permit, Outcome::Failure, took, now, &e.message);
+        if counted {
+            shared
+                .breaker
+                .record(meta.permit, Outcome::Failure, took, now, &e.message);
+        } else {
+            shared.breaker.release(meta.permit);
+        }
         shared.metrics.calls.fetch_add(1, Ordering::Relaxed);
         shared.metrics.failures[e.kind as usize].fetch_add(1, Ordering::Relaxed);
         self.finish(s, meta.ticket, meta.submitted, Err(e));
-    }
-
-    /// A call refused before it was queued (it did not count against `max_queue`).
-    fn answer_err(
-        &mut self,
-        s: usize,
-        ticket: super::Ticket,
-        submitted: Instant,
-        _meta: Option<Meta>,
-        kind: FailureKind,
-        msg: String,
-    ) {
-        let shared = self.servers[s].shared.clone();
-        shared.metrics.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
-        if let Some(sink) = self.sink.get() {
-            sink.deliver(Done {
-                ticket,
-                submitted,
-                result: Err(shared.error(kind, msg)),
-            });
-        }
     }
 
     fn finish(

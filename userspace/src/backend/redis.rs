@@ -71,17 +71,17 @@ impl Scan {
                     let n = number(line)?;
                     if n >= 0 {
                         let n = n as usize;
-                        if n > max_bulk {
-                            return Err(ProtoError(format!(
-                                "Redis sent a bulk string of {n} bytes, over the limit of {max_bulk}"
+                        if n > max_bulk || self.pos + n > max_bulk {
+                            return Err(ProtoError::oversized(format!(
+                                "Redis sent a reply of more than {max_bulk} bytes (server.max_message_bytes)"
                             )));
                         }
                         if rest.len() < used + n + 2 {
                             return Ok(None);
                         }
                         if &rest[used + n..used + n + 2] != b"\r\n" {
-                            return Err(ProtoError(
-                                "Redis sent a bulk string without its CRLF".into(),
+                            return Err(ProtoError::garbage(
+                                "Redis sent a bulk string without its CRLF",
                             ));
                         }
                         self.pos += used + n + 2;
@@ -95,12 +95,13 @@ impl Scan {
                     if n > 0 {
                         let n = n as usize;
                         if n > max_count {
-                            return Err(ProtoError(format!(
-                                "Redis sent an array of {n} elements, over the limit of {max_count}"
+                            return Err(ProtoError::oversized(format!(
+                                "Redis sent an array of {n} elements, over the limit of {max_count} \
+                                 (server.max_container)"
                             )));
                         }
                         if self.open.len() >= MAX_DEPTH {
-                            return Err(ProtoError(format!(
+                            return Err(ProtoError::garbage(format!(
                                 "Redis sent arrays nested deeper than {MAX_DEPTH}"
                             )));
                         }
@@ -109,10 +110,15 @@ impl Scan {
                     }
                 }
                 other => {
-                    return Err(ProtoError(format!(
+                    return Err(ProtoError::garbage(format!(
                         "Redis sent a reply starting with byte {other:#04x}"
                     )))
                 }
+            }
+            if self.pos > max_bulk {
+                return Err(ProtoError::oversized(format!(
+                    "Redis sent a reply of more than {max_bulk} bytes (server.max_message_bytes)"
+                )));
             }
             // One element done: close every array it completes.
             loop {
@@ -141,9 +147,9 @@ type Header<'a> = (u8, &'a [u8], usize);
 fn header_line(buf: &[u8]) -> Result<Option<Header<'_>>, ProtoError> {
     let scan = &buf[..buf.len().min(MAX_LINE)];
     match scan.windows(2).position(|w| w == b"\r\n") {
-        Some(0) => Err(ProtoError("Redis sent an empty line".into())),
+        Some(0) => Err(ProtoError::garbage("Redis sent an empty line")),
         Some(i) => Ok(Some((buf[0], &buf[1..i], i + 2))),
-        None if buf.len() >= MAX_LINE => Err(ProtoError(format!(
+        None if buf.len() >= MAX_LINE => Err(ProtoError::garbage(format!(
             "Redis sent a line longer than {MAX_LINE} bytes"
         ))),
         None => Ok(None),
@@ -156,7 +162,7 @@ fn number(line: &[u8]) -> Result<i64, ProtoError> {
         .and_then(|s| s.parse::<i64>().ok())
         .filter(|&n| n >= -1)
         .ok_or_else(|| {
-            ProtoError(format!(
+            ProtoError::garbage(format!(
                 "Redis sent {:?} where a length was due",
                 String::from_utf8_lossy(&line[..line.len().min(40)])
             ))
@@ -170,7 +176,7 @@ pub fn value(buf: &[u8]) -> Result<Value, ProtoError> {
 }
 
 fn read(buf: &[u8], pos: &mut usize) -> Result<Value, ProtoError> {
-    let short = || ProtoError("Redis reply ends early".into());
+    let short = || ProtoError::garbage("Redis reply ends early");
     let (kind, line, used) = header_line(&buf[*pos..])?.ok_or_else(short)?;
     *pos += used;
     Ok(match kind {
@@ -180,7 +186,7 @@ fn read(buf: &[u8], pos: &mut usize) -> Result<Value, ProtoError> {
             std::str::from_utf8(line)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .ok_or_else(|| ProtoError("Redis sent an integer that is not one".into()))?,
+                .ok_or_else(|| ProtoError::garbage("Redis sent an integer that is not one"))?,
         ),
         b'$' => match number(line)? {
             -1 => Value::Nil,
@@ -202,7 +208,7 @@ fn read(buf: &[u8], pos: &mut usize) -> Result<Value, ProtoError> {
             }
         },
         other => {
-            return Err(ProtoError(format!(
+            return Err(ProtoError::garbage(format!(
                 "Redis sent a reply starting with byte {other:#04x}"
             )))
         }

@@ -29,6 +29,12 @@ impl From<TransportArg> for Transport {
     }
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DirectArg {
+    Memcache,
+    Redis,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Calls ping and prints the node's answer.
@@ -42,10 +48,13 @@ enum Cmd {
     },
     /// Calls METHOD with ARGS and prints the result or the exception (exit 1).
     ///
-    /// Examples: `fae call 127.0.0.1:9001 lc_set k v`, `fae call 127.0.0.1:9001 id_decode 123456789`.
+    /// Examples: `fae call 127.0.0.1:9001 lc_set k v`, `fae call 127.0.0.1:9001 id_decode 123456789`,
+    /// `fae call 127.0.0.1:9001 mc_set POOL KEY VALUE [FLAGS [EXPIRATION]]`, `mc_get POOL KEY`,
+    /// `mc_increment POOL KEY DELTA`, `fae call 127.0.0.1:9001 rd_call SET POOL KEY VALUE`.
     Call {
         addr: String,
         method: String,
+        #[arg(allow_hyphen_values = true)]
         args: Vec<String>,
         #[arg(long, value_enum, default_value = "buffered")]
         transport: TransportArg,
@@ -90,10 +99,18 @@ enum Cmd {
         /// Unmeasured seconds before the measurement.
         #[arg(long = "warmup", default_value_t = 1.0)]
         warmup_secs: f64,
-        /// Methods and weights, e.g. `noop` or `noop:3,lc_get:1` (noop, ping, id_next, lc_get, lc_set).
+        /// Calls and weights, e.g. `noop` or `noop:3,lc_get:1`: noop, ping, id_next, lc_get, lc_set, mc_get,
+        /// mc_set, rd_get, rd_set (rd_call GET/SET).
         #[arg(short = 'm', long, default_value = "noop")]
         mix: String,
-        /// Value bytes for lc_set and the keys lc_get reads.
+        /// The pool of mc_* and rd_call calls.
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Speak the store's own protocol to ADDR instead of Thrift: memcache (mc_get, mc_set) or redis
+        /// (rd_get, rd_set), to the store itself or to a proxy in front of it, for a baseline.
+        #[arg(long, value_enum)]
+        direct: Option<DirectArg>,
+        /// Value bytes for the writes and the keys the reads read.
         #[arg(long = "value-size", default_value_t = 100)]
         value_size: usize,
         /// Distinct keys.
@@ -246,6 +263,8 @@ fn main() -> ExitCode {
             duration_secs,
             warmup_secs,
             mix,
+            pool,
+            direct,
             value_size,
             keys,
             transport,
@@ -253,7 +272,12 @@ fn main() -> ExitCode {
             server_pid,
             json,
         } => {
-            let mix = match bench::parse_mix(&mix) {
+            let target = match direct {
+                None => bench::Target::Fae(transport.into()),
+                Some(DirectArg::Memcache) => bench::Target::Memcache,
+                Some(DirectArg::Redis) => bench::Target::Redis,
+            };
+            let mix = match bench::parse_mix(&mix, target) {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("fae bench: {e}");
@@ -269,7 +293,8 @@ fn main() -> ExitCode {
                 mix,
                 value_size,
                 keys: keys.max(1),
-                transport: transport.into(),
+                target,
+                pool,
                 threads,
                 server_pid,
                 progress: !json,

@@ -3,6 +3,10 @@
 //!
 //! It encodes with fae's own `wire` encoder and finds replies with `wire::scan`, so the client costs little
 //! next to the server it measures; it drives all its connections from mio event loops (`threads` of them).
+//!
+//! With `direct`, the same loop speaks memcached's text protocol or Redis's RESP instead of Thrift, to the
+//! store itself or to a proxy in front of it (twemproxy): the baseline fae's back-end calls are compared
+//! with, measured by the same client.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -14,9 +18,89 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::backend::{memcache, redis};
 use crate::engine::metrics::{LoopMetrics, MethodSnapshot, Snapshot, BUCKETS};
 use crate::servant::Method;
 use crate::wire::{mtype, ttype, Encoder, Limits, MessageHeader, Reader, Transport};
+
+/// One kind of call the benchmark makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Noop,
+    Ping,
+    IdNext,
+    LcGet,
+    LcSet,
+    McGet,
+    McSet,
+    /// rd_call GET (or a Redis GET, direct).
+    RdGet,
+    /// rd_call SET (or a Redis SET, direct).
+    RdSet,
+}
+
+impl Op {
+    const ALL: [Op; 9] = [
+        Op::Noop,
+        Op::Ping,
+        Op::IdNext,
+        Op::LcGet,
+        Op::LcSet,
+        Op::McGet,
+        Op::McSet,
+        Op::RdGet,
+        Op::RdSet,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Noop => "noop",
+            Op::Ping => "ping",
+            Op::IdNext => "id_next",
+            Op::LcGet => "lc_get",
+            Op::LcSet => "lc_set",
+            Op::McGet => "mc_get",
+            Op::McSet => "mc_set",
+            Op::RdGet => "rd_get",
+            Op::RdSet => "rd_set",
+        }
+    }
+
+    /// The FunServant method it calls (its metrics slot).
+    fn method(self) -> Method {
+        match self {
+            Op::Noop => Method::Noop,
+            Op::Ping => Method::Ping,
+            Op::IdNext => Method::IdNext,
+            Op::LcGet => Method::LcGet,
+            Op::LcSet => Method::LcSet,
+            Op::McGet => Method::McGet,
+            Op::McSet => Method::McSet,
+            Op::RdGet | Op::RdSet => Method::RdCall,
+        }
+    }
+
+    /// The write that stores what this read reads (the keys are written before the run).
+    fn writer(self) -> Option<Op> {
+        match self {
+            Op::LcGet => Some(Op::LcSet),
+            Op::McGet => Some(Op::McSet),
+            Op::RdGet => Some(Op::RdSet),
+            _ => None,
+        }
+    }
+}
+
+/// What the benchmark talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A faed node (Thrift).
+    Fae(Transport),
+    /// memcached, or a proxy speaking its text protocol.
+    Memcache,
+    /// Redis, or a proxy speaking RESP.
+    Redis,
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -25,38 +109,39 @@ pub struct BenchConfig {
     pub depth: usize,
     pub duration: Duration,
     pub warmup: Duration,
-    /// Methods with weights.
-    pub mix: Vec<(Method, u32)>,
+    /// Calls with weights.
+    pub mix: Vec<(Op, u32)>,
     pub value_size: usize,
     pub keys: usize,
-    pub transport: Transport,
+    pub target: Target,
+    /// The pool of fae's mc_*/rd_call calls.
+    pub pool: String,
     pub threads: usize,
     /// The server's pid, to read its CPU time from /proc.
     pub server_pid: Option<u32>,
     pub progress: bool,
 }
 
-/// Parses a mix such as `noop` or `noop:3,lc_get:1`.
-pub fn parse_mix(s: &str) -> Result<Vec<(Method, u32)>, String> {
-    let supported = [
-        Method::Noop,
-        Method::Ping,
-        Method::IdNext,
-        Method::LcGet,
-        Method::LcSet,
-    ];
+/// Parses a mix such as `noop` or `noop:3,lc_get:1`; direct targets take their store's calls only.
+pub fn parse_mix(s: &str, target: Target) -> Result<Vec<(Op, u32)>, String> {
+    let allowed: &[Op] = match target {
+        Target::Fae(_) => &Op::ALL,
+        Target::Memcache => &[Op::McGet, Op::McSet],
+        Target::Redis => &[Op::RdGet, Op::RdSet],
+    };
+    let names: Vec<&str> = allowed.iter().map(|o| o.name()).collect();
     s.split(',')
         .map(|part| {
             let (name, w) = part.split_once(':').unwrap_or((part, "1"));
-            let m = Method::from_name(name.trim().as_bytes())
-                .filter(|m| supported.contains(m))
-                .ok_or_else(|| {
-                    format!("bench method {name:?}: one of noop, ping, id_next, lc_get, lc_set")
-                })?;
+            let op = allowed
+                .iter()
+                .copied()
+                .find(|o| o.name() == name.trim())
+                .ok_or_else(|| format!("bench call {name:?}: one of {}", names.join(", ")))?;
             let w: u32 = w
                 .parse()
                 .map_err(|_| format!("weight {w:?} is not a number"))?;
-            Ok((m, w))
+            Ok((op, w))
         })
         .collect()
 }
@@ -134,7 +219,9 @@ struct Conn {
     stream: TcpStream,
     out: Vec<u8>,
     inbuf: Vec<u8>,
-    inflight: VecDeque<(Instant, i32, Method)>,
+    inflight: VecDeque<(Instant, i32, Op)>,
+    /// Where the walk of a partly arrived Redis reply stopped.
+    scan: redis::Scan,
     seq: i32,
     pick: usize,
 }
@@ -146,21 +233,33 @@ struct Shared {
     stop: AtomicBool,
 }
 
-fn encode_call(
-    out: &mut Vec<u8>,
-    transport: Transport,
-    m: Method,
-    seq: i32,
-    key: &[u8],
-    value: &[u8],
-) {
+/// Appends one call of `op` in the target's protocol.
+fn encode_call(out: &mut Vec<u8>, cfg: &BenchConfig, op: Op, seq: i32, key: &[u8], value: &[u8]) {
+    let transport = match cfg.target {
+        Target::Memcache => {
+            match op {
+                Op::McSet => memcache::store(out, "set", key, 0, 0, value),
+                _ => memcache::get(out, key),
+            }
+            return;
+        }
+        Target::Redis => {
+            match op {
+                Op::RdSet => redis::command(out, [&b"SET"[..], key, value].into_iter()),
+                _ => redis::command(out, [&b"GET"[..], key].into_iter()),
+            }
+            return;
+        }
+        Target::Fae(t) => t,
+    };
     let start = out.len();
     if transport == Transport::Framed {
         out.extend_from_slice(&[0; 4]);
     }
+    let m = op.method();
     let mut e = Encoder::new(out);
     e.message_begin(m.name().as_bytes(), mtype::CALL, seq);
-    if m == Method::Noop {
+    if op == Op::Noop {
         e.field_i32(1, seq);
     } else {
         e.field_begin(ttype::STRUCT, 1);
@@ -168,11 +267,36 @@ fn encode_call(
         e.field_bytes(2, b"bench");
         e.field_i64(3, 0);
         e.stop();
-        if matches!(m, Method::LcGet | Method::LcSet) {
-            e.field_bytes(2, key);
-        }
-        if m == Method::LcSet {
-            e.field_bytes(3, value);
+        match op {
+            Op::LcGet | Op::LcSet => {
+                e.field_bytes(2, key);
+                if op == Op::LcSet {
+                    e.field_bytes(3, value);
+                }
+            }
+            Op::McGet | Op::McSet => {
+                e.field_bytes(2, cfg.pool.as_bytes());
+                e.field_bytes(3, key);
+                if op == Op::McSet {
+                    e.field_begin(ttype::STRUCT, 4);
+                    e.field_bytes(1, value);
+                    e.field_i32(2, 0);
+                    e.stop();
+                    e.field_i32(5, 0);
+                }
+            }
+            Op::RdGet | Op::RdSet => {
+                let set = op == Op::RdSet;
+                e.field_bytes(2, if set { b"SET" } else { b"GET" });
+                e.field_bytes(3, cfg.pool.as_bytes());
+                e.field_begin(ttype::LIST, 4);
+                e.list_begin(ttype::STRING, if set { 2 } else { 1 });
+                e.bytes(key);
+                if set {
+                    e.bytes(value);
+                }
+            }
+            Op::Noop | Op::Ping | Op::IdNext => {}
         }
     }
     e.stop();
@@ -182,27 +306,72 @@ fn encode_call(
     }
 }
 
+/// The reply to a call of `op` at the start of `buf`: the bytes it takes and whether it is an error (an
+/// exception, a declared exception, a miss, a store's error), or `None` while it has not all arrived.
+fn scan_reply(
+    buf: &[u8],
+    cfg: &BenchConfig,
+    op: Op,
+    seq: i32,
+    scan: &mut redis::Scan,
+) -> io::Result<Option<(usize, bool)>> {
+    let bad = |e: String| io::Error::other(format!("bad reply: {e}"));
+    match cfg.target {
+        Target::Fae(t) => {
+            let Some(f) = crate::wire::scan(buf, Some(t), &Limits::default())
+                .map_err(|e| bad(e.error.to_string()))?
+            else {
+                return Ok(None);
+            };
+            let h =
+                MessageHeader::read(&mut Reader::new(f.message)).map_err(|e| bad(e.to_string()))?;
+            // A reply is an error if it is an exception message or carries a declared exception (field 1).
+            let error = h.seqid != seq || h.mtype != mtype::REPLY || !success(f.message);
+            Ok(Some((f.consumed, error)))
+        }
+        Target::Memcache => {
+            let expect = if op == Op::McSet {
+                memcache::Expect::Stored
+            } else {
+                memcache::Expect::Value
+            };
+            Ok(memcache::parse(buf, expect, 64 << 20)
+                .map_err(|e| bad(e.to_string()))?
+                .map(|(a, n)| {
+                    (
+                        n,
+                        !matches!(a, memcache::Answer::Stored | memcache::Answer::Value { .. }),
+                    )
+                }))
+        }
+        Target::Redis => {
+            let Some(n) = scan
+                .walk(buf, 64 << 20, 1 << 20)
+                .map_err(|e| bad(e.to_string()))?
+            else {
+                return Ok(None);
+            };
+            let error = matches!(buf[0], b'-') || buf.starts_with(b"$-1");
+            Ok(Some((n, error)))
+        }
+    }
+}
+
 fn key_for(i: usize) -> Vec<u8> {
     format!("bench:{i}").into_bytes()
 }
 
-/// Stores the keys lc_get will read, pipelined on one blocking connection.
-fn populate(cfg: &BenchConfig, addr: SocketAddr) -> io::Result<()> {
+/// Stores the keys a read will read (with `writer`), pipelined on one blocking connection.
+fn populate(cfg: &BenchConfig, addr: SocketAddr, writer: Op) -> io::Result<()> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let value = vec![b'v'; cfg.value_size];
+    let mut scan = redis::Scan::default();
     for chunk in (0..cfg.keys).collect::<Vec<_>>().chunks(256) {
         let mut out = Vec::new();
         for &i in chunk {
-            encode_call(
-                &mut out,
-                cfg.transport,
-                Method::LcSet,
-                i as i32 + 1,
-                &key_for(i),
-                &value,
-            );
+            encode_call(&mut out, cfg, writer, i as i32 + 1, &key_for(i), &value);
         }
         s.write_all(&out)?;
         let mut inbuf = Vec::new();
@@ -216,12 +385,20 @@ fn populate(cfg: &BenchConfig, addr: SocketAddr) -> io::Result<()> {
                 ));
             }
             inbuf.extend_from_slice(&buf[..n]);
-            while let Ok(Some(f)) =
-                crate::wire::scan(&inbuf, Some(cfg.transport), &Limits::default())
+            while let Some((used, error)) =
+                scan_reply(&inbuf, cfg, writer, chunk[got] as i32 + 1, &mut scan)?
             {
-                let used = f.consumed;
+                if error {
+                    return Err(io::Error::other(format!(
+                        "{} failed while populating",
+                        writer.name()
+                    )));
+                }
                 inbuf.drain(..used);
                 got += 1;
+                if got == chunk.len() {
+                    break;
+                }
             }
         }
     }
@@ -235,8 +412,10 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| io::Error::other(format!("{}: no address", cfg.addr)))?;
-    if cfg.mix.iter().any(|(m, _)| *m == Method::LcGet) {
-        populate(cfg, addr)?;
+    let mut writers: Vec<Op> = cfg.mix.iter().filter_map(|(op, _)| op.writer()).collect();
+    writers.dedup();
+    for w in writers {
+        populate(cfg, addr, w)?;
     }
     let shared = Arc::new(Shared {
         calls: AtomicU64::new(0),
@@ -299,12 +478,16 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     let mix = cfg
         .mix
         .iter()
-        .map(|(m, w)| format!("{}:{w}", m.name()))
+        .map(|(op, w)| format!("{}:{w}", op.name()))
         .collect::<Vec<_>>()
         .join(",");
     Ok(BenchReport {
         addr: cfg.addr.clone(),
-        transport: format!("{:?}", cfg.transport).to_lowercase(),
+        transport: match cfg.target {
+            Target::Fae(t) => format!("{t:?}").to_lowercase(),
+            Target::Memcache => "memcache".into(),
+            Target::Redis => "redis".into(),
+        },
         connections: cfg.connections,
         depth: cfg.depth,
         mix,
@@ -332,7 +515,7 @@ fn drive(
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(n);
     let value = vec![b'v'; cfg.value_size];
-    let weights: Vec<Method> = cfg
+    let weights: Vec<Op> = cfg
         .mix
         .iter()
         .flat_map(|(m, w)| std::iter::repeat_n(*m, *w as usize))
@@ -356,6 +539,7 @@ fn drive(
             out: Vec::new(),
             inbuf: Vec::new(),
             inflight: VecDeque::new(),
+            scan: redis::Scan::default(),
             seq: 0,
             pick: i,
         };
@@ -366,7 +550,6 @@ fn drive(
     }
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 256 << 10];
-    let limits = Limits::default();
     while !shared.stop.load(Ordering::Acquire) {
         poll.poll(&mut events, Some(Duration::from_millis(50)))?;
         for ev in events.iter() {
@@ -384,27 +567,25 @@ fn drive(
             let now = Instant::now();
             let measuring = shared.measuring.load(Ordering::Relaxed);
             let mut answered = 0;
-            while let Some(f) = crate::wire::scan(&c.inbuf[used..], Some(cfg.transport), &limits)
-                .map_err(|e| io::Error::other(format!("bad reply: {}", e.error)))?
-            {
-                used += f.consumed;
-                let (sent, seq, m) = c
-                    .inflight
-                    .pop_front()
-                    .ok_or_else(|| io::Error::other("reply with no call in flight"))?;
-                let h = MessageHeader::read(&mut Reader::new(f.message))
-                    .map_err(|e| io::Error::other(format!("bad reply header: {e}")))?;
-                // A reply is an error if it is an exception message or carries a declared exception (field 1).
-                let error = h.seqid != seq || h.mtype != mtype::REPLY || !success(f.message);
+            while let Some(&(sent, seq, op)) = c.inflight.front() {
+                let Some((n, error)) = scan_reply(&c.inbuf[used..], cfg, op, seq, &mut c.scan)?
+                else {
+                    break;
+                };
+                used += n;
+                c.inflight.pop_front();
                 if measuring {
                     let ns = now.duration_since(sent).as_nanos() as u64;
-                    hist.call(m as usize, ns, error);
+                    hist.call(op.method() as usize, ns, error);
                     shared.calls.fetch_add(1, Ordering::Relaxed);
                     if error {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 answered += 1;
+            }
+            if used < c.inbuf.len() && c.inflight.is_empty() {
+                return Err(io::Error::other("reply with no call in flight"));
             }
             c.inbuf.drain(..used);
             for _ in 0..answered {
@@ -425,13 +606,13 @@ fn success(message: &[u8]) -> bool {
     matches!(r.field(), Ok(None) | Ok(Some((0, _))))
 }
 
-fn send(c: &mut Conn, cfg: &BenchConfig, weights: &[Method], keys: usize, value: &[u8]) {
+fn send(c: &mut Conn, cfg: &BenchConfig, weights: &[Op], keys: usize, value: &[u8]) {
     c.seq = c.seq.wrapping_add(1);
     c.pick = c.pick.wrapping_add(1);
-    let m = weights[c.pick % weights.len()];
+    let op = weights[c.pick % weights.len()];
     let key = key_for(c.pick % keys);
-    encode_call(&mut c.out, cfg.transport, m, c.seq, &key, value);
-    c.inflight.push_back((Instant::now(), c.seq, m));
+    encode_call(&mut c.out, cfg, op, c.seq, &key, value);
+    c.inflight.push_back((Instant::now(), c.seq, op));
 }
 
 fn flush(c: &mut Conn) -> io::Result<()> {

@@ -96,6 +96,24 @@ pub fn call(client: &mut Client, method: &str, args: &[String]) -> Result<String
         s.parse()
             .map_err(|_| CallFailure::Usage(format!("{s:?} is not an integer")))
     };
+    let between = |lo: usize, hi: usize| -> Result<(), CallFailure> {
+        if (lo..=hi).contains(&args.len()) {
+            Ok(())
+        } else {
+            Err(CallFailure::Usage(format!(
+                "{method} takes {lo} to {hi} arguments, got {}",
+                args.len()
+            )))
+        }
+    };
+    let i32_arg = |i: usize, what: &str, default: i32| -> Result<i32, CallFailure> {
+        match args.get(i) {
+            None => Ok(default),
+            Some(s) => {
+                i32::try_from(int(s)?).map_err(|_| CallFailure::Usage(format!("{what} is an i32")))
+            }
+        }
+    };
     let ctx = || context("fae-cli");
     let a = |i: usize| args[i].clone();
     let out = match method {
@@ -156,10 +174,48 @@ pub fn call(client: &mut Client, method: &str, args: &[String]) -> Result<String
             need(1)?;
             client.zk_del(ctx(), a(0))?.to_string()
         }
+        // mc_set|mc_add POOL KEY VALUE [FLAGS [EXPIRATION]]
+        "mc_set" | "mc_add" => {
+            between(3, 5)?;
+            let data = fun_rpc::TMemcacheData::new(a(2).into_bytes(), i32_arg(3, "flags", 0)?);
+            let exp = i32_arg(4, "expiration", 0)?;
+            let stored = if method == "mc_set" {
+                client.mc_set(ctx(), a(0), a(1), data, exp)?
+            } else {
+                client.mc_add(ctx(), a(0), a(1), data, exp)?
+            };
+            stored.to_string()
+        }
+        // mc_get POOL KEY: the value, and its flags when not 0
+        "mc_get" => {
+            need(2)?;
+            let v = client.mc_get(ctx(), a(0), a(1))?;
+            let value = String::from_utf8_lossy(&v.data);
+            if v.flags == 0 {
+                value.into_owned()
+            } else {
+                format!("{value}\tflags={}", v.flags)
+            }
+        }
+        "mc_delete" => {
+            need(2)?;
+            client.mc_delete(ctx(), a(0), a(1))?.to_string()
+        }
+        // mc_increment POOL KEY DELTA
+        "mc_increment" => {
+            need(3)?;
+            client.mc_increment(ctx(), a(0), a(1), int(&args[2])?)?.to_string()
+        }
+        // rd_call CMD POOL [KEY ARGS...]
+        "rd_call" => {
+            between(2, usize::MAX)?;
+            client.rd_call(ctx(), a(0), a(1), args[2..].to_vec())?
+        }
         other => {
             return Err(CallFailure::Usage(format!(
                 "`fae call` does not know how to pass arguments to {other:?}; it knows: noop ping id_next \
-                 id_next_with_tag id_decode lc_set lc_get lc_del lock unlock zk_create zk_children zk_del"
+                 id_next_with_tag id_decode lc_set lc_get lc_del lock unlock zk_create zk_children zk_del \
+                 mc_set mc_add mc_get mc_delete mc_increment rd_call"
             )))
         }
     };

@@ -260,7 +260,7 @@ impl KernelLoop {
         if alive && (writable || !conn.session.out.is_empty()) {
             alive = write(conn, &self.metrics);
             // Replies drained: serve the calls held back, then take up the requests left unread.
-            while alive && conn.read_paused && !conn.session.backlogged(&self.env) {
+            while alive && conn.read_paused && !conn.session.paused(&self.env) {
                 conn.read_paused = false;
                 conn.session
                     .resume(&self.env, &self.metrics, Instant::now());
@@ -342,6 +342,7 @@ impl KernelLoop {
         for key in stuck {
             if let Some(c) = self.conns.get_mut(key) {
                 c.session.expire_deferred(now, &self.metrics);
+                c.session.resume(&self.env, &self.metrics, now);
                 c.last_active = now;
             }
             self.on_conn_event(key, false, true);
@@ -389,7 +390,7 @@ impl KernelLoop {
 /// Reads what the socket has and serves it; false when the session must close now.
 fn read(conn: &mut Conn, scratch: &mut [u8], env: &Env, metrics: &LoopMetrics) -> bool {
     loop {
-        if conn.session.backlogged(env) {
+        if conn.session.paused(env) {
             conn.read_paused = true;
             return true;
         }
@@ -406,7 +407,7 @@ fn read(conn: &mut Conn, scratch: &mut [u8], env: &Env, metrics: &LoopMetrics) -
                 conn.last_active = now;
                 metrics.add(&metrics.bytes_in, n as u64);
                 conn.session.on_bytes(&scratch[..n], env, metrics, now);
-                if conn.session.backlogged(env) {
+                if conn.session.paused(env) {
                     conn.read_paused = true;
                     return true;
                 }

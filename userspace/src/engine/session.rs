@@ -69,6 +69,8 @@ struct Slot {
     ready: Option<(usize, usize)>,
     /// A forwarded or registry call: nothing after it was served.
     barrier: bool,
+    /// A oneway call: its outcome is counted, but no reply is sent.
+    oneway: bool,
 }
 
 #[derive(Default)]
@@ -79,6 +81,8 @@ pub struct Session {
     pub out: Vec<u8>,
     /// Replies of calls that came after a deferred call still out (see `inflight`).
     later: Vec<u8>,
+    /// Bytes of `later` that belong to slots still in `inflight` (the rest were moved to `out`).
+    later_live: usize,
     transport: Option<Transport>,
     /// When the first byte of the pending message arrived.
     partial_since: Option<Instant>,
@@ -177,6 +181,9 @@ impl Session {
                 }
             }
         };
+        if self.inflight[i].oneway {
+            buf.truncate(start);
+        }
         let end = buf.len();
         metrics.call(
             method as usize,
@@ -190,6 +197,8 @@ impl Session {
         if i == 0 {
             self.inflight.pop_front();
             self.release_ready();
+        } else {
+            self.later_live += end - start;
         }
     }
 
@@ -197,13 +206,26 @@ impl Session {
     fn release_ready(&mut self) {
         while let Some((a, b)) = self.inflight.front().and_then(|s| s.ready) {
             self.out.extend_from_slice(&self.later[a..b]);
+            self.later_live -= b - a;
             self.inflight.pop_front();
         }
         if self.inflight.is_empty() {
             self.later.clear();
+            self.later_live = 0;
             if self.later.capacity() > KEEP_CAPACITY {
                 self.later = Vec::new();
             }
+        } else if self.later.len() - self.later_live > KEEP_CAPACITY.max(self.later.len() / 2) {
+            // Under steady pipelining `inflight` may never empty: drop the bytes already sent on.
+            let mut kept = Vec::with_capacity(self.later_live);
+            for slot in self.inflight.iter_mut() {
+                if let Some((a, b)) = slot.ready {
+                    let at = kept.len();
+                    kept.extend_from_slice(&self.later[a..b]);
+                    slot.ready = Some((at, kept.len()));
+                }
+            }
+            self.later = kept;
         }
     }
 
@@ -235,7 +257,13 @@ impl Session {
                 AppErrorKind::InternalError,
                 &msg,
             );
+            if self.inflight[i].oneway {
+                buf.truncate(start);
+            }
             let end = buf.len();
+            if i > 0 {
+                self.later_live += end - start;
+            }
             metrics.add(&metrics.deadline_exceeded, 1);
             metrics.call(method as usize, 0, true);
             self.inflight[i].ready = Some((start, end));
@@ -257,7 +285,14 @@ impl Session {
 
     /// Replies are waiting past the limit: stop reading requests until the client reads its replies.
     pub fn backlogged(&self, env: &Env) -> bool {
-        self.out.len() + self.later.len() >= env.max_pending_reply
+        self.out.len() + self.later_live >= env.max_pending_reply
+    }
+
+    /// Whether the loop should stop reading this session's socket for now: its replies are backlogged, or
+    /// its calls wait for deferred ones and a whole read's worth of requests is already kept (a client
+    /// streaming calls behind a slow back end would otherwise grow `pending` without bound).
+    pub fn paused(&self, env: &Env) -> bool {
+        self.backlogged(env) || (self.held_back && self.pending.len() >= KEEP_CAPACITY)
     }
 
     /// A message begun longer ago than the message timeout (a client trickling bytes or gone silent
@@ -347,13 +382,19 @@ impl Session {
         let r = write(&mut self.later);
         let end = self.later.len();
         if end > start {
+            self.later_live += end - start;
             self.inflight.push_back(Slot {
                 tag: u64::MAX,
                 method,
                 seqid,
-                deadline: Instant::now(),
+                // Never looked at: the slot is ready.
+                deadline: self
+                    .inflight
+                    .back()
+                    .map_or_else(Instant::now, |s| s.deadline),
                 ready: Some((start, end)),
                 barrier: false,
+                oneway: false,
             });
         }
         r
@@ -368,7 +409,14 @@ impl Session {
     }
 
     /// Records a deferred call (issued with [`Session::ticket`]) in its place in the stream.
-    fn deferred(&mut self, method: Method, seqid: i32, deadline: Instant, barrier: bool) {
+    fn deferred(
+        &mut self,
+        method: Method,
+        seqid: i32,
+        deadline: Instant,
+        barrier: bool,
+        oneway: bool,
+    ) {
         self.inflight.push_back(Slot {
             tag: self.next_tag,
             method,
@@ -376,6 +424,7 @@ impl Session {
             deadline,
             ready: None,
             barrier,
+            oneway,
         });
         self.next_tag += 1;
         self.barrier |= barrier;
@@ -583,7 +632,8 @@ fn call(
         )
     });
     if let (Left::Deferred { barrier }, Some(m)) = (left, method) {
-        s.deferred(m, seqid, received + env.call_timeout, barrier);
+        let oneway = c.header.mtype == mtype::ONEWAY;
+        s.deferred(m, seqid, received + env.call_timeout, barrier, oneway);
     }
     done
 }
@@ -784,5 +834,126 @@ mod tests {
         s.on_bytes(&noop(1)[..5], &env, &metrics, t0);
         assert!(!s.stalled(&env, t0 + Duration::from_millis(500)));
         assert!(s.stalled(&env, t0 + Duration::from_millis(1500)));
+    }
+
+    /// An env whose "default" memcache pool points at a port nobody serves and whose answers go nowhere:
+    /// deferred calls stay out until the test completes them itself, in any order.
+    fn deferring_env() -> Env {
+        let mut cfg = Config::default();
+        cfg.memcache.pools.push(crate::config::MemcachePool {
+            name: "default".into(),
+            servers: vec!["127.0.0.1:9".into()],
+            ..Default::default()
+        });
+        // Its connects fail: keep its breaker from ever refusing.
+        cfg.backend.breaker.consecutive_failures = u32::MAX;
+        cfg.backend.breaker.failure_rate = 1.0;
+        Env::new(&cfg, Arc::new(Servants::new(&cfg).unwrap()))
+    }
+
+    fn mc_get(seq: i32, mtype: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = Encoder::new(&mut out);
+        e.message_begin(b"mc_get", mtype, seq);
+        e.field_begin(crate::wire::ttype::STRUCT, 1);
+        e.field_i64(1, 1);
+        e.field_bytes(2, b"test");
+        e.field_i64(3, 0);
+        e.stop();
+        e.field_bytes(2, b"default");
+        e.field_bytes(3, b"k");
+        e.stop();
+        out
+    }
+
+    fn answer(s: &Session, tag: u64, value: Option<&[u8]>) -> Completion {
+        use crate::backend::{memcache::Answer, Done, Response, Ticket};
+        let a = match value {
+            Some(v) => Answer::Value {
+                data: v.to_vec(),
+                flags: 0,
+            },
+            None => Answer::Miss,
+        };
+        Completion::Backend(Done {
+            ticket: Ticket { session: s.id, tag },
+            submitted: Instant::now(),
+            result: Ok(Response::Memcache(a)),
+        })
+    }
+
+    #[test]
+    fn deferred_replies_leave_in_call_order_whatever_order_they_come_in() {
+        let env = deferring_env();
+        let metrics = LoopMetrics::default();
+        let mut s = Session::new();
+        let batch: Vec<u8> = [
+            mc_get(1, mtype::CALL),
+            noop(2),
+            mc_get(3, mtype::CALL),
+            noop(4),
+            mc_get(5, mtype::CALL),
+        ]
+        .concat();
+        s.on_bytes(&batch, &env, &metrics, Instant::now());
+        assert!(s.out.is_empty(), "nothing may leave before call 1's reply");
+        assert!(s.awaiting());
+        // The third deferred call (tag 2) answers first, then the second, then the first.
+        s.complete(answer(&s, 2, Some(b"five")), &env, &metrics);
+        s.complete(answer(&s, 1, None), &env, &metrics);
+        assert!(s.out.is_empty());
+        s.complete(answer(&s, 0, Some(b"one")), &env, &metrics);
+        assert_eq!(
+            replies(&s.out),
+            [
+                (mtype::REPLY, 1),
+                (mtype::REPLY, 2),
+                (mtype::REPLY, 3),
+                (mtype::REPLY, 4),
+                (mtype::REPLY, 5)
+            ]
+        );
+        let text = String::from_utf8_lossy(&s.out).into_owned();
+        assert!(text.find("one").unwrap() < text.find("five").unwrap());
+        assert!(!s.awaiting());
+        // A late or repeated answer is dropped.
+        let len = s.out.len();
+        s.complete(answer(&s, 0, Some(b"again")), &env, &metrics);
+        assert_eq!(s.out.len(), len);
+    }
+
+    #[test]
+    fn deferred_oneway_calls_send_nothing() {
+        let env = deferring_env();
+        let metrics = LoopMetrics::default();
+        let mut s = Session::new();
+        let batch = [mc_get(1, mtype::ONEWAY), noop(2)].concat();
+        s.on_bytes(&batch, &env, &metrics, Instant::now());
+        s.complete(answer(&s, 0, Some(b"v")), &env, &metrics);
+        assert_eq!(replies(&s.out), [(mtype::REPLY, 2)]);
+    }
+
+    #[test]
+    fn steady_pipelining_does_not_keep_sent_replies() {
+        let env = deferring_env();
+        let metrics = LoopMetrics::default();
+        let mut s = Session::new();
+        // Always one deferred call out ahead of a stream of noops: `inflight` never empties.
+        s.on_bytes(&mc_get(0, mtype::CALL), &env, &metrics, Instant::now());
+        let mut tag = 0;
+        for round in 1..=3000 {
+            let batch = [noop(round), mc_get(round, mtype::CALL)].concat();
+            s.on_bytes(&batch, &env, &metrics, Instant::now());
+            s.complete(answer(&s, tag, Some(b"x")), &env, &metrics);
+            tag += 1;
+            s.sent(usize::MAX);
+            assert!(s.awaiting());
+        }
+        assert!(
+            s.later.len() <= 2 * KEEP_CAPACITY,
+            "later holds {} bytes",
+            s.later.len()
+        );
+        assert!(s.later_live < 1024);
     }
 }

@@ -244,7 +244,7 @@ impl XdpLoop {
                 let (env, metrics) = (&self.env, &self.metrics);
                 let session = &mut c.session;
                 let got = self.stack.recv(id, |data| {
-                    if session.backlogged(env) || session.closing() {
+                    if session.paused(env) || session.closing() {
                         return 0;
                     }
                     metrics.add(&metrics.bytes_in, data.len() as u64);
