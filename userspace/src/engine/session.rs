@@ -940,12 +940,11 @@ mod tests {
         let mut s = Session::new();
         // Always one deferred call out ahead of a stream of noops: `inflight` never empties.
         s.on_bytes(&mc_get(0, mtype::CALL), &env, &metrics, Instant::now());
-        let mut tag = 0;
         for round in 1..=3000 {
             let batch = [noop(round), mc_get(round, mtype::CALL)].concat();
             s.on_bytes(&batch, &env, &metrics, Instant::now());
-            s.complete(answer(&s, tag, Some(b"x")), &env, &metrics);
-            tag += 1;
+            // The deferred call before this batch's (tag round - 1) answers.
+            s.complete(answer(&s, round as u64 - 1, Some(b"x")), &env, &metrics);
             s.sent(usize::MAX);
             assert!(s.awaiting());
         }
