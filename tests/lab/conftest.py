@@ -21,6 +21,9 @@ LAB = str(REPO / "scripts" / "lab")
 NET = "192.0.2"
 SRV_IP, CLI_IP = NET + ".1", NET + ".2"
 KERNEL_PORT, XDP_PORT, ADMIN_PORT = 9001, 9002, 9101
+# The stores behind the lab faed's pools, in the server namespace on its address (reached by faed, and by the
+# tests from the client namespace over the kernel path: only the RPC port goes to AF_XDP).
+MC_PORTS, PLACEMENT_PORTS, RD_PORTS = (11211, 11212), (11221, 11222, 11223), (6379, 6380)
 
 
 def run(*argv, check=True, timeout=120, **kw):
@@ -53,13 +56,70 @@ class Lab(object):
         return run("ip", "netns", "exec", self.cli, *argv, **kw)
 
 
+class NsStore(object):
+    """memcached or redis-server in a namespace, on the server address; stopped by PID."""
+
+    def __init__(self, ns, kind, port, tmp):
+        self.ns, self.kind, self.port = ns, kind, port
+        if kind == "memcached":
+            argv = ["memcached", "-l", SRV_IP, "-p", str(port), "-U", "0", "-u", "root", "-m", "64", "-t", "1"]
+        else:
+            # Protected mode refuses non-loopback clients without a password: this is the lab's private network.
+            argv = ["redis-server", "--port", str(port), "--bind", SRV_IP, "--protected-mode", "no", "--save", "",
+                    "--appendonly", "no",
+                    "--daemonize", "no", "--logfile", "", "--dir", str(tmp)]
+        # `ip netns exec` execs the store: the Popen pid is the store's.
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns] + argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        probe = "version" if kind == "memcached" else "PING"
+        while True:
+            p = run("ip", "netns", "exec", ns, "bash", "-c",
+                    "printf '%s\\r\\n' | timeout 1 nc -q 1 %s %d" % (probe, SRV_IP, port), check=False)
+            if p.stdout.startswith(("VERSION", "+PONG")):
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("%s on %s:%d in %s did not start" % (kind, SRV_IP, port, ns))
+            time.sleep(0.05)
+
+    @property
+    def addr(self):
+        return "%s:%d" % (SRV_IP, self.port)
+
+    def signal(self, sig):
+        os.kill(self.proc.pid, sig)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def pools_toml(stores):
+    q = lambda ss: ", ".join('"%s"' % s.addr for s in ss)
+    text = ('[[memcache.pools]]\nname = "default"\nservers = [%s]\n\n[[redis.pools]]\nname = "default"\n'
+            'servers = [%s]\n' % (q(stores["memcache"]), q(stores["redis"])))
+    for pool, hash_ in (("php_standard", "standard"), ("php_consistent", "consistent"), ("php_ketama", "ketama")):
+        text += '\n[[memcache.pools]]\nname = "%s"\nhash = "%s"\nservers = [%s]\n' % (
+            pool, hash_, q(stores["placement"]))
+    return text
+
+
+def backends_env(stores):
+    """FAE_BACKENDS for the Python and PHP suites (see tests/python/conftest.py)."""
+    return json.dumps({k: [s.addr for s in v] for k, v in stores.items()})
+
+
 class Faed(object):
     """faed in the server namespace; stopped by PID."""
 
-    def __init__(self, ns, iface, tmp, extra_args=(), wrapper=(), mode="both"):
+    def __init__(self, ns, iface, tmp, extra_args=(), wrapper=(), mode="both", extra_toml=""):
         self.ns, self.iface = ns, iface
         cfg = tmp / ("faed-%s.toml" % ns)
-        cfg.write_text('[listener]\nmode = "%s"\ninterface = "%s"\nxdp_port = %d\n' % (mode, iface, XDP_PORT))
+        cfg.write_text('[listener]\nmode = "%s"\ninterface = "%s"\nxdp_port = %d\n\n%s'
+                       % (mode, iface, XDP_PORT, extra_toml))
         self.log = tmp / ("faed-%s.log" % ns)
         argv = ["ip", "netns", "exec", ns] + list(wrapper) + [
             FAED, "-c", str(cfg), "--listen", "%s:%d" % (SRV_IP, KERNEL_PORT),
@@ -124,9 +184,30 @@ def lab(tools):
 
 
 @pytest.fixture(scope="module")
-def served(lab, tmp_path_factory):
-    """faed with the kernel path on 9001 and the XDP path on 9002 of the lab's server address."""
-    f = Faed(lab.srv, lab.srv_if, tmp_path_factory.mktemp("faed"))
+def stores(lab, tmp_path_factory):
+    """Two memcached and two redis-server for the "default" pools, and three memcached for the PHP placement
+    pools, in the server namespace."""
+    started = {"memcache": [], "redis": [], "placement": []}
+    try:
+        for port in MC_PORTS:
+            started["memcache"].append(NsStore(lab.srv, "memcached", port, None))
+        for port in PLACEMENT_PORTS:
+            started["placement"].append(NsStore(lab.srv, "memcached", port, None))
+        for port in RD_PORTS:
+            started["redis"].append(NsStore(lab.srv, "redis", port, tmp_path_factory.mktemp("redis")))
+        yield started
+    finally:
+        for ss in started.values():
+            for st in ss:
+                st.stop()
+
+
+@pytest.fixture(scope="module")
+def served(lab, stores, tmp_path_factory):
+    """faed with the kernel path on 9001 and the XDP path on 9002 of the lab's server address, its back-end
+    pools on the lab's stores."""
+    extra = '[server]\ncall_timeout_ms = 2000\n\n' + pools_toml(stores)
+    f = Faed(lab.srv, lab.srv_if, tmp_path_factory.mktemp("faed"), extra_toml=extra)
     try:
         f.wait_ready(lab.cli)
         yield f

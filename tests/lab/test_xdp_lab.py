@@ -12,28 +12,62 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN_PORT, CLI_IP, FAE, KERNEL_PORT, NET, REPO, SRV_IP, XDP_PORT, Faed, Lab, run,
-                      xdp_attached)
+from conftest import (ADMIN_PORT, CLI_IP, FAE, KERNEL_PORT, NET, REPO, SRV_IP, XDP_PORT, Faed, Lab,
+                      backends_env, run, xdp_attached)
 
 XDP_ADDR = "%s:%d" % (SRV_IP, XDP_PORT)
 
 
-def test_python_suite_over_xdp(lab, served):
-    # The whole Python suite (every servant, error paths, buffered and framed, the fae_client helper, the
-    # admin counters) from the client namespace against the XDP path.
-    env = dict(os.environ, FAE_ADDR=XDP_ADDR, FAE_ADMIN_PORT=str(ADMIN_PORT))
+def test_python_suite_over_xdp(lab, stores, served):
+    # The whole Python suite (every servant, the memcache and Redis back ends, error paths, buffered and
+    # framed, the fae_client helper, the admin counters) from the client namespace against the XDP path.
+    env = dict(os.environ, FAE_ADDR=XDP_ADDR, FAE_ADMIN_PORT=str(ADMIN_PORT), FAE_BACKENDS=backends_env(stores))
     p = lab.cli_run("/usr/bin/python3", "-m", "pytest", str(REPO / "tests" / "python"), "-q",
                     "-p", "no:cacheprovider", env=env, check=False, timeout=300)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-2000:]
     assert re.search(r"\d+ passed", p.stdout), p.stdout[-2000:]
 
 
-def test_php_suite_over_xdp(lab, served):
+def test_php_suite_over_xdp(lab, stores, served):
     with tempfile.TemporaryDirectory() as gen:
         run("thrift", "--gen", "php", "-out", gen, str(REPO / "idl" / "fae.thrift"))
         p = lab.cli_run("php", str(REPO / "tests" / "php" / "test_fae.php"), SRV_IP, str(XDP_PORT), gen,
                         check=False, timeout=300)
-    assert p.returncode == 0 and "php: " in p.stdout and " 0 failed" in p.stdout, p.stdout[-6000:] + p.stderr
+        assert p.returncode == 0 and "php: " in p.stdout and " 0 failed" in p.stdout, p.stdout[-6000:] + p.stderr
+        env = dict(os.environ, FAE_BACKENDS=backends_env(stores))
+        p = lab.cli_run("php", str(REPO / "tests" / "php" / "test_backends.php"), SRV_IP, str(XDP_PORT), gen,
+                        check=False, timeout=300, env=env)
+    assert p.returncode == 0 and "php-backends: " in p.stdout and " 0 failed" in p.stdout, \
+        p.stdout[-6000:] + p.stderr
+
+
+def test_stopped_redis_does_not_hold_the_xdp_loops(lab, stores, served):
+    # A call to a stopped store leaves the XDP loop for the back-end thread: noop keeps being answered on
+    # the XDP path while it waits, and the call ends with a deadline error naming the store.
+    r = stores["redis"][0]
+    key = None
+    for i in range(200):  # a key that the ketama ring places on the first Redis
+        k = "xdp-stop-%d" % i
+        p = lab.cli_run(FAE, "call", XDP_ADDR, "rd_call", "SET", "default", k, "v")
+        assert p.stdout.strip() == "OK"
+        got = run("ip", "netns", "exec", lab.cli, "bash", "-c",
+                  "printf 'EXISTS %s\\r\\n' | timeout 1 nc -q 1 %s %d" % (k, SRV_IP, r.port), check=False).stdout
+        if got.startswith(":1"):
+            key = k
+            break
+    assert key, "no key of 200 on the first Redis"
+    r.signal(signal.SIGSTOP)
+    try:
+        waiter = subprocess.Popen(["ip", "netns", "exec", lab.cli, FAE, "call", XDP_ADDR, "rd_call", "GET",
+                                   "default", key], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.2)
+        p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "8", "-n", "200", "--json", check=False)
+        assert json.loads(p.stdout)["failures"] == 0, p.stdout
+        assert waiter.poll() is None, "the rd_call to the stopped store ended before the in-memory calls"
+        out, err = waiter.communicate(timeout=20)
+        assert waiter.returncode == 1 and "late" in err and r.addr in err, (out, err)
+    finally:
+        r.signal(signal.SIGCONT)
 
 
 @pytest.mark.parametrize("transport", ["buffered", "framed"])
