@@ -686,7 +686,10 @@ impl Config {
             "backend.threads",
             "between 1 and 64",
         )?;
-        check_settings("backend", &b.settings(&PoolOverrides::default()))?;
+        check_settings(&b.settings(&PoolOverrides::default())).map_err(|why| ConfigError::Invalid {
+            key: "backend",
+            reason: why.into(),
+        })?;
         let mc = self
             .memcache
             .pools
@@ -723,9 +726,9 @@ impl Config {
                     )?;
                 }
                 let settings = b.settings(overrides);
-                check_settings(key, &settings).map_err(|e| ConfigError::Invalid {
+                check_settings(&settings).map_err(|why| ConfigError::Invalid {
                     key,
-                    reason: format!("pool {name:?}: {e}"),
+                    reason: format!("pool {name:?}: {why}"),
                 })?;
                 check(
                     !settings.breaker.eject || servers.len() <= 64,
@@ -762,13 +765,10 @@ fn server_address_ok(s: &str) -> bool {
         && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
-fn check_settings(prefix: &'static str, s: &PoolSettings) -> Result<(), ConfigError> {
+/// A pool's settings, checked: the rule broken, if any.
+fn check_settings(s: &PoolSettings) -> Result<(), &'static str> {
     let b = &s.breaker;
-    let bad = |what: &str| ConfigError::Invalid {
-        key: prefix,
-        reason: what.to_owned(),
-    };
-    let rules: [(bool, &str); 13] = [
+    let rules: [(bool, &'static str); 13] = [
         ((1..=1024).contains(&s.max_conns), "max_conns: 1..1024"),
         (s.connect_timeout_ms >= 1, "connect_timeout_ms: at least 1"),
         (s.idle_timeout_ms >= 1, "idle_timeout_ms: at least 1"),
@@ -799,7 +799,7 @@ fn check_settings(prefix: &'static str, s: &PoolSettings) -> Result<(), ConfigEr
         ),
     ];
     match rules.iter().find(|(ok, _)| !ok) {
-        Some((_, why)) => Err(bad(why)),
+        Some((_, why)) => Err(why),
         None => Ok(()),
     }
 }
@@ -838,5 +838,33 @@ mod tests {
         assert!(err.to_string().contains("idgen.worker_id"), "{err}");
         let err = Config::from_toml("[server]\nmax_message_bytes = 10\n", "x").unwrap_err();
         assert!(err.to_string().contains("max_message_bytes"), "{err}");
+    }
+
+    #[test]
+    fn back_end_pools_are_checked() {
+        let ok = "[backend]\nmax_conns = 2\n[backend.breaker]\nopen_ms = 500\n\n[[memcache.pools]]\nname = \"a\"\nservers = [\"127.0.0.1:11211\", \"mc.internal:11212\"]\nhash = \"ketama\"\n[memcache.pools.backend]\nmax_conns = 8\n[memcache.pools.backend.breaker]\neject = true\n\n[[redis.pools]]\nname = \"r\"\nservers = [\"[::1]:6379\"]\ndb = 2\n";
+        let cfg = Config::from_toml(ok, "x").unwrap();
+        let p = &cfg.memcache.pools[0];
+        let s = cfg.backend.settings(&p.backend);
+        assert_eq!((s.max_conns, s.breaker.eject, s.breaker.open_ms), (8, true, 500));
+        assert_eq!(cfg.backend.settings(&cfg.redis.pools[0].backend).max_conns, 2);
+        for (text, want) in [
+            ("[[memcache.pools]]\nname = \"a\"\nservers = [\"h:1\"]\n[[memcache.pools]]\nname = \"a\"\nservers = [\"h:2\"]\n", "defined twice"),
+            ("[[memcache.pools]]\nname = \"a\"\nservers = []\n", "no servers"),
+            ("[[memcache.pools]]\nname = \"a\"\nservers = [\"nohostport\"]\n", "not HOST:PORT"),
+            ("[[memcache.pools]]\nname = \"a\"\nservers = [\"h:0\"]\n", "not HOST:PORT"),
+            ("[[redis.pools]]\nname = \"\"\nservers = [\"h:1\"]\n", "needs a name"),
+            ("[[memcache.pools]]\nname = \"a\"\nservers = [\"h:1\"]\nsurprise = 1\n", "surprise"),
+            ("[[redis.pools]]\nname = \"r\"\nservers = [\"h:1\"]\npassword = \"p\"\npassword_file = \"f\"\n", "not both"),
+            ("[backend]\nmax_conns = 0\n", "max_conns"),
+            ("[backend.breaker]\nfailure_rate = 1.5\n", "failure_rate"),
+            ("[backend.breaker]\nopen_ms = 5000\nmax_open_ms = 10\n", "max_open_ms"),
+            ("[[memcache.pools]]\nname = \"a\"\nservers = [\"h:1\"]\n[memcache.pools.backend.breaker]\nclose_after = 0\n", "pool \"a\""),
+            ("[memcache]\nhash = \"md5\"\n", "md5"),
+            ("[redis]\ndeny = [\"FLUSH ALL\"]\n", "redis.deny"),
+        ] {
+            let err = Config::from_toml(text, "x").unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 }
