@@ -317,6 +317,7 @@ impl Default for ClusterConfig {
 pub struct BackendConfig {
     pub threads: usize,
     pub max_conns: usize,
+    pub pipeline_depth: usize,
     pub connect_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub health_check_idle_ms: u64,
@@ -329,6 +330,7 @@ impl Default for BackendConfig {
         BackendConfig {
             threads: 1,
             max_conns: 4,
+            pipeline_depth: 1024,
             connect_timeout_ms: 200,
             idle_timeout_ms: 60_000,
             health_check_idle_ms: 5_000,
@@ -378,6 +380,7 @@ impl Default for BreakerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PoolOverrides {
     pub max_conns: Option<usize>,
+    pub pipeline_depth: Option<usize>,
     pub connect_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
     pub health_check_idle_ms: Option<u64>,
@@ -406,6 +409,7 @@ pub struct BreakerOverrides {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub max_conns: usize,
+    pub pipeline_depth: usize,
     pub connect_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub health_check_idle_ms: u64,
@@ -419,6 +423,7 @@ impl BackendConfig {
         let (b, ob) = (&self.breaker, &o.breaker);
         PoolSettings {
             max_conns: o.max_conns.unwrap_or(self.max_conns),
+            pipeline_depth: o.pipeline_depth.unwrap_or(self.pipeline_depth),
             connect_timeout_ms: o.connect_timeout_ms.unwrap_or(self.connect_timeout_ms),
             idle_timeout_ms: o.idle_timeout_ms.unwrap_or(self.idle_timeout_ms),
             health_check_idle_ms: o.health_check_idle_ms.unwrap_or(self.health_check_idle_ms),
@@ -686,9 +691,11 @@ impl Config {
             "backend.threads",
             "between 1 and 64",
         )?;
-        check_settings(&b.settings(&PoolOverrides::default())).map_err(|why| ConfigError::Invalid {
-            key: "backend",
-            reason: why.into(),
+        check_settings(&b.settings(&PoolOverrides::default())).map_err(|why| {
+            ConfigError::Invalid {
+                key: "backend",
+                reason: why.into(),
+            }
         })?;
         let mc = self
             .memcache
@@ -768,8 +775,9 @@ fn server_address_ok(s: &str) -> bool {
 /// A pool's settings, checked: the rule broken, if any.
 fn check_settings(s: &PoolSettings) -> Result<(), &'static str> {
     let b = &s.breaker;
-    let rules: [(bool, &'static str); 13] = [
+    let rules: [(bool, &'static str); 14] = [
         ((1..=1024).contains(&s.max_conns), "max_conns: 1..1024"),
+        (s.pipeline_depth >= 1, "pipeline_depth: at least 1"),
         (s.connect_timeout_ms >= 1, "connect_timeout_ms: at least 1"),
         (s.idle_timeout_ms >= 1, "idle_timeout_ms: at least 1"),
         (s.max_queue >= 1, "max_queue: at least 1"),
@@ -846,8 +854,14 @@ mod tests {
         let cfg = Config::from_toml(ok, "x").unwrap();
         let p = &cfg.memcache.pools[0];
         let s = cfg.backend.settings(&p.backend);
-        assert_eq!((s.max_conns, s.breaker.eject, s.breaker.open_ms), (8, true, 500));
-        assert_eq!(cfg.backend.settings(&cfg.redis.pools[0].backend).max_conns, 2);
+        assert_eq!(
+            (s.max_conns, s.breaker.eject, s.breaker.open_ms),
+            (8, true, 500)
+        );
+        assert_eq!(
+            cfg.backend.settings(&cfg.redis.pools[0].backend).max_conns,
+            2
+        );
         for (text, want) in [
             ("[[memcache.pools]]\nname = \"a\"\nservers = [\"h:1\"]\n[[memcache.pools]]\nname = \"a\"\nservers = [\"h:2\"]\n", "defined twice"),
             ("[[memcache.pools]]\nname = \"a\"\nservers = []\n", "no servers"),
