@@ -467,3 +467,126 @@ fn pipelining_behind_a_stopped_store_does_not_grow_memory() {
     m1.signal(libc::SIGCONT);
     f.assert_alive();
 }
+
+/// With `eject = true`, a server whose breaker is open leaves its pool's placement: its keys are served by
+/// the other server meanwhile (as twemproxy's auto_eject_hosts), and come back when it recovers.
+#[test]
+fn open_servers_are_ejected_from_a_consistent_ring() {
+    let (mut m1, m2) = (Store::memcached(), Store::memcached());
+    let extra = "[backend.breaker]\nconsecutive_failures = 2\nopen_ms = 60000\nmax_open_ms = 60000\neject = true\n\
+                 [memcache]\nhash = \"ketama\"\n";
+    let f = Faed::start_with(
+        "",
+        &pools(&[&m1, &m2], &[], extra)
+            .replace("[[redis.pools]]\nname = \"default\"\nservers = []\n", ""),
+    );
+    let mut c = client::connect(&f.addr().to_string(), Transport::Framed, IO_TIMEOUT).unwrap();
+    let data = |v: &str| TMemcacheData::new(v.as_bytes().to_vec(), 0);
+    let keys: Vec<String> = (0..40).map(|i| format!("ej:{i}")).collect();
+    for k in &keys {
+        assert!(c
+            .mc_set(ctx(), "default".into(), k.clone(), data("v"), 0)
+            .unwrap());
+    }
+    // Which keys m1 holds, asked of m1 itself.
+    let on1: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            m1.ask(format!("get {k}\r\n").as_bytes(), b"END\r\n")
+                .unwrap()
+                .starts_with("VALUE")
+        })
+        .collect();
+    assert!(
+        on1.len() >= 5 && on1.len() < keys.len(),
+        "{} of {} on m1",
+        on1.len(),
+        keys.len()
+    );
+    m1.kill();
+    // Two failures open m1's breaker; from then on its keys go to m2.
+    for k in on1.iter().take(2) {
+        let _ = c.mc_get(ctx(), "default".into(), (*k).clone());
+    }
+    assert_eq!(server_stats(&f, &m1.addr())["breaker"], "open");
+    for k in &on1 {
+        assert!(
+            c.mc_set(ctx(), "default".into(), (*k).clone(), data("moved"), 0)
+                .unwrap(),
+            "{k}"
+        );
+        assert_eq!(
+            c.mc_get(ctx(), "default".into(), (*k).clone())
+                .unwrap()
+                .data,
+            b"moved"
+        );
+    }
+    let at_m2 = m2
+        .ask(format!("get {}\r\n", on1[0]).as_bytes(), b"END\r\n")
+        .unwrap();
+    assert!(at_m2.contains("moved"), "{at_m2}");
+    f.assert_alive();
+}
+
+/// An idle connection is checked before it carries a call (Redis PING), and one the server closed while
+/// idle is replaced without failing a call.
+#[test]
+fn idle_connections_are_checked_and_replaced() {
+    let mut r1 = Store::redis();
+    let f = Faed::start_with(
+        "",
+        &pools(&[], &[&r1], "[backend]\nhealth_check_idle_ms = 100\n")
+            .replace("[[memcache.pools]]\nname = \"default\"\nservers = []\n", ""),
+    );
+    let mut c = client::connect(&f.addr().to_string(), Transport::Framed, IO_TIMEOUT).unwrap();
+    let pings = |r: &Store| -> u64 {
+        let info = r.redis_bulk(b"INFO commandstats\r\n").unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // (The store's own readiness probe was a PING too: count from here.)
+    let base = pings(&r1);
+    assert_eq!(
+        c.rd_call(
+            ctx(),
+            "SET".into(),
+            "default".into(),
+            vec!["k".into(), "1".into()]
+        )
+        .unwrap(),
+        "OK"
+    );
+    assert_eq!(pings(&r1), base, "a fresh connection is not checked");
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(
+        c.rd_call(ctx(), "GET".into(), "default".into(), vec!["k".into()])
+            .unwrap(),
+        "1"
+    );
+    assert_eq!(
+        pings(&r1),
+        base + 1,
+        "the idle connection was checked once before the call"
+    );
+    // The store restarts while the connection is idle: the next call goes on a new connection.
+    r1.restart();
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(
+        c.rd_call(
+            ctx(),
+            "SET".into(),
+            "default".into(),
+            vec!["k".into(), "2".into()]
+        )
+        .unwrap(),
+        "OK"
+    );
+    let st = server_stats(&f, &r1.addr());
+    assert_eq!(st["connects"], 2, "{st}");
+    assert_eq!(st["failures"]["broken"], 0, "{st}");
+    f.assert_alive();
+}
