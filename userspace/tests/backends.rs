@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::stores::Store;
@@ -31,23 +29,8 @@ fn pools(mc: &[&Store], rd: &[&Store], extra: &str) -> String {
     )
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("admin connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    use std::io::Write;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn stats(f: &Faed) -> serde_json::Value {
-    let r = http_get(f.admin_port, "/api/stats");
-    serde_json::from_str(&r[r.find("\r\n\r\n").unwrap() + 4..]).unwrap()
+    serde_json::from_str(&admin_get(f.admin_port, "/api/stats")).unwrap()
 }
 
 /// The /api/stats entry of back-end server `addr`.

@@ -226,12 +226,13 @@ struct Node {
 }
 
 impl Node {
-    fn new(root: &Path, name: char) -> Node {
+    /// A node whose config also holds `sections` (whole TOML tables).
+    fn new(root: &Path, name: char, sections: &str) -> Node {
         let dir = root.join(name.to_string());
         let mut spec = FaedSpec::new(&dir);
         spec.sections = format!(
             "[cluster]\nfailover_timeout_ms = {FAILOVER_MS}\nforward_timeout_ms = {FORWARD_MS}\n\n\
-             [lock]\nttl_ms = 300000\n"
+             [lock]\nttl_ms = 300000\n\n{sections}"
         );
         // Cluster events in the log that the harness prints when a test fails.
         spec.log_level = "warn,fae_cluster=info,fae::cluster=info".into();
@@ -391,9 +392,14 @@ impl Cluster {
     /// `n` nodes: the first bootstraps, the others join through it side by side; returns once every node
     /// agrees on an even map with no move pending.
     fn start(n: usize) -> Cluster {
+        Self::start_with(n, "")
+    }
+
+    /// As [`Cluster::start`], every node's config also holding `sections`.
+    fn start_with(n: usize, sections: &str) -> Cluster {
         let root = TempDir::new();
         let mut nodes: Vec<Node> = (0..n)
-            .map(|i| Node::new(root.path(), (b'A' + i as u8) as char))
+            .map(|i| Node::new(root.path(), (b'A' + i as u8) as char, sections))
             .collect();
         let t = Instant::now();
         nodes[0].spawn(&["--bootstrap".into()]);
@@ -684,7 +690,18 @@ fn take_ids(addr: SocketAddr, n: usize) -> Vec<i64> {
 #[test]
 fn three_nodes_share_keys_locks_ids_and_the_registry() {
     let _serial = serial("three_nodes_share_keys_locks_ids_and_the_registry");
-    let cl = Cluster::start(3);
+    // Every node's memcache and Redis pools hold the same stores.
+    let (mc, rd) = (
+        common::stores::Store::memcached(),
+        common::stores::Store::redis(),
+    );
+    let pools = format!(
+        "[[memcache.pools]]\nname = \"default\"\nservers = [\"{}\"]\n\n\
+         [[redis.pools]]\nname = \"default\"\nservers = [\"{}\"]\n",
+        mc.addr(),
+        rd.addr()
+    );
+    let cl = Cluster::start_with(3, &pools);
     let [a, b, c] = [0, 1, 2];
     let st = cl.statuses(&[a, b, c]).expect("statuses");
 
@@ -740,8 +757,40 @@ fn three_nodes_share_keys_locks_ids_and_the_registry() {
         "set through C",
     );
 
-    // A lock taken through A is refused through C (and B) until it is released; one key per owner.
+    // mc_* and rd_call run on the node the client reached, straight to the store: never forwarded.
+    let forwarded = |i: usize| -> u64 {
+        let body = common::admin_get(cl.nodes[i].spec.admin_port, "/api/stats");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("stats json");
+        v["forwarded"].as_u64().unwrap_or(0)
+    };
+    let before: Vec<u64> = [a, b, c].iter().map(|&i| forwarded(i)).collect();
     let mut pb = cl.nodes[b].peer();
+    let data = |v: &str| client::fun_rpc::TMemcacheData::new(v.as_bytes().to_vec(), 0);
+    for k in keys.iter().take(40) {
+        let stored = pa.with(|cl| cl.mc_set(ctx(), "default".into(), k.clone(), data(k), 0));
+        assert_eq!(stored, Ok(true), "mc_set {k} through A");
+        let set = pb.with(|cl| {
+            cl.rd_call(
+                ctx(),
+                "SET".into(),
+                "default".into(),
+                vec![k.clone(), k.clone()],
+            )
+        });
+        assert_eq!(set.as_deref(), Ok("OK"), "rd_call SET {k} through B");
+    }
+    for k in keys.iter().take(40) {
+        let got = pc
+            .with(|cl| cl.mc_get(ctx(), "default".into(), k.clone()))
+            .map(|d| d.data);
+        assert_eq!(got, Ok(k.as_bytes().to_vec()), "mc_get {k} through C");
+        let got = pa.with(|cl| cl.rd_call(ctx(), "GET".into(), "default".into(), vec![k.clone()]));
+        assert_eq!(got.as_deref(), Ok(k.as_str()), "rd_call GET {k} through A");
+    }
+    let after: Vec<u64> = [a, b, c].iter().map(|&i| forwarded(i)).collect();
+    assert_eq!(before, after, "back-end calls were forwarded");
+
+    // A lock taken through A is refused through C (and B) until it is released; one key per owner.
     let lock_keys: Vec<String> = (0..40).map(|i| format!("lock:{i}")).collect();
     let lock_owners = cl.owners(&[a, b, c], &lock_keys);
     for owner in [a, b, c] {
@@ -1021,7 +1070,7 @@ fn a_fourth_node_takes_a_quarter_and_a_leaving_node_hands_its_keys_over() {
 
     // A fourth node joins (through a node that need not be the leader).
     let t = Instant::now();
-    let mut node = Node::new(cl.root.path(), 'D');
+    let mut node = Node::new(cl.root.path(), 'D', "");
     node.spawn(&["--join".into(), cl.nodes[b].raft_addr()]);
     cl.nodes.push(node);
     cl.nodes[d].wait_ready();

@@ -842,3 +842,20 @@ pub fn timed_ping_within(addr: SocketAddr, limit: Duration) -> Duration {
     t.elapsed()
 }
 pub mod stores;
+
+/// The body of `GET path` on faed's admin port.
+pub fn admin_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin port");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("set timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    match out.find("\r\n\r\n") {
+        Some(at) => out[at + 4..].to_owned(),
+        None => out,
+    }
+}
