@@ -247,6 +247,35 @@ fn killed_memcached_opens_its_breaker_and_recovers() {
             .mc_set(ctx(), "default".into(), (*k).clone(), data("v"), 0)
             .unwrap());
     }
+    // A load on every key from four sessions while m1 dies and comes back: (ok, failed) per server.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loaders: Vec<_> = (0..4)
+        .map(|t| {
+            let (addr, stop, keys) = (f.addr().to_string(), stop.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let mut c = client::connect(&addr, Transport::Framed, IO_TIMEOUT).unwrap();
+                let mut counts = [[0u64; 2]; 2];
+                let mut foreign = Vec::new();
+                for k in keys.iter().cycle().skip(t * 7) {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let server = place(k);
+                    match c.mc_get(ctx(), "default".into(), k.clone()) {
+                        Ok(_) => counts[server][0] += 1,
+                        Err(e) => {
+                            counts[server][1] += 1;
+                            if server == 1 {
+                                foreign.push(format!("{k}: {e:?}"));
+                            }
+                        }
+                    }
+                }
+                (counts, foreign)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
     m1.kill();
     // The first calls fail as the connections break or refuse; then the breaker is open.
     for k in on1.iter().cycle().take(10) {
@@ -296,6 +325,58 @@ fn killed_memcached_opens_its_breaker_and_recovers() {
             .data,
         b"back"
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = [[0u64; 2]; 2];
+    for l in loaders {
+        let (counts, foreign) = l.join().unwrap();
+        assert!(
+            foreign.is_empty(),
+            "calls for m2's keys failed: {foreign:?}"
+        );
+        for s in 0..2 {
+            total[s][0] += counts[s][0];
+            total[s][1] += counts[s][1];
+        }
+    }
+    assert!(
+        total[1][0] > 0 && total[1][1] == 0,
+        "m2's keys under load: {total:?}"
+    );
+    assert!(
+        total[0][1] > 0,
+        "no call for m1's keys failed while it was dead: {total:?}"
+    );
+    // Every back-end family of /metrics is there for the server, and moved.
+    let metrics = admin_get(f.admin_port, "/metrics");
+    let label = format!("server=\"{}\"", m1.addr());
+    for family in [
+        "fae_backend_calls_total{",
+        "fae_backend_rejected_total{",
+        "fae_backend_connects_total{",
+        "fae_backend_breaker_transitions_total{",
+        "fae_backend_call_duration_seconds_bucket{",
+        "fae_backend_call_duration_seconds_sum{",
+        "fae_backend_call_duration_seconds_count{",
+        "fae_backend_connections{",
+    ] {
+        let moved = metrics.lines().any(|l| {
+            l.starts_with(family)
+                && l.contains(&label)
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+        });
+        assert!(moved, "{family} for {label} never moved:\n{metrics}");
+    }
+    let failed = metrics.lines().any(|l| {
+        l.starts_with("fae_backend_failures_total{") && l.contains(&label) && !l.ends_with(" 0")
+    });
+    assert!(
+        failed,
+        "no failure counted for the killed server:\n{metrics}"
+    );
+    assert!(metrics.contains("# TYPE fae_backend_breaker_state gauge"));
     f.assert_alive();
 }
 
