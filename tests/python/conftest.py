@@ -4,11 +4,12 @@ Run from the repository root:  /usr/bin/python3 -m pytest tests/python -q
 Environment: FAED_BIN (default <repo>/target/debug/faed), THRIFT (default `thrift`).
 FAE_ADDR=host:port with FAE_ADMIN_PORT=port: run the suite against a faed that is already running there
 (the XDP lab test runs the whole suite this way from the client namespace) instead of starting one; then
-FAE_BACKENDS='{"memcache": ["h:p", "h:p"], "redis": ["h:p", "h:p"]}' names the stores behind its "default"
-pools, which the back-end tests also reach directly.
+FAE_BACKENDS='{"memcache": ["h:p", "h:p"], "redis": ["h:p", "h:p"], "mysql": "h:p"}' names the stores behind
+its pools, which the back-end tests also reach directly.
 
-Without FAE_ADDR the suite starts two memcached and two redis-server processes on free loopback ports (stopped
-by PID at the end) and a faed whose "default" memcache and redis pools hold them.
+Without FAE_ADDR the suite starts two memcached and two redis-server processes and a MariaDB (tests/mysql/mariadb:
+the schema of tests/mysql/schema.sql) on free loopback ports, stopped by PID at the end, and a faed whose
+"default" memcache and redis pools and MySQL pools (`tests/mysql/mariadb config`) hold them.
 """
 
 import importlib
@@ -28,6 +29,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 IDL = REPO / "idl" / "fae.thrift"
+MARIADB = REPO / "tests" / "mysql" / "mariadb"
 FAED_BIN = os.environ.get("FAED_BIN", str(REPO / "target" / "debug" / "faed"))
 THRIFT = os.environ.get("THRIFT", "thrift")
 HOST = "127.0.0.1"
@@ -149,23 +151,33 @@ def stores(tmp_path_factory):
         if not spec:
             pytest.fail("FAE_ADDR is set without FAE_BACKENDS: say which stores the faed at FAE_ADDR uses")
         d = json.loads(spec)
-        yield types.SimpleNamespace(memcache=d["memcache"], redis=d["redis"])
+        yield types.SimpleNamespace(memcache=d["memcache"], redis=d["redis"], mysql=d["mysql"], mysql_dir=None)
         return
-    ports = free_ports(4)
+    ports = free_ports(5)
     started = []
+    mysql_dir = tmp_path_factory.mktemp("mariadb")
     try:
         for kind, port in zip(["memcached", "memcached", "redis", "redis"], ports):
             started.append(Store(kind, port, tmp_path_factory.mktemp(kind)))
-        yield types.SimpleNamespace(memcache=[s.addr for s in started[:2]], redis=[s.addr for s in started[2:]])
+        p = subprocess.run([str(MARIADB), "start", str(mysql_dir), str(ports[4])], capture_output=True, text=True,
+                           timeout=60)
+        if p.returncode != 0:
+            pytest.fail("MariaDB did not start: %s%s" % (p.stdout, p.stderr))
+        yield types.SimpleNamespace(memcache=[s.addr for s in started[:2]], redis=[s.addr for s in started[2:]],
+                                    mysql="%s:%d" % (HOST, ports[4]), mysql_dir=mysql_dir)
     finally:
         for s in started:
             s.stop()
+        subprocess.run([str(MARIADB), "stop", str(mysql_dir)], timeout=30)
 
 
 def pools_toml(stores):
     q = lambda addrs: ", ".join('"%s"' % a for a in addrs)
+    host, port = stores.mysql.rsplit(":", 1)
+    mysql = subprocess.run([str(MARIADB), "config", "-", port, host], capture_output=True, text=True,
+                           check=True).stdout
     return ('[[memcache.pools]]\nname = "default"\nservers = [%s]\n\n'
-            '[[redis.pools]]\nname = "default"\nservers = [%s]\n' % (q(stores.memcache), q(stores.redis)))
+            '[[redis.pools]]\nname = "default"\nservers = [%s]\n\n%s' % (q(stores.memcache), q(stores.redis), mysql))
 
 
 # ---- the server -------------------------------------------------------------------------------------

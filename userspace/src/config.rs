@@ -41,6 +41,7 @@ pub struct Config {
     pub backend: BackendConfig,
     pub memcache: MemcacheConfig,
     pub redis: RedisConfig,
+    pub mysql: MysqlConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -579,6 +580,106 @@ pub struct RedisPool {
     pub backend: PoolOverrides,
 }
 
+/// Where cached `my_query` results are kept.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MysqlCacheStore {
+    /// In faed's memory, bounded by `cache_max_bytes` (least recently used first out).
+    Memory,
+    /// In a Redis pool of `[redis]` (`cache_redis_pool`), with `cache_ttl_ms`.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MysqlConfig {
+    /// Threads that run MySQL calls (the driver blocks; the event loops never do).
+    pub workers: usize,
+    /// Pools whose one server is named as the pool (every other name ending in digits is a shard).
+    pub global_pools: Vec<String>,
+    /// The global pool holding the lookup tables of sharded pools.
+    pub lookup_pool: String,
+    /// Lookup table of a sharded pool: `lookup_tables[pool]`, else this.
+    pub default_lookup_table: String,
+    pub lookup_tables: std::collections::BTreeMap<String, String>,
+    /// Entities whose shard is kept in memory (a lookup-pool exec drops them all).
+    pub lookup_cache_items: usize,
+    pub cache_store: MysqlCacheStore,
+    pub cache_max_bytes: usize,
+    pub cache_redis_pool: String,
+    pub cache_ttl_ms: u64,
+    /// Prepared statements kept per connection.
+    pub stmt_cache_size: usize,
+    pub servers: Vec<MysqlServer>,
+}
+
+impl Default for MysqlConfig {
+    fn default() -> Self {
+        MysqlConfig {
+            workers: 16,
+            global_pools: Vec::new(),
+            lookup_pool: String::new(),
+            default_lookup_table: "ShardLookup".into(),
+            lookup_tables: Default::default(),
+            lookup_cache_items: 100_000,
+            cache_store: MysqlCacheStore::Memory,
+            cache_max_bytes: 64 << 20,
+            cache_redis_pool: "default".into(),
+            cache_ttl_ms: 600_000,
+            stmt_cache_size: 64,
+            servers: Vec::new(),
+        }
+    }
+}
+
+/// One MariaDB/MySQL server: a global pool (`pool` in `mysql.global_pools`) or a shard (`pool` = the sharded
+/// pool's name and the shard id, FAE's naming: `user1`, `user2`, ... of pool `user`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlServer {
+    pub pool: String,
+    #[serde(default = "default_mysql_host")]
+    pub host: String,
+    #[serde(default = "default_mysql_port")]
+    pub port: u16,
+    /// A unix socket instead of host and port.
+    #[serde(default)]
+    pub socket: Option<String>,
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<String>,
+    pub db: String,
+    #[serde(default)]
+    pub backend: PoolOverrides,
+}
+
+fn default_mysql_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_mysql_port() -> u16 {
+    3306
+}
+
+/// A MySQL server name split into its sharded pool and shard id (`user12` → `user`, 12).
+pub fn mysql_shard_of(name: &str) -> Option<(&str, u32)> {
+    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    if digits == 0 || digits == name.len() {
+        return None;
+    }
+    let (pool, id) = name.split_at(name.len() - digits);
+    Some((pool, id.parse().ok()?))
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !s.as_bytes()[0].is_ascii_digit()
+}
+
 fn check(ok: bool, key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
     if ok {
         Ok(())
@@ -671,6 +772,7 @@ impl Config {
             "16 KiB..64 MiB",
         )?;
         self.validate_backends()?;
+        self.validate_mysql()?;
         check(
             self.log
                 .level
@@ -684,6 +786,107 @@ impl Config {
 }
 
 impl Config {
+    fn validate_mysql(&self) -> Result<(), ConfigError> {
+        let m = &self.mysql;
+        check((1..=1024).contains(&m.workers), "mysql.workers", "1..1024")?;
+        check(
+            m.stmt_cache_size >= 1,
+            "mysql.stmt_cache_size",
+            "at least 1",
+        )?;
+        check(
+            m.cache_max_bytes >= 1,
+            "mysql.cache_max_bytes",
+            "at least 1",
+        )?;
+        check(
+            m.lookup_cache_items >= 1,
+            "mysql.lookup_cache_items",
+            "at least 1",
+        )?;
+        let mut names = std::collections::HashSet::new();
+        let mut sharded = std::collections::BTreeSet::new();
+        for s in &m.servers {
+            check(
+                names.insert(s.pool.as_str()),
+                "mysql.servers",
+                format!("server {:?} is defined twice", s.pool),
+            )?;
+            let global = m.global_pools.contains(&s.pool);
+            if !global {
+                let Some((pool, _)) = mysql_shard_of(&s.pool) else {
+                    return Err(ConfigError::Invalid {
+                        key: "mysql.servers",
+                        reason: format!(
+                            "server {:?} is neither in mysql.global_pools nor a shard named <pool><shard id>",
+                            s.pool
+                        ),
+                    });
+                };
+                sharded.insert(pool.to_owned());
+            }
+            check(
+                !s.user.is_empty(),
+                "mysql.servers",
+                format!("server {:?} has no user", s.pool),
+            )?;
+            check(
+                s.password.is_none() || s.password_file.is_none(),
+                "mysql.servers",
+                format!(
+                    "server {:?}: set password or password_file, not both",
+                    s.pool
+                ),
+            )?;
+            check(
+                s.socket.is_some() || s.port > 0,
+                "mysql.servers",
+                format!("server {:?} has no port", s.pool),
+            )?;
+            check_settings(&self.backend.settings(&s.backend)).map_err(|why| {
+                ConfigError::Invalid {
+                    key: "mysql.servers",
+                    reason: format!("server {:?}: {why}", s.pool),
+                }
+            })?;
+        }
+        for g in &m.global_pools {
+            check(
+                names.contains(g.as_str()),
+                "mysql.global_pools",
+                format!("no server of global pool {g:?}"),
+            )?;
+        }
+        if !sharded.is_empty() {
+            check(
+                m.global_pools.contains(&m.lookup_pool),
+                "mysql.lookup_pool",
+                format!(
+                    "sharded pools ({}) need a lookup pool among mysql.global_pools",
+                    sharded.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )?;
+        }
+        for t in std::iter::once(&m.default_lookup_table).chain(m.lookup_tables.values()) {
+            check(
+                is_identifier(t),
+                "mysql.lookup_tables",
+                format!("{t:?} is not a table name"),
+            )?;
+        }
+        if m.cache_store == MysqlCacheStore::Redis {
+            check(
+                self.redis
+                    .pools
+                    .iter()
+                    .any(|p| p.name == m.cache_redis_pool),
+                "mysql.cache_redis_pool",
+                format!("no redis pool named {:?}", m.cache_redis_pool),
+            )?;
+        }
+        Ok(())
+    }
+
     fn validate_backends(&self) -> Result<(), ConfigError> {
         let b = &self.backend;
         check(

@@ -379,6 +379,16 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
         "registry_nodes": state.servants.registry.len(),
         "methods": methods,
         "backends": backends_json(&state.servants.backends),
+        "mysql": state.servants.backends.mysql.as_ref().map(|m| {
+            let st = &m.stats;
+            json!({
+                "cache_hits": get(&st.cache_hits),
+                "cache_misses": get(&st.cache_misses),
+                "cache_evictions": get(&st.cache_evictions),
+                "lookup_hits": get(&st.lookup_hits),
+                "lookup_misses": get(&st.lookup_misses),
+            })
+        }),
         "xdp": state.xdp.as_ref().map(|p| {
             let c = crate::engine::xdp::counters(p);
             json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket, "malformed": c.malformed})
@@ -483,6 +493,42 @@ fn backends_prometheus(o: &mut String, b: &Backends) {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for s in &b.servers {
             let _ = writeln!(o, "{name}{{{}}} {}", server_labels(s), f(s));
+        }
+    }
+    if let Some(m) = &b.mysql {
+        let st = &m.stats;
+        for (name, help, v) in [
+            (
+                "fae_mysql_cache_hits_total",
+                "my_query reads answered from the result cache.",
+                &st.cache_hits,
+            ),
+            (
+                "fae_mysql_cache_misses_total",
+                "my_query reads with a cacheKey not in the result cache.",
+                &st.cache_misses,
+            ),
+            (
+                "fae_mysql_cache_evictions_total",
+                "Results dropped from the cache (evicted or pushed out).",
+                &st.cache_evictions,
+            ),
+            (
+                "fae_mysql_lookup_hits_total",
+                "Shard lookups answered from the lookup cache.",
+                &st.lookup_hits,
+            ),
+            (
+                "fae_mysql_lookup_misses_total",
+                "Shard lookups read from the lookup table.",
+                &st.lookup_misses,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                get(v)
+            );
         }
     }
     let _ = writeln!(

@@ -13,6 +13,7 @@
 
 pub mod breaker;
 pub mod memcache;
+pub mod mysql;
 mod pool;
 pub mod redis;
 pub mod ring;
@@ -72,6 +73,7 @@ impl ProtoError {
 pub enum Protocol {
     Memcache,
     Redis,
+    Mysql,
 }
 
 impl Protocol {
@@ -79,6 +81,7 @@ impl Protocol {
         match self {
             Protocol::Memcache => "memcache",
             Protocol::Redis => "redis",
+            Protocol::Mysql => "mysql",
         }
     }
 }
@@ -95,6 +98,7 @@ pub enum Expect {
 pub enum Response {
     Memcache(memcache::Answer),
     Redis(redis::Value),
+    Mysql(mysql::MyAnswer),
 }
 
 /// Why a call got no answer from its server. Connect, timeout, broken and protocol failures are the
@@ -158,6 +162,8 @@ pub struct Job {
     /// `server.call_timeout_ms` after the call's message arrived: queueing and the store's time together.
     pub deadline: Instant,
     pub permit: breaker::Permit,
+    /// Where the answer goes when not to a session's loop (a MySQL worker waiting on the result cache).
+    pub reply: Option<Sender<Done>>,
 }
 
 /// A deferred call's outcome, on its way back to the loop that owns the session.
@@ -254,7 +260,7 @@ impl Default for ServerMetrics {
 }
 
 impl ServerMetrics {
-    fn latency(&self, d: Duration) {
+    pub(crate) fn latency(&self, d: Duration) {
         let ns = d.as_nanos() as u64;
         self.latency[bucket(ns)].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_ns.fetch_add(ns, Ordering::Relaxed);
@@ -280,7 +286,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn error(&self, kind: FailureKind, message: impl Into<String>) -> BackendError {
+    pub(crate) fn error(&self, kind: FailureKind, message: impl Into<String>) -> BackendError {
         BackendError {
             kind,
             protocol: self.protocol,
@@ -351,6 +357,7 @@ pub struct Backends {
     pub servers: Vec<Arc<Server>>,
     pub memcache: Vec<Pool>,
     pub redis: Vec<Pool>,
+    pub mysql: Option<Arc<mysql::Mysql>>,
     /// Commands rd_call refuses, upper case.
     pub redis_deny: Vec<String>,
     /// The largest value a store may send back (`server.max_message_bytes`).
@@ -374,9 +381,10 @@ pub enum BackendStartError {
 }
 
 impl Backends {
-    /// Builds the pools and starts the I/O threads (when there is any pool). Answers are delivered once the
-    /// engine has given its [`Sink`] ([`Backends::set_sink`]).
-    pub fn start(cfg: &Config) -> Result<Backends, BackendStartError> {
+    /// Builds the pools and starts the I/O threads (when there is any pool) and the MySQL workers (when there
+    /// are MySQL servers). Answers are delivered once the engine has given its [`Sink`]
+    /// ([`Backends::set_sink`]).
+    pub fn start(cfg: &Config) -> Result<Arc<Backends>, BackendStartError> {
         let threads = cfg.backend.threads.max(1);
         let mut servers: Vec<Arc<Server>> = Vec::new();
         let mut make_pool = |protocol: Protocol,
@@ -477,9 +485,13 @@ impl Backends {
         let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::new(OnceLock::new());
         let max_value = cfg.server.max_message_bytes;
         let mut handles = Vec::new();
-        if !servers.is_empty() {
+        // MySQL servers are listed with the others (metrics, admin); their calls run on the MySQL workers.
+        let io_servers = servers.len();
+        let reach: Arc<OnceLock<RedisReach>> = Arc::new(OnceLock::new());
+        let mysql = mysql::Mysql::start(cfg, &mut servers, sink.clone(), reach.clone())?;
+        if io_servers > 0 {
             for t in 0..threads {
-                let mine: Vec<(usize, Arc<Server>)> = servers
+                let mine: Vec<(usize, Arc<Server>)> = servers[..io_servers]
                     .iter()
                     .enumerate()
                     .filter(|(_, s)| s.thread == t)
@@ -492,10 +504,11 @@ impl Backends {
                 );
             }
         }
-        Ok(Backends {
+        let backends = Arc::new(Backends {
             servers,
             memcache,
             redis: redis_pools,
+            mysql,
             redis_deny: cfg
                 .redis
                 .deny
@@ -506,7 +519,12 @@ impl Backends {
             call_timeout: Duration::from_millis(cfg.server.call_timeout_ms),
             threads: handles,
             sink,
-        })
+        });
+        let _ = reach.set(RedisReach {
+            backends: Arc::downgrade(&backends),
+            pool: cfg.mysql.cache_redis_pool.clone(),
+        });
+        Ok(backends)
     }
 
     /// Where answers go: set once by the engine, after its loops exist.
@@ -522,12 +540,17 @@ impl Backends {
             // The I/O thread is gone (it never stops while faed runs): answer rather than lose the call.
             let job = e.into_inner();
             s.breaker.release(job.permit);
-            if let Some(sink) = self.sink.get() {
-                sink.deliver(Done {
-                    ticket: job.ticket,
-                    submitted: job.submitted,
-                    result: Err(s.error(FailureKind::Broken, "the back-end I/O thread has stopped")),
-                });
+            let done = Done {
+                ticket: job.ticket,
+                submitted: job.submitted,
+                result: Err(s.error(FailureKind::Broken, "the back-end I/O thread has stopped")),
+            };
+            match (&job.reply, self.sink.get()) {
+                (Some(tx), _) => {
+                    let _ = tx.send(done);
+                }
+                (None, Some(sink)) => sink.deliver(done),
+                (None, None) => {}
             }
             return;
         }
@@ -538,7 +561,7 @@ impl Backends {
     pub fn pool(&self, protocol: Protocol, name: &[u8]) -> Result<&Pool, String> {
         let pools = match protocol {
             Protocol::Memcache => &self.memcache,
-            Protocol::Redis => &self.redis,
+            Protocol::Redis | Protocol::Mysql => &self.redis,
         };
         pools
             .iter()
@@ -556,5 +579,45 @@ impl Backends {
                     }
                 )
             })
+    }
+}
+
+/// A blocking way into one Redis pool, for threads that may wait (the MySQL workers' result cache): the
+/// command goes through the pool's I/O thread, pipelined with every other call, under the server's breaker.
+pub struct RedisReach {
+    backends: std::sync::Weak<Backends>,
+    pool: String,
+}
+
+impl RedisReach {
+    /// Sends `parts` (command and arguments; the key is `parts[1]`) and waits for the answer until
+    /// `deadline`; `None` when there is none (the store failed, its breaker is open, the deadline passed).
+    pub fn call(&self, parts: &[&[u8]], deadline: Instant) -> Option<redis::Value> {
+        let b = self.backends.upgrade()?;
+        let pool = b.pool(Protocol::Redis, self.pool.as_bytes()).ok()?;
+        let now = Instant::now();
+        let server = pool.pick(parts.get(1).copied().unwrap_or(b""), &b.servers, now);
+        let permit = b.servers[server].breaker.admit(now).ok()?;
+        let mut request = Vec::new();
+        redis::command(&mut request, parts.iter().copied());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        b.submit(Job {
+            server,
+            affinity: 0,
+            request,
+            expect: Expect::Redis,
+            ticket: Ticket::default(),
+            submitted: now,
+            deadline,
+            permit,
+            reply: Some(tx),
+        });
+        let done = rx
+            .recv_timeout(deadline.saturating_duration_since(now))
+            .ok()?;
+        match done.result {
+            Ok(Response::Redis(v)) => Some(v),
+            _ => None,
+        }
     }
 }

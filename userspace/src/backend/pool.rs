@@ -82,6 +82,8 @@ struct Meta {
     /// Its session's key, and the connection slot it was given (`UNASSIGNED` before it was).
     affinity: u64,
     slot: usize,
+    /// Where the answer goes if not to the session's loop.
+    reply: Option<Sender<Done>>,
     ticket: super::Ticket,
     submitted: Instant,
     deadline: Instant,
@@ -267,15 +269,13 @@ impl Worker {
             shared.breaker.release(job.permit);
             shared.metrics.failures[FailureKind::Overloaded as usize]
                 .fetch_add(1, Ordering::Relaxed);
-            if let Some(sink) = self.sink.get() {
-                let result = Err(shared.error(FailureKind::Overloaded, msg));
-                sink.deliver(Done {
-                    ticket: job.ticket,
-                    submitted: job.submitted,
-                    result,
-                });
-            }
-            return;
+            let result = Err(shared.error(FailureKind::Overloaded, msg));
+            let done = Done {
+                ticket: job.ticket,
+                submitted: job.submitted,
+                result,
+            };
+            return self.deliver(job.reply.as_ref(), done);
         }
         // Counted from here on: every path below ends in `finish`, which uncounts it.
         srv.queued += 1;
@@ -784,17 +784,26 @@ impl Worker {
         let srv = &mut self.servers[s];
         srv.queued = srv.queued.saturating_sub(1);
         srv.unassign(meta.affinity, meta.slot);
-        let (ticket, submitted) = (meta.ticket, meta.submitted);
         srv.shared
             .metrics
             .queued
             .store(srv.queued as u64, Ordering::Relaxed);
-        if let Some(sink) = self.sink.get() {
-            sink.deliver(Done {
-                ticket,
-                submitted,
-                result,
-            });
+        let done = Done {
+            ticket: meta.ticket,
+            submitted: meta.submitted,
+            result,
+        };
+        self.deliver(meta.reply.as_ref(), done);
+    }
+
+    /// An answer to its session's loop, or to whoever waits on `reply`.
+    fn deliver(&self, reply: Option<&Sender<Done>>, done: Done) {
+        match (reply, self.sink.get()) {
+            (Some(tx), _) => {
+                let _ = tx.send(done);
+            }
+            (None, Some(sink)) => sink.deliver(done),
+            (None, None) => {}
         }
     }
 }
@@ -810,6 +819,7 @@ fn meta_of(job: &Job, slot: usize, now: Instant) -> Meta {
     Meta {
         affinity: job.affinity,
         slot,
+        reply: job.reply.clone(),
         ticket: job.ticket,
         submitted: job.submitted,
         deadline: job.deadline,
@@ -840,7 +850,8 @@ fn health_check(protocol: Protocol, out: &mut Vec<u8>) -> Expect {
             memcache::version(out);
             Expect::Memcache(memcache::Expect::Version)
         }
-        Protocol::Redis => {
+        // (MySQL servers never reach an I/O thread: their calls run on the MySQL workers.)
+        Protocol::Redis | Protocol::Mysql => {
             let parts: [&[u8]; 1] = [b"PING"];
             redis::command(out, parts.into_iter());
             Expect::Redis

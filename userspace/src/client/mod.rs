@@ -211,15 +211,84 @@ pub fn call(client: &mut Client, method: &str, args: &[String]) -> Result<String
             between(2, usize::MAX)?;
             client.rd_call(ctx(), a(0), a(1), args[2..].to_vec())?
         }
+        // my_query POOL TABLE HINT_ID CACHE_KEY SQL [ARGS...] (CACHE_KEY "" for none)
+        "my_query" => {
+            between(5, usize::MAX)?;
+            let r = client.my_query(ctx(), a(0), a(1), int(&args[2])?, a(4), args[5..].to_vec(), a(3))?;
+            render_mysql(&r)
+        }
+        // my_query_shards POOL TABLE SQL [ARGS...]
+        "my_query_shards" => {
+            between(3, usize::MAX)?;
+            render_mysql(&client.my_query_shards(ctx(), a(0), a(1), a(2), args[3..].to_vec())?)
+        }
+        // my_bulk_exec '[{"pool": .., "table": .., "hintId": .., "sql": .., "args": [..], "cacheKey": ..}, ...]'
+        "my_bulk_exec" => {
+            need(1)?;
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Item {
+                pool: String,
+                #[serde(default)]
+                table: String,
+                #[serde(default)]
+                hint_id: i64,
+                sql: String,
+                #[serde(default)]
+                args: Vec<String>,
+                #[serde(default)]
+                cache_key: String,
+            }
+            let items: Vec<Item> = serde_json::from_str(&args[0])
+                .map_err(|e| CallFailure::Usage(format!("my_bulk_exec takes a JSON array of statements: {e}")))?;
+            let n = client.my_bulk_exec(
+                ctx(),
+                items.iter().map(|i| i.pool.clone()).collect(),
+                items.iter().map(|i| i.table.clone()).collect(),
+                items.iter().map(|i| i.hint_id).collect(),
+                items.iter().map(|i| i.sql.clone()).collect(),
+                items.iter().map(|i| i.args.clone()).collect(),
+                items.iter().map(|i| i.cache_key.clone()).collect(),
+            )?;
+            n.to_string()
+        }
+        // my_merge POOL TABLE HINT_ID WHERE KEY COLUMN JSON
+        "my_merge" => {
+            need(7)?;
+            let r = client.my_merge(ctx(), a(0), a(1), int(&args[2])?, a(3), a(4), a(5), a(6))?;
+            format!("ok={} {}", r.ok, r.new_val)
+        }
+        "my_evict" => {
+            need(1)?;
+            client.my_evict(ctx(), a(0))?;
+            "ok".into()
+        }
         other => {
             return Err(CallFailure::Usage(format!(
                 "`fae call` does not know how to pass arguments to {other:?}; it knows: noop ping id_next \
                  id_next_with_tag id_decode lc_set lc_get lc_del lock unlock zk_create zk_children zk_del \
-                 mc_set mc_add mc_get mc_delete mc_increment rd_call"
+                 mc_set mc_add mc_get mc_delete mc_increment rd_call my_query my_query_shards my_bulk_exec \
+                 my_merge my_evict"
             )))
         }
     };
     Ok(out)
+}
+
+/// A MysqlResult as text: the columns and rows tab-separated, or what an exec did.
+fn render_mysql(r: &fun_rpc::MysqlResult) -> String {
+    if r.cols.is_empty() {
+        return format!(
+            "rowsAffected={} lastInsertId={}",
+            r.rows_affected, r.last_insert_id
+        );
+    }
+    let mut out = r.cols.join("\t");
+    for row in &r.rows {
+        out.push('\n');
+        out.push_str(&row.join("\t"));
+    }
+    out
 }
 
 /// Why `fae call` printed no result.

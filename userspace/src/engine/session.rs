@@ -486,11 +486,13 @@ fn serve(
     }
 }
 
-/// The argument holding the key that routes a call to its vbucket's owner (API.md, Routing).
+/// The argument holding the key that routes a call to its vbucket's owner (API.md, Routing): `my_query`
+/// routes by its cacheKey when it has one (so that the cached copy and its evictions meet on one node).
 fn routed_key(m: Method) -> Option<i16> {
     match m {
         Method::LcSet | Method::LcGet | Method::LcDel | Method::MyEvict => Some(2),
         Method::Lock | Method::Unlock => Some(3),
+        Method::MyQuery => Some(7),
         _ => None,
     }
 }
@@ -523,6 +525,9 @@ fn route(
     let key_id = routed_key(method)?;
     // Malformed arguments and invalid contexts are refused by the local call, as for any other call.
     let key = args.bytes(key_id, "key").ok()?;
+    if method == Method::MyQuery && key.is_empty() {
+        return None; // no cacheKey: runs where the client reached
+    }
     let ctx = args.context().ok()?;
     if ctx.rid == 0 || ctx.reason.is_empty() {
         return None;

@@ -6,6 +6,7 @@ pub mod lcache;
 pub mod lock;
 pub mod memcache;
 pub mod misc;
+pub mod mysql;
 pub mod redis;
 pub mod registry;
 
@@ -155,6 +156,7 @@ fn submit(
         submitted: env.now,
         deadline: env.deadline,
         permit,
+        reply: None,
     });
     Ok(Outcome::Deferred)
 }
@@ -166,7 +168,7 @@ pub struct Servants {
     pub lcache: lcache::LCache,
     pub lock: lock::Locks,
     pub registry: registry::Registry,
-    pub backends: Backends,
+    pub backends: std::sync::Arc<Backends>,
 }
 
 impl Servants {
@@ -203,14 +205,22 @@ impl Servants {
                 match method {
                     Ping => self.misc.ping(out),
                     IdNext => out.field_i64(0, self.idgen.next(0)?),
-                    IdNextWithTag => out.field_i64(0, self.idgen.next_with_tag(args.i16(2, "tag")?)?),
-                    LcSet => out.field_bool(0, self.lcache.set(args.bytes(2, "key")?, args.bytes(3, "value")?)),
+                    IdNextWithTag => {
+                        out.field_i64(0, self.idgen.next_with_tag(args.i16(2, "tag")?)?)
+                    }
+                    LcSet => out.field_bool(
+                        0,
+                        self.lcache
+                            .set(args.bytes(2, "key")?, args.bytes(3, "value")?),
+                    ),
                     LcGet => self.lcache.get(args.bytes(2, "key")?, out),
                     LcDel => self.lcache.del(args.bytes(2, "key")?),
                     Lock => out.field_bool(0, self.lock.lock(args.bytes(3, "key")?)),
                     Unlock => self.lock.unlock(args.bytes(3, "key")?),
                     ZkCreate => {
-                        let created = self.registry.create(args.bytes(2, "path")?, args.bytes(3, "data")?)?;
+                        let created = self
+                            .registry
+                            .create(args.bytes(2, "path")?, args.bytes(3, "data")?)?;
                         out.field_bool(0, created)
                     }
                     ZkChildren => self.registry.children(args.bytes(2, "path")?, out)?,
@@ -220,13 +230,7 @@ impl Servants {
                     }
                     RdCall => return redis::call(&self.backends, args, env),
                     MyQuery | MyBulkExec | MyQueryShards | MyMerge | MyEvict => {
-                        return Err(CallError::new(
-                            AppErrorKind::UnknownMethod,
-                            format!(
-                                "{} is declared in fae.thrift but no back-end servant serves it on this node yet",
-                                method.name()
-                            ),
-                        ))
+                        return mysql::call(&self.backends, method, args, out, env)
                     }
                     Noop | IdDecode => unreachable!("handled above"),
                 }
@@ -245,6 +249,11 @@ impl Servants {
         let out = reply.enc();
         match method {
             Method::RdCall => redis::finish(result, out),
+            Method::MyQuery
+            | Method::MyBulkExec
+            | Method::MyQueryShards
+            | Method::MyMerge
+            | Method::MyEvict => mysql::finish(method, result, out),
             _ => memcache::finish(method, result, out),
         }
     }

@@ -144,6 +144,11 @@ impl<'a> Args<'a> {
             .ok_or(ArgError::Missing { id, name })
     }
 
+    /// Argument `id` as it came, whatever its type.
+    pub fn get_value(&self, id: i16, name: &'static str) -> Result<Value<'a>, ArgError> {
+        self.get(id, name)
+    }
+
     /// Whether argument `id` was sent.
     pub fn has(&self, id: i16) -> bool {
         usize::try_from(id)
