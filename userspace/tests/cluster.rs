@@ -690,16 +690,18 @@ fn take_ids(addr: SocketAddr, n: usize) -> Vec<i64> {
 #[test]
 fn three_nodes_share_keys_locks_ids_and_the_registry() {
     let _serial = serial("three_nodes_share_keys_locks_ids_and_the_registry");
-    // Every node's memcache and Redis pools hold the same stores.
+    // Every node's memcache, Redis and MySQL pools hold the same stores.
     let (mc, rd) = (
         common::stores::Store::memcached(),
         common::stores::Store::redis(),
     );
+    let db = common::stores::Mariadb::start();
     let pools = format!(
         "[[memcache.pools]]\nname = \"default\"\nservers = [\"{}\"]\n\n\
-         [[redis.pools]]\nname = \"default\"\nservers = [\"{}\"]\n",
+         [[redis.pools]]\nname = \"default\"\nservers = [\"{}\"]\n\n{}",
         mc.addr(),
-        rd.addr()
+        rd.addr(),
+        db.config()
     );
     let cl = Cluster::start_with(3, &pools);
     let [a, b, c] = [0, 1, 2];
@@ -789,6 +791,54 @@ fn three_nodes_share_keys_locks_ids_and_the_registry() {
     }
     let after: Vec<u64> = [a, b, c].iter().map(|&i| forwarded(i)).collect();
     assert_eq!(before, after, "back-end calls were forwarded");
+
+    // my_query with a cacheKey runs on the owner of the key's vbucket, wherever the client is: a read
+    // cached through A, an exec with the same cacheKey through B, and the next read through C sees the new
+    // row (the owner's cached copy was evicted). my_evict through any node reaches it too.
+    let query = |p: &mut Peer, sql: &str, args: Vec<String>| {
+        p.with(|cl| {
+            cl.my_query(
+                ctx(),
+                "global".into(),
+                "kv".into(),
+                0,
+                sql.into(),
+                args,
+                "cl:ck".into(),
+            )
+        })
+        .map(|r| r.rows)
+    };
+    let read = "SELECT v FROM kv WHERE k = ?";
+    let row = |v: &str| Ok(vec![vec![v.to_string()]]);
+    assert_eq!(
+        query(
+            &mut pa,
+            "INSERT INTO kv (k, v) VALUES (?, ?)",
+            vec!["ck".into(), "one".into()]
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(query(&mut pa, read, vec!["ck".into()]), row("one"));
+    db.sql("UPDATE fae_global.kv SET v = 'behind' WHERE k = 'ck'");
+    assert_eq!(
+        query(&mut pc, read, vec!["ck".into()]),
+        row("one"),
+        "cached on the owner"
+    );
+    assert_eq!(
+        query(
+            &mut pb,
+            "UPDATE kv SET v = ? WHERE k = ?",
+            vec!["two".into(), "ck".into()]
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(query(&mut pc, read, vec!["ck".into()]), row("two"));
+    db.sql("UPDATE fae_global.kv SET v = 'three' WHERE k = 'ck'");
+    assert_eq!(query(&mut pa, read, vec!["ck".into()]), row("two"));
+    assert_eq!(pb.with(|cl| cl.my_evict(ctx(), "cl:ck".into())), Ok(()));
+    assert_eq!(query(&mut pc, read, vec!["ck".into()]), row("three"));
 
     // A lock taken through A is refused through C (and B) until it is released; one key per owner.
     let lock_keys: Vec<String> = (0..40).map(|i| format!("lock:{i}")).collect();

@@ -14,6 +14,113 @@ pub enum Kind {
     Redis,
 }
 
+/// A MariaDB server with the tests' schema (tests/mysql/schema.sql), started and stopped by
+/// tests/mysql/mariadb in a directory of its own.
+pub struct Mariadb {
+    pub port: u16,
+    dir: TempDir,
+    pid: u32,
+}
+
+const MARIADB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/mysql/mariadb");
+
+impl Mariadb {
+    pub fn start() -> Mariadb {
+        let mut m = Mariadb {
+            port: free_port(),
+            dir: TempDir::new(),
+            pid: 0,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let out = Command::new(MARIADB)
+            .arg("start")
+            .arg(self.dir.path())
+            .arg(self.port.to_string())
+            .output()
+            .expect("run tests/mysql/mariadb");
+        assert!(
+            out.status.success(),
+            "MariaDB did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.pid = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("mariadbd's pid");
+    }
+
+    /// faed's `[mysql]` tables for this server (pools global, lookup, user1..user4).
+    pub fn config(&self) -> String {
+        let out = Command::new(MARIADB)
+            .arg("config")
+            .arg(self.dir.path())
+            .arg(self.port.to_string())
+            .output()
+            .expect("run tests/mysql/mariadb config");
+        String::from_utf8(out.stdout).expect("utf-8 config")
+    }
+
+    /// Runs SQL as root with the `mariadb` client.
+    pub fn sql(&self, statement: &str) -> String {
+        let out = Command::new("mariadb")
+            .args([
+                "--no-defaults",
+                "--protocol=tcp",
+                "-h127.0.0.1",
+                "-uroot",
+                "-N",
+                "-B",
+            ])
+            .arg(format!("-P{}", self.port))
+            .arg("-e")
+            .arg(statement)
+            .output()
+            .expect("run mariadb");
+        assert!(
+            out.status.success(),
+            "{statement}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill sends a signal to the MariaDB this test started.
+        unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        for _ in 0..100 {
+            // SAFETY: signal 0 only checks that the process exists.
+            if unsafe { libc::kill(self.pid as libc::pid_t, 0) } != 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Mariadb {
+    fn drop(&mut self) {
+        let _ = Command::new(MARIADB)
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
 pub struct Store {
     pub kind: Kind,
     pub port: u16,
