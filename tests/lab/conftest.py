@@ -23,7 +23,8 @@ SRV_IP, CLI_IP = NET + ".1", NET + ".2"
 KERNEL_PORT, XDP_PORT, ADMIN_PORT = 9001, 9002, 9101
 # The stores behind the lab faed's pools, in the server namespace on its address (reached by faed, and by the
 # tests from the client namespace over the kernel path: only the RPC port goes to AF_XDP).
-MC_PORTS, PLACEMENT_PORTS, RD_PORTS = (11211, 11212), (11221, 11222, 11223), (6379, 6380)
+MC_PORTS, PLACEMENT_PORTS, RD_PORTS, MYSQL_PORT = (11211, 11212), (11221, 11222, 11223), (6379, 6380), 3306
+MARIADB = str(REPO / "tests" / "mysql" / "mariadb")
 
 
 def run(*argv, check=True, timeout=120, **kw):
@@ -98,18 +99,21 @@ class NsStore(object):
 
 
 def pools_toml(stores):
-    q = lambda ss: ", ".join('"%s"' % s.addr for s in ss)
+    q = lambda ss: ", ".join('"%s"' % s.addr for s in ss if hasattr(s, "addr"))
     text = ('[[memcache.pools]]\nname = "default"\nservers = [%s]\n\n[[redis.pools]]\nname = "default"\n'
             'servers = [%s]\n' % (q(stores["memcache"]), q(stores["redis"])))
     for pool, hash_ in (("php_standard", "standard"), ("php_consistent", "consistent"), ("php_ketama", "ketama")):
         text += '\n[[memcache.pools]]\nname = "%s"\nhash = "%s"\nservers = [%s]\n' % (
             pool, hash_, q(stores["placement"]))
+    text += "\n" + run(MARIADB, "config", "-", str(MYSQL_PORT), SRV_IP).stdout
     return text
 
 
 def backends_env(stores):
     """FAE_BACKENDS for the Python and PHP suites (see tests/python/conftest.py)."""
-    return json.dumps({k: [s.addr for s in v] for k, v in stores.items()})
+    env = {k: [s.addr for s in v] for k, v in stores.items() if k != "mysql"}
+    env["mysql"] = "%s:%d" % (SRV_IP, MYSQL_PORT)
+    return json.dumps(env)
 
 
 class Faed(object):
@@ -188,7 +192,10 @@ def stores(lab, tmp_path_factory):
     """Two memcached and two redis-server for the "default" pools, and three memcached for the PHP placement
     pools, in the server namespace."""
     started = {"memcache": [], "redis": [], "placement": []}
+    mysql_dir = tmp_path_factory.mktemp("mariadb")
     try:
+        run("ip", "netns", "exec", lab.srv, MARIADB, "start", str(mysql_dir), str(MYSQL_PORT), SRV_IP, timeout=60)
+        started["mysql"] = []
         for port in MC_PORTS:
             started["memcache"].append(NsStore(lab.srv, "memcached", port, None))
         for port in PLACEMENT_PORTS:
@@ -200,6 +207,7 @@ def stores(lab, tmp_path_factory):
         for ss in started.values():
             for st in ss:
                 st.stop()
+        run(MARIADB, "stop", str(mysql_dir), check=False)
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,10 @@ def test_php_suite_over_xdp(lab, stores, served):
                         check=False, timeout=300)
         assert p.returncode == 0 and "php: " in p.stdout and " 0 failed" in p.stdout, p.stdout[-6000:] + p.stderr
         env = dict(os.environ, FAE_BACKENDS=backends_env(stores))
-        p = lab.cli_run("php", str(REPO / "tests" / "php" / "test_backends.php"), SRV_IP, str(XDP_PORT), gen,
-                        check=False, timeout=300, env=env)
-    assert p.returncode == 0 and "php-backends: " in p.stdout and " 0 failed" in p.stdout, \
-        p.stdout[-6000:] + p.stderr
+        for script, tag in (("test_backends.php", "php-backends: "), ("test_mysql.php", "php-mysql: ")):
+            p = lab.cli_run("php", str(REPO / "tests" / "php" / script), SRV_IP, str(XDP_PORT), gen,
+                            check=False, timeout=300, env=env)
+            assert p.returncode == 0 and tag in p.stdout and " 0 failed" in p.stdout, p.stdout[-6000:] + p.stderr
 
 
 def test_stopped_redis_does_not_hold_the_xdp_loops(lab, stores, served):

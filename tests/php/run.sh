@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The PHP suite: generate the PHP code from idl/fae.thrift into a temp dir, start memcached and redis-server
-# processes and faed on free loopback ports (faed's pools hold the stores), run tests/php/test_fae.php and
-# tests/php/test_backends.php (with plain PHP, then again with the thrift_protocol extension if it can be
-# loaded), stop faed by PID (SIGTERM, SIGKILL after 10 s) and require exit code 0 from it, and stop every
-# store by PID.
+# The PHP suite: generate the PHP code from idl/fae.thrift into a temp dir, start memcached, redis-server and
+# MariaDB processes and faed on free loopback ports (faed's pools hold the stores), run tests/php/test_fae.php,
+# tests/php/test_backends.php and tests/php/test_mysql.php (with plain PHP, then again with the thrift_protocol
+# extension if it can be loaded), stop faed by PID (SIGTERM, SIGKILL after 10 s) and require exit code 0 from
+# it, and stop every store by PID.
 #
 #   tests/php/run.sh                 # uses target/debug/faed
 #   FAED_BIN=/path/to/faed tests/php/run.sh
@@ -47,6 +47,7 @@ cleanup() {
         kill -KILL "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
     done
+    "$ROOT/tests/mysql/mariadb" stop "$TMP/mariadb"
     rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -72,12 +73,13 @@ fi
 
 # ---- the stores and the server ----
 [ -x "$FAED_BIN" ] || fail "faed binary not found or not executable: $FAED_BIN (set FAED_BIN)"
-# Nine free ports at once: faed's RPC and admin, memcached x5 (two for "default", three for placement), redis x2.
-read -r RPC_PORT ADMIN_PORT MC1 MC2 P1 P2 P3 RD1 RD2 < <("$PHP" -r '
-    $s = array(); for ($i = 0; $i < 9; $i++) { $s[] = stream_socket_server("tcp://127.0.0.1:0"); }
+# Ten free ports at once: faed's RPC and admin, memcached x5 (two for "default", three for placement), redis x2,
+# MariaDB.
+read -r RPC_PORT ADMIN_PORT MC1 MC2 P1 P2 P3 RD1 RD2 MY < <("$PHP" -r '
+    $s = array(); for ($i = 0; $i < 10; $i++) { $s[] = stream_socket_server("tcp://127.0.0.1:0"); }
     $p = function ($s) { $n = stream_socket_get_name($s, false); return substr($n, strrpos($n, ":") + 1); };
     echo implode(" ", array_map($p, $s)), "\n";')
-[ -n "${RD2:-}" ] || fail "could not pick free ports"
+[ -n "${MY:-}" ] || fail "could not pick free ports"
 
 wait_store() { # PORT PROBE EXPECT: the store answers PROBE with a line starting with EXPECT, within 10 s
     local r
@@ -100,6 +102,7 @@ for port in $RD1 $RD2; do
     STORE_PIDS+=($!)
     wait_store "$port" 'PING\r\n' +PONG
 done
+"$ROOT/tests/mysql/mariadb" start "$TMP/mariadb" "$MY" >/dev/null || fail "MariaDB did not start"
 PLACEMENT="\"$HOST:$P1\", \"$HOST:$P2\", \"$HOST:$P3\""
 cat >"$TMP/faed.toml" <<EOF
 [[memcache.pools]]
@@ -124,8 +127,10 @@ servers = [$PLACEMENT]
 [[redis.pools]]
 name = "default"
 servers = ["$HOST:$RD1", "$HOST:$RD2"]
+
 EOF
-export FAE_BACKENDS="{\"memcache\": [\"$HOST:$MC1\", \"$HOST:$MC2\"], \"redis\": [\"$HOST:$RD1\", \"$HOST:$RD2\"], \"placement\": [$PLACEMENT]}"
+"$ROOT/tests/mysql/mariadb" config "$TMP/mariadb" "$MY" >>"$TMP/faed.toml"
+export FAE_BACKENDS="{\"memcache\": [\"$HOST:$MC1\", \"$HOST:$MC2\"], \"redis\": [\"$HOST:$RD1\", \"$HOST:$RD2\"], \"placement\": [$PLACEMENT], \"mysql\": \"$HOST:$MY\"}"
 
 "$FAED_BIN" -c "$TMP/faed.toml" --listen "$HOST:$RPC_PORT" --admin "$HOST:$ADMIN_PORT" --log-level warn \
     </dev/null >"$TMP/faed.log" 2>&1 &
@@ -147,12 +152,14 @@ status=0
 echo "== php (plain TBinaryProtocol) =="
 "$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 "$PHP" "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+"$PHP" "$ROOT/tests/php/test_mysql.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 
 if ! "$PHP" -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null &&
    "$PHP" -d extension=thrift_protocol.so -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null; then
     echo "== php (thrift_protocol extension, TBinaryProtocolAccelerated) =="
     "$PHP" -d extension=thrift_protocol.so "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
     "$PHP" -d extension=thrift_protocol.so "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+    "$PHP" -d extension=thrift_protocol.so "$ROOT/tests/php/test_mysql.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 else
     echo "== php: thrift_protocol extension not loadable (or already loaded): accelerated run skipped =="
 fi

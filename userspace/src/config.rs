@@ -1084,4 +1084,50 @@ mod tests {
             assert!(err.contains(want), "{text}: {err}");
         }
     }
+
+    #[test]
+    fn mysql_pools_are_checked() {
+        assert_eq!(mysql_shard_of("user12"), Some(("user", 12)));
+        assert_eq!(mysql_shard_of("user"), None);
+        assert_eq!(mysql_shard_of("12"), None);
+        let server = |pool: &str| {
+            format!("[[mysql.servers]]\npool = \"{pool}\"\nuser = \"app\"\ndb = \"d\"\n")
+        };
+        let ok = format!(
+            "[mysql]\nglobal_pools = [\"lookup\"]\nlookup_pool = \"lookup\"\n{}{}{}",
+            server("lookup"),
+            server("user1"),
+            server("user2")
+        );
+        let cfg = Config::from_toml(&ok, "x").unwrap();
+        assert_eq!(cfg.mysql.servers.len(), 3);
+        for (text, want) in [
+            (
+                server("global"),
+                "neither in mysql.global_pools nor a shard",
+            ),
+            (server("user1"), "lookup pool"),
+            (
+                format!("[mysql]\nglobal_pools = [\"g\"]\n{}", server("x1")),
+                "no server of global pool",
+            ),
+            (format!("{}{}", server("u1"), server("u1")), "defined twice"),
+            (
+                format!(
+                    "[mysql]\nglobal_pools = [\"g\"]\n{}password = \"a\"\npassword_file = \"b\"\n",
+                    server("g")
+                ),
+                "not both",
+            ),
+            (
+                "[mysql]\ndefault_lookup_table = \"T; DROP\"\n".into(),
+                "not a table name",
+            ),
+            ("[mysql]\ncache_store = \"redis\"\n".into(), "no redis pool"),
+            ("[mysql]\nworkers = 0\n".into(), "mysql.workers"),
+        ] {
+            let err = Config::from_toml(&text, "x").unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
 }
