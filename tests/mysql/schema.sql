@@ -1,6 +1,8 @@
 -- The databases the MySQL tests use, FAE's model: a lookup table that says which shard holds an entity,
 -- four shards of the sharded pool "user" (servers user1..user4, one database each), and a global pool.
 CREATE USER IF NOT EXISTS 'app'@'%' IDENTIFIED BY 'pw';
+-- A user whose password the secrets test looks for in faed's logs, metrics and admin answers.
+CREATE USER IF NOT EXISTS 'secretive'@'%' IDENTIFIED BY 'Zq9-secret-7Kx';
 
 CREATE DATABASE IF NOT EXISTS fae_lookup;
 CREATE TABLE IF NOT EXISTS fae_lookup.ShardLookup (
@@ -39,6 +41,7 @@ CREATE TABLE IF NOT EXISTS fae_user4.users LIKE fae_user1.users;
 
 GRANT ALL ON fae_lookup.* TO 'app'@'%';
 GRANT ALL ON fae_global.* TO 'app'@'%';
+GRANT ALL ON fae_global.* TO 'secretive'@'%';
 GRANT ALL ON fae_user1.* TO 'app'@'%';
 GRANT ALL ON fae_user2.* TO 'app'@'%';
 GRANT ALL ON fae_user3.* TO 'app'@'%';

@@ -251,3 +251,66 @@ fn the_result_cache_can_live_in_redis() {
     );
     f.assert_alive();
 }
+
+/// A password (from `password_file`) reaches the server and nothing else: not the log (at debug level), not
+/// /metrics, not /api/stats, not the errors clients see, even when the login fails.
+#[test]
+fn passwords_never_reach_logs_metrics_or_clients() {
+    const SECRET: &str = "Zq9-secret-7Kx";
+    let db = Mariadb::start();
+    let dir = TempDir::new();
+    let good = dir.path().join("good.password");
+    let bad = dir.path().join("bad.password");
+    std::fs::write(&good, format!("{SECRET}\n")).unwrap();
+    std::fs::write(&bad, format!("{SECRET}-wrong\n")).unwrap();
+    let server = |pool: &str, file: &std::path::Path| {
+        format!(
+            "[[mysql.servers]]\npool = \"{pool}\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"secretive\"\n\
+             password_file = \"{}\"\ndb = \"fae_global\"\n\n",
+            db.port,
+            file.display()
+        )
+    };
+    let sections = format!(
+        "[mysql]\nglobal_pools = [\"good\", \"bad\"]\n\n{}{}",
+        server("good", &good),
+        server("bad", &bad)
+    );
+    let mut spec = FaedSpec::new(dir.path().join("faed"));
+    spec.sections = sections;
+    spec.log_level = "debug".into();
+    let mut f = Faed::spawn(&spec);
+    f.wait_ready(START_TIMEOUT).expect("faed starts");
+    let mut c = client::connect(&f.addr().to_string(), Transport::Buffered, IO_TIMEOUT).unwrap();
+    let r = c
+        .my_query(
+            ctx(),
+            "good".into(),
+            "kv".into(),
+            0,
+            "SELECT CURRENT_USER() AS u".into(),
+            vec![],
+            "".into(),
+        )
+        .unwrap();
+    assert!(r.rows[0][0].starts_with("secretive@"), "{r:?}");
+    let msg = app_error(c.my_query(
+        ctx(),
+        "bad".into(),
+        "kv".into(),
+        0,
+        "SELECT 1".into(),
+        vec![],
+        "".into(),
+    ));
+    assert!(msg.contains("1045") && !msg.contains(SECRET), "{msg}");
+    for text in [
+        admin_get(f.admin_port, "/metrics"),
+        admin_get(f.admin_port, "/api/stats"),
+        f.log(),
+        msg,
+    ] {
+        assert!(!text.contains(SECRET), "the password leaked:\n{text}");
+    }
+    f.assert_alive();
+}

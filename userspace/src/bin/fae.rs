@@ -33,6 +33,8 @@ impl From<TransportArg> for Transport {
 enum DirectArg {
     Memcache,
     Redis,
+    /// ADDR is then a URL: mysql://USER:PASSWORD@HOST:PORT/DB
+    Mysql,
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,7 +102,8 @@ enum Cmd {
         #[arg(long = "warmup", default_value_t = 1.0)]
         warmup_secs: f64,
         /// Calls and weights, e.g. `noop` or `noop:3,lc_get:1`: noop, ping, id_next, lc_get, lc_set, mc_get,
-        /// mc_set, rd_get, rd_set (rd_call GET/SET).
+        /// mc_set, rd_get, rd_set (rd_call GET/SET), my_get, my_get_cached (my_query of one `kv` row by key,
+        /// without and with a cacheKey).
         #[arg(short = 'm', long, default_value = "noop")]
         mix: String,
         /// The pool of mc_* and rd_call calls.
@@ -276,6 +279,7 @@ fn main() -> ExitCode {
                 None => bench::Target::Fae(transport.into()),
                 Some(DirectArg::Memcache) => bench::Target::Memcache,
                 Some(DirectArg::Redis) => bench::Target::Redis,
+                Some(DirectArg::Mysql) => bench::Target::Mysql,
             };
             let mix = match bench::parse_mix(&mix, target) {
                 Ok(m) => m,

@@ -37,10 +37,18 @@ pub enum Op {
     RdGet,
     /// rd_call SET (or a Redis SET, direct).
     RdSet,
+    /// my_query of one row by primary key: `SELECT k, v FROM kv WHERE k = ?` on pool `pool` (or a MySQL
+    /// client's prepared statement, direct).
+    MyGet,
+    /// The same with a cacheKey (the row's key): answered from fae's result cache once cached.
+    MyGetCached,
 }
 
+/// The statement of `my_get`: a point read by primary key (tests/mysql/schema.sql's `kv`).
+pub const MY_GET_SQL: &str = "SELECT k, v FROM kv WHERE k = ?";
+
 impl Op {
-    const ALL: [Op; 9] = [
+    const ALL: [Op; 11] = [
         Op::Noop,
         Op::Ping,
         Op::IdNext,
@@ -50,6 +58,8 @@ impl Op {
         Op::McSet,
         Op::RdGet,
         Op::RdSet,
+        Op::MyGet,
+        Op::MyGetCached,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +73,8 @@ impl Op {
             Op::McSet => "mc_set",
             Op::RdGet => "rd_get",
             Op::RdSet => "rd_set",
+            Op::MyGet => "my_get",
+            Op::MyGetCached => "my_get_cached",
         }
     }
 
@@ -77,6 +89,7 @@ impl Op {
             Op::McGet => Method::McGet,
             Op::McSet => Method::McSet,
             Op::RdGet | Op::RdSet => Method::RdCall,
+            Op::MyGet | Op::MyGetCached => Method::MyQuery,
         }
     }
 
@@ -100,6 +113,9 @@ pub enum Target {
     Memcache,
     /// Redis, or a proxy speaking RESP.
     Redis,
+    /// MySQL/MariaDB through the `mysql` crate (`addr` is a `mysql://user:pass@host:port/db` URL): one
+    /// blocking connection per client thread, one statement at a time (the protocol does not pipeline).
+    Mysql,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +144,7 @@ pub fn parse_mix(s: &str, target: Target) -> Result<Vec<(Op, u32)>, String> {
         Target::Fae(_) => &Op::ALL,
         Target::Memcache => &[Op::McGet, Op::McSet],
         Target::Redis => &[Op::RdGet, Op::RdSet],
+        Target::Mysql => &[Op::MyGet],
     };
     let names: Vec<&str> = allowed.iter().map(|o| o.name()).collect();
     s.split(',')
@@ -250,6 +267,7 @@ fn encode_call(out: &mut Vec<u8>, cfg: &BenchConfig, op: Op, seq: i32, key: &[u8
             }
             return;
         }
+        Target::Mysql => return,
         Target::Fae(t) => t,
     };
     let start = out.len();
@@ -283,6 +301,21 @@ fn encode_call(out: &mut Vec<u8>, cfg: &BenchConfig, op: Op, seq: i32, key: &[u8
                     e.field_i32(2, 0);
                     e.stop();
                     e.field_i32(5, 0);
+                }
+            }
+            Op::MyGet | Op::MyGetCached => {
+                e.field_bytes(2, cfg.pool.as_bytes());
+                e.field_bytes(3, b"kv");
+                e.field_i64(4, 0);
+                e.field_bytes(5, MY_GET_SQL.as_bytes());
+                e.field_begin(ttype::LIST, 6);
+                e.list_begin(ttype::STRING, 1);
+                e.bytes(key);
+                e.field_begin(ttype::STRING, 7);
+                if op == Op::MyGetCached {
+                    e.bytes(key);
+                } else {
+                    e.bytes(b"");
                 }
             }
             Op::RdGet | Op::RdSet => {
@@ -354,6 +387,7 @@ fn scan_reply(
             let error = matches!(buf[0], b'-') || buf.starts_with(b"$-1");
             Ok(Some((n, error)))
         }
+        Target::Mysql => Err(bad("no stream to scan in the MySQL mode".into())),
     }
 }
 
@@ -407,6 +441,9 @@ fn populate(cfg: &BenchConfig, addr: SocketAddr, writer: Op) -> io::Result<()> {
 
 /// Runs the benchmark and returns its report.
 pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
+    if cfg.target == Target::Mysql {
+        return run_mysql(cfg);
+    }
     let addr = cfg
         .addr
         .to_socket_addrs()?
@@ -483,11 +520,7 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         .join(",");
     Ok(BenchReport {
         addr: cfg.addr.clone(),
-        transport: match cfg.target {
-            Target::Fae(t) => format!("{t:?}").to_lowercase(),
-            Target::Memcache => "memcache".into(),
-            Target::Redis => "redis".into(),
-        },
+        transport: target_name(cfg.target),
         connections: cfg.connections,
         depth: cfg.depth,
         mix,
@@ -595,6 +628,94 @@ fn drive(
         }
     }
     Ok(())
+}
+
+fn target_name(t: Target) -> String {
+    match t {
+        Target::Fae(t) => format!("{t:?}").to_lowercase(),
+        Target::Memcache => "memcache".into(),
+        Target::Redis => "redis".into(),
+        Target::Mysql => "mysql".into(),
+    }
+}
+
+/// The MySQL mode: `connections` threads, each with one blocking connection, each reading rows by primary
+/// key with a prepared statement, one at a time.
+fn run_mysql(cfg: &BenchConfig) -> io::Result<BenchReport> {
+    use mysql::prelude::Queryable;
+    let opts = mysql::Opts::from_url(&cfg.addr)
+        .map_err(|e| io::Error::other(format!("{}: {e}", cfg.addr)))?;
+    let shared = Arc::new(Shared {
+        calls: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        measuring: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+    });
+    let mut handles = Vec::new();
+    let mut hists = Vec::new();
+    for t in 0..cfg.connections.max(1) {
+        let hist = Arc::new(LoopMetrics::default());
+        hists.push(hist.clone());
+        let (opts, shared, keys) = (opts.clone(), shared.clone(), cfg.keys.max(1));
+        handles.push(std::thread::spawn(move || -> io::Result<()> {
+            let mut conn = mysql::Conn::new(opts).map_err(|e| io::Error::other(e.to_string()))?;
+            let stmt = conn
+                .prep(MY_GET_SQL)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let mut pick = t;
+            while !shared.stop.load(Ordering::Acquire) {
+                pick = pick.wrapping_add(1);
+                let key = String::from_utf8_lossy(&key_for(pick % keys)).into_owned();
+                let t0 = Instant::now();
+                let r: Result<Option<(String, String)>, _> = conn.exec_first(&stmt, (key,));
+                let ns = t0.elapsed().as_nanos() as u64;
+                let error = !matches!(r, Ok(Some(_)));
+                if shared.measuring.load(Ordering::Relaxed) {
+                    hist.call(Method::MyQuery as usize, ns, error);
+                    shared.calls.fetch_add(1, Ordering::Relaxed);
+                    if error {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(())
+        }));
+    }
+    std::thread::sleep(cfg.warmup);
+    let t0 = Instant::now();
+    shared.measuring.store(true, Ordering::Release);
+    std::thread::sleep(cfg.duration);
+    shared.measuring.store(false, Ordering::Release);
+    let secs = t0.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::Release);
+    for h in handles {
+        h.join()
+            .map_err(|_| io::Error::other("bench thread panicked"))??;
+    }
+    let calls = shared.calls.load(Ordering::Relaxed);
+    let snap = Snapshot::merge(&hists);
+    let all = &snap.methods[Method::MyQuery as usize];
+    // The URL's password stays out of the report.
+    let shown = cfg
+        .addr
+        .rsplit_once('@')
+        .map_or(cfg.addr.as_str(), |(_, at)| at)
+        .to_owned();
+    Ok(BenchReport {
+        addr: shown,
+        transport: target_name(cfg.target),
+        connections: cfg.connections,
+        depth: 1,
+        mix: "my_get:1".into(),
+        seconds: secs,
+        calls,
+        errors: shared.errors.load(Ordering::Relaxed),
+        calls_per_sec: calls as f64 / secs,
+        p50_us: all.quantile_us(0.5),
+        p99_us: all.quantile_us(0.99),
+        p999_us: all.quantile_us(0.999),
+        server_cpu_us_per_call: None,
+    })
 }
 
 /// Whether a reply's result struct holds field 0 (success) or nothing (void).

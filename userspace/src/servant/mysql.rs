@@ -109,6 +109,22 @@ pub fn call(
     let m = mysql(b)?;
     let call = match method {
         Method::MyQuery => {
+            // A cached read is answered here, before anything is copied out of the message.
+            let cache_key = if args.has(7) {
+                args.bytes(7, "cacheKey")?
+            } else {
+                b""
+            };
+            if !cache_key.is_empty() {
+                let sql = std::str::from_utf8(args.bytes(5, "sql")?).unwrap_or("");
+                let key = std::str::from_utf8(cache_key).unwrap_or("");
+                if is_read(sql) {
+                    if let Some(hit) = m.cached(key) {
+                        encode_result(out, &hit);
+                        return Ok(Outcome::Answered);
+                    }
+                }
+            }
             let st = Statement {
                 pool: text(args.bytes(2, "pool")?, "pool")?,
                 table: text(args.bytes(3, "table")?, "table")?,
@@ -126,12 +142,6 @@ pub fn call(
                 },
             };
             known_pool(m, &st.pool)?;
-            if !st.cache_key.is_empty() && is_read(&st.sql) {
-                if let Some(hit) = m.cached(&st.cache_key) {
-                    encode_result(out, &hit);
-                    return Ok(Outcome::Answered);
-                }
-            }
             MyCall::Query(st)
         }
         Method::MyBulkExec => {
