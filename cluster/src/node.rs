@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     pub raft_addr: String,
     /// Where this node serves the FunServant API; replicated so that others can forward calls.
     pub rpc_addr: String,
+    /// Where this node serves its admin port (replicated, for the dashboards' links); may be empty.
+    pub admin_addr: String,
     pub data_dir: PathBuf,
     /// Start a new single-node cluster if the data dir is empty.
     pub bootstrap: bool,
@@ -77,6 +79,7 @@ impl ClusterConfig {
             node_id: None,
             raft_addr: raft_addr.into(),
             rpc_addr: rpc_addr.into(),
+            admin_addr: String::new(),
             data_dir: data_dir.into(),
             bootstrap: false,
             seeds: Vec::new(),
@@ -485,6 +488,7 @@ impl Cluster {
             id,
             rpc_addr: cfg.rpc_addr.clone(),
             raft_addr: cfg.raft_addr.clone(),
+            admin_addr: cfg.admin_addr.clone(),
         };
         if !initialized && cfg.bootstrap {
             let sm = StateMachine::bootstrap(me.clone());

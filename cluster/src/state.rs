@@ -35,6 +35,9 @@ pub struct MemberInfo {
     pub id: u64,
     pub rpc_addr: String,
     pub raft_addr: String,
+    /// Where the node serves its admin port and dashboard ("" when it has none).
+    #[serde(default)]
+    pub admin_addr: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +47,9 @@ pub struct Member {
     pub rpc_addr: String,
     /// The node's cluster port (raft traffic and the cluster RPC).
     pub raft_addr: String,
+    /// The node's admin port and dashboard ("" when it has none, or joined before fae knew it).
+    #[serde(default)]
+    pub admin_addr: String,
     pub state: MemberState,
     /// Whether raft counts the node as a voter (kept while the node is failed, to restore its state).
     pub voter: bool,
@@ -138,6 +144,7 @@ impl StateMachine {
                 id,
                 rpc_addr: first.rpc_addr,
                 raft_addr: first.raft_addr,
+                admin_addr: first.admin_addr,
                 state: MemberState::Voter,
                 voter: true,
                 worker_id: 0,
@@ -267,6 +274,7 @@ impl StateMachine {
                 id: info.id,
                 rpc_addr: info.rpc_addr.clone(),
                 raft_addr: info.raft_addr.clone(),
+                admin_addr: info.admin_addr.clone(),
                 state: MemberState::Learner,
                 voter: false,
                 worker_id,
@@ -436,6 +444,7 @@ mod tests {
             id,
             rpc_addr: format!("127.0.0.1:{}", 9000 + id),
             raft_addr: format!("127.0.0.1:{}", 7000 + id),
+            admin_addr: String::new(),
         }
     }
 

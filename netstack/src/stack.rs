@@ -161,6 +161,13 @@ impl Stack {
         self.sockets.get::<tcp::Socket>(id).send_queue()
     }
 
+    /// The client's address (IPv4; `None` when the socket has no remote endpoint).
+    pub fn peer(&self, id: ConnId) -> Option<Ipv4Addr> {
+        match self.sockets.get::<tcp::Socket>(id).remote_endpoint()?.addr {
+            IpAddress::Ipv4(a) => Some(Ipv4Addr::from(a.octets())),
+        }
+    }
+
     /// The peer has closed its side and every byte it sent was read.
     pub fn peer_done(&self, id: ConnId) -> bool {
         use tcp::State::*;

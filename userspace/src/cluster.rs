@@ -21,6 +21,9 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
         c.data_dir.clone(),
     );
     cc.bootstrap = c.bootstrap;
+    if cfg.admin.enabled {
+        cc.admin_addr = cfg.admin.listen.to_string();
+    }
     cc.seeds = c.seeds.clone();
     cc.failover_timeout = Duration::from_millis(c.failover_timeout_ms);
     cc.handoff = Handoff::Manual;

@@ -24,7 +24,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -42,9 +42,11 @@ pub struct Config {
     pub memcache: MemcacheConfig,
     pub redis: RedisConfig,
     pub mysql: MysqlConfig,
+    pub limits: LimitsConfig,
+    pub degrade: DegradeConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -102,7 +104,7 @@ impl ServerConfig {
 }
 
 /// Which data path serves the RPC port.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerMode {
     /// Kernel TCP sockets (runs anywhere).
@@ -114,7 +116,7 @@ pub enum ListenerMode {
 }
 
 /// How the XDP program is attached.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// Native where the driver supports it, else generic.
@@ -125,7 +127,7 @@ pub enum XdpMode {
     Generic,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
     pub mode: ListenerMode,
@@ -164,11 +166,21 @@ impl Default for ListenerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
+    /// Bearer token every admin action (POST) needs; empty: actions are refused.
+    pub token: String,
+    /// A file holding the token (keeps it out of the config).
+    pub token_file: String,
+    /// Admin connections served at once.
+    pub max_connections: usize,
+    /// A whole request (head and body) must arrive within this long.
+    pub request_timeout_ms: u64,
+    /// Largest request body (actions carry small JSON bodies).
+    pub max_body_bytes: usize,
 }
 
 impl Default for AdminConfig {
@@ -176,11 +188,74 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: true,
             listen: "127.0.0.1:9101".parse().expect("literal"),
+            token: String::new(),
+            token_file: String::new(),
+            max_connections: 256,
+            request_timeout_ms: 5_000,
+            max_body_bytes: 64 << 10,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+impl AdminConfig {
+    /// The token actions need: `token`, or the first line of `token_file`; `None` when neither is set.
+    pub fn resolved_token(&self) -> Result<Option<String>, ConfigError> {
+        if !self.token.is_empty() {
+            return Ok(Some(self.token.clone()));
+        }
+        if self.token_file.is_empty() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read_to_string(&self.token_file).map_err(|source| ConfigError::Read {
+                path: self.token_file.clone(),
+                source,
+            })?;
+        let t = text.lines().next().unwrap_or("").trim().to_owned();
+        Ok((!t.is_empty()).then_some(t))
+    }
+}
+
+/// Flow control: every key can also be changed at runtime (`POST /api/limits`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls per second one client IP may make (GCRA: a steady rate with bursts); 0 = unlimited.
+    pub client_calls_per_sec: u64,
+    /// Calls a client may make at once above its rate (0: the rate, one second's worth).
+    pub client_burst: u64,
+    /// Calls of a method in flight at once, by method name.
+    pub method_inflight: std::collections::BTreeMap<String, u64>,
+    /// An adaptive concurrency limit for all calls (the gradient of Netflix's concurrency-limits): sheds
+    /// with "overloaded" once latency rises above its recent minimum.
+    pub adaptive: bool,
+    /// Bounds of the adaptive limit.
+    pub adaptive_min: u64,
+    pub adaptive_max: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            client_calls_per_sec: 0,
+            client_burst: 0,
+            method_inflight: Default::default(),
+            adaptive: false,
+            adaptive_min: 8,
+            adaptive_max: 10_000,
+        }
+    }
+}
+
+/// Graceful degrade: methods (by name) and servants (misc, idgen, lcache, lock, memcache, redis, mysql,
+/// registry) answered at once with a "degraded" error, without touching their back ends.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DegradeConfig {
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub level: String,
@@ -194,7 +269,7 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     pub id: u64,
@@ -206,19 +281,24 @@ impl Default for NodeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub slow_call_ms: u64,
+    /// Calls logged (method, client, duration, outcome) per 10,000: FAE's profiler_rate.
+    pub sample_per_10000: u32,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { slow_call_ms: 100 }
+        MetricsConfig {
+            slow_call_ms: 100,
+            sample_per_10000: 0,
+        }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdgenConfig {
     pub worker_id: u8,
@@ -234,7 +314,7 @@ impl Default for IdgenConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LcacheConfig {
     pub max_items: usize,
@@ -252,7 +332,7 @@ impl Default for LcacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LockConfig {
     pub ttl_ms: u64,
@@ -264,7 +344,7 @@ impl Default for LockConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     pub max_nodes: usize,
@@ -282,7 +362,7 @@ impl Default for RegistryConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     pub enabled: bool,
@@ -313,7 +393,7 @@ impl Default for ClusterConfig {
 }
 
 /// Pool and breaker defaults shared by every back end (memcache, Redis, MySQL); a pool may override each.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     pub threads: usize,
@@ -342,7 +422,7 @@ impl Default for BackendConfig {
 }
 
 /// A circuit breaker per back-end server.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     pub consecutive_failures: u32,
@@ -377,7 +457,7 @@ impl Default for BreakerConfig {
 }
 
 /// A pool's overrides of `[backend]` (every key optional).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolOverrides {
     pub max_conns: Option<usize>,
@@ -390,7 +470,7 @@ pub struct PoolOverrides {
 }
 
 /// A pool's overrides of `[backend.breaker]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerOverrides {
     pub consecutive_failures: Option<u32>,
@@ -447,7 +527,7 @@ impl BackendConfig {
 }
 
 /// How a memcache key picks its server (compatible with the PHP clients FAE's users run).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum McHash {
     /// PHP `memcache` with `hash_strategy=standard`: `((crc32(key) >> 16) & 0x7fff) % n`, 0 counted as 1.
@@ -458,7 +538,7 @@ pub enum McHash {
     Ketama,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemcacheConfig {
     pub hash: McHash,
@@ -474,7 +554,7 @@ impl Default for MemcacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MemcachePool {
     pub name: String,
@@ -547,7 +627,7 @@ pub const REDIS_DENY: &[&str] = &[
     "WATCH",
 ];
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     pub deny: Vec<String>,
@@ -563,7 +643,7 @@ impl Default for RedisConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisPool {
     pub name: String,
@@ -581,7 +661,7 @@ pub struct RedisPool {
 }
 
 /// Where cached `my_query` results are kept.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum MysqlCacheStore {
     /// In faed's memory, bounded by `cache_max_bytes` (least recently used first out).
@@ -590,7 +670,7 @@ pub enum MysqlCacheStore {
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MysqlConfig {
     /// Threads that run MySQL calls (the driver blocks; the event loops never do).
@@ -634,7 +714,7 @@ impl Default for MysqlConfig {
 
 /// One MariaDB/MySQL server: a global pool (`pool` in `mysql.global_pools`) or a shard (`pool` = the sharded
 /// pool's name and the shard id, FAE's naming: `user1`, `user2`, ... of pool `user`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct MysqlServer {
     pub pool: String,
@@ -773,6 +853,7 @@ impl Config {
         )?;
         self.validate_backends()?;
         self.validate_mysql()?;
+        self.validate_ops()?;
         check(
             self.log
                 .level
@@ -786,6 +867,63 @@ impl Config {
 }
 
 impl Config {
+    fn validate_ops(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        check(
+            a.token.is_empty() || a.token_file.is_empty(),
+            "admin.token",
+            "set token or token_file, not both",
+        )?;
+        check(
+            a.token.is_empty() || a.token.len() >= 16,
+            "admin.token",
+            "at least 16 characters",
+        )?;
+        // Like Redis's protected mode: an admin port others can reach must not take actions from anyone.
+        check(
+            !a.enabled
+                || a.listen.ip().is_loopback()
+                || !a.token.is_empty()
+                || !a.token_file.is_empty(),
+            "admin.listen",
+            format!(
+                "{} is not a loopback address: set admin.token or admin.token_file, or listen on 127.0.0.1",
+                a.listen
+            ),
+        )?;
+        check(
+            a.max_connections >= 1,
+            "admin.max_connections",
+            "at least 1",
+        )?;
+        check(
+            a.request_timeout_ms >= 1,
+            "admin.request_timeout_ms",
+            "at least 1 ms",
+        )?;
+        check(
+            a.max_body_bytes >= 1024,
+            "admin.max_body_bytes",
+            "at least 1 KiB",
+        )?;
+        check(
+            self.metrics.sample_per_10000 <= 10_000,
+            "metrics.sample_per_10000",
+            "0..10000",
+        )?;
+        crate::filter::check_limits(&self.limits).map_err(|reason| ConfigError::Invalid {
+            key: "limits",
+            reason,
+        })?;
+        crate::filter::degraded_methods(&self.degrade.methods).map_err(|reason| {
+            ConfigError::Invalid {
+                key: "degrade.methods",
+                reason,
+            }
+        })?;
+        Ok(())
+    }
+
     fn validate_mysql(&self) -> Result<(), ConfigError> {
         let m = &self.mysql;
         check((1..=1024).contains(&m.workers), "mysql.workers", "1..1024")?;

@@ -103,12 +103,20 @@ fn generated_rust_client_calls_every_method_both_transports() {
 fn every_declared_metric_moves() {
     // slow_call_ms = 0: every call counts as slow. Missed deadlines cannot be caused from outside without
     // timing luck (in-memory calls take microseconds); the session's unit tests cover that counter.
-    let f = Faed::start_with("message_timeout_ms = 1000", "[metrics]\nslow_call_ms = 0\n");
+    // my_evict is degraded: one call of it moves the rejection counter.
+    let f = Faed::start_with(
+        "message_timeout_ms = 1000",
+        "[metrics]\nslow_call_ms = 0\n\n[degrade]\nmethods = [\"my_evict\"]\n",
+    );
     const NOT_FROM_OUTSIDE: &[&str] = &["fae_deadline_exceeded_total"];
     let addr = f.addr().to_string();
     exercise(&addr, Transport::Buffered);
     let mut c = client::connect(&addr, Transport::Framed, Duration::from_secs(5)).expect("connect");
     assert!(c.lc_set(ctx(), "kept".into(), b"v".to_vec()).unwrap());
+    match c.my_evict(ctx(), "k".into()) {
+        Err(thrift::Error::Application(e)) => assert!(e.message.contains("degraded"), "{}", e.message),
+        other => panic!("my_evict while degraded: {other:?}"),
+    }
     // A malformed message and a stalled one.
     let mut bad = f.connect(Transport::Buffered);
     bad.send_raw(&[0x80, 0x02, 0x00, 0x01, 0, 0, 0, 0]);

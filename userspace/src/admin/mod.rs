@@ -1,26 +1,35 @@
-//! The admin HTTP endpoint: Prometheus text at `/metrics`, JSON at `/api/stats`, and an index page at `/`.
+//! The admin port: the dashboard at `/`, Prometheus text at `/metrics`, JSON under `/api/`, and the admin
+//! actions (degrade and restore, limits, drain, leave, reload).
 //!
-//! A deliberately small HTTP/1.1 server on one thread: requests are tiny, infrequent and answered from
-//! counters, and a connection that does not send its request within two seconds is dropped.
+//! Reading is open to whoever reaches the port (by default only this host: faed refuses a non-loopback admin
+//! address without a token, as Redis's protected mode does). Every action changes state, so it is POST only,
+//! needs `Authorization: Bearer <admin.token>` (no token configured: actions are off), and is refused when the
+//! request carries an `Origin` other than the admin port itself (so a web page cannot act through a browser
+//! on the host).
 
-use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::time::Duration;
+mod api;
+mod history;
+pub mod http;
+pub mod metrics;
 
-use serde_json::json;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, RwLock, Weak};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::backend::{Backends, FailureKind, Server};
+use crate::config::Config;
 use crate::engine::kernel::Gate;
-use crate::engine::metrics::{bucket_upper, LoopMetrics, MethodSnapshot, Snapshot, BUCKETS, SLOTS};
-use crate::engine::EngineError;
-use crate::servant::{misc, Servants};
+use crate::engine::metrics::LoopMetrics;
+use crate::engine::session::Env;
+use crate::engine::{EngineError, Stopper};
+use crate::filter::Chain;
+use crate::servant::Servants;
 
-/// What the admin endpoint reads.
-#[derive(Clone)]
+pub use history::{rss_kib, History, Point};
+pub use metrics::{prometheus, stats_json};
+
+/// Applies a new configuration (a reload): what it changed, or why it refused.
+pub type Reload = dyn Fn() -> Result<String, String> + Send + Sync;
+
+/// What the admin endpoint reads and acts on.
 pub struct AdminState {
     pub metrics: Vec<Arc<LoopMetrics>>,
     pub servants: Arc<Servants>,
@@ -28,604 +37,43 @@ pub struct AdminState {
     /// The XDP program, when the XDP path runs.
     pub xdp: Option<crate::engine::xdp::SharedProgram>,
     /// The cluster membership, when this node is in one (weak: shutdown takes it back).
-    pub cluster: Option<std::sync::Weak<fae_cluster::Cluster>>,
+    pub cluster: Option<Weak<fae_cluster::Cluster>>,
+    pub filters: Arc<Chain>,
+    pub env: Arc<Env>,
+    /// The configuration in force and its generation (1 at start, +1 per applied reload).
+    pub config: Arc<RwLock<(Config, u64)>>,
+    /// The token actions need; `None`: actions are off.
+    pub token: Option<String>,
+    pub stopper: Stopper,
+    pub history: Arc<History>,
+    /// This port's own address (for the Origin check and links).
+    pub addr: SocketAddr,
+    pub reload: Option<Arc<Reload>>,
 }
 
-/// Binds the admin address and serves it on a thread of its own.
-pub fn spawn(addr: SocketAddr, state: AdminState) -> Result<(), EngineError> {
+/// Binds the admin address, starts the history sampler and serves the port on threads of its own.
+pub fn spawn(state: AdminState) -> Result<(), EngineError> {
+    let addr = state.addr;
+    let (limits, _) = {
+        let g = state.config.read().unwrap_or_else(|p| p.into_inner());
+        let a = &g.0.admin;
+        (
+            http::Limits {
+                max_connections: a.max_connections,
+                request_timeout: std::time::Duration::from_millis(a.request_timeout_ms),
+                max_body: a.max_body_bytes,
+            },
+            (),
+        )
+    };
     let listener = TcpListener::bind(addr).map_err(|source| EngineError::Admin { addr, source })?;
-    std::thread::Builder::new()
-        .name("fae-admin".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        if let Err(e) = handle(s, &state) {
-                            tracing::debug!(error = %e, "admin request");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "admin accept"),
-                }
-            }
-        })
-        .map_err(|source| EngineError::Admin { addr, source })?;
-    tracing::info!(%addr, "admin HTTP");
+    let state = Arc::new(state);
+    history::spawn(state.clone()).map_err(|source| EngineError::Admin { addr, source })?;
+    let handler: Arc<dyn Fn(http::Request) -> http::Response + Send + Sync> = {
+        let state = state.clone();
+        Arc::new(move |req| api::handle(&state, req))
+    };
+    http::serve(listener, limits, handler).map_err(|source| EngineError::Admin { addr, source })?;
+    tracing::info!(%addr, actions = state.token.is_some(), "admin HTTP");
     Ok(())
-}
-
-fn handle(mut s: TcpStream, state: &AdminState) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; 8192];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            return respond(
-                &mut s,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request too large\n",
-            );
-        }
-        let n = s.read(&mut buf[len..])?;
-        if n == 0 {
-            return Ok(());
-        }
-        len += n;
-    }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = head.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method == "POST" && path == "/api/cluster/leave" {
-        // Admin action: this node leaves the cluster; its vbuckets move to the others with their entries.
-        let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) else {
-            return respond(
-                &mut s,
-                "404 Not Found",
-                "text/plain",
-                "this node is not in a cluster\n",
-            );
-        };
-        return match c.leave(c.id()) {
-            Ok(()) => respond(&mut s, "200 OK", "text/plain", "leaving the cluster\n"),
-            Err(e) => respond(&mut s, "409 Conflict", "text/plain", &format!("{e}\n")),
-        };
-    }
-    if method != "GET" && method != "HEAD" {
-        return respond(
-            &mut s,
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET, or POST /api/cluster/leave\n",
-        );
-    }
-    match path {
-        "/metrics" => respond(
-            &mut s,
-            "200 OK",
-            "text/plain; version=0.0.4",
-            &prometheus(state),
-        ),
-        "/api/stats" => respond(
-            &mut s,
-            "200 OK",
-            "application/json",
-            &stats_json(state).to_string(),
-        ),
-        "/" => respond(&mut s, "200 OK", "text/html; charset=utf-8", INDEX),
-        _ => respond(&mut s, "404 Not Found", "text/plain", "not found\n"),
-    }
-}
-
-fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body.as_bytes())
-}
-
-const INDEX: &str = "<!doctype html><title>fae</title><h1>fae</h1>\
-<p><a href=\"/metrics\">/metrics</a> (Prometheus) · <a href=\"/api/stats\">/api/stats</a> (JSON)</p>\n";
-
-/// Histogram bounds exported to Prometheus: powers of four of nanoseconds, which fall on bucket edges.
-fn prometheus_bounds() -> impl Iterator<Item = (usize, f64)> {
-    (0..BUCKETS)
-        .filter(|&i| {
-            let u = bucket_upper(i);
-            u >= 1024 && u.is_power_of_two() && u.trailing_zeros() % 2 == 0
-        })
-        .map(|i| (i, bucket_upper(i) as f64 / 1e9))
-}
-
-pub fn prometheus(state: &AdminState) -> String {
-    let snap = Snapshot::merge(&state.metrics);
-    let mut o = String::with_capacity(16 << 10);
-    let _ = writeln!(
-        o,
-        "# HELP fae_calls_total Calls answered, by method.\n# TYPE fae_calls_total counter"
-    );
-    for slot in 0..SLOTS {
-        let name = Snapshot::slot_name(slot);
-        let _ = writeln!(
-            o,
-            "fae_calls_total{{method=\"{name}\"}} {}",
-            snap.methods[slot].calls
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP fae_call_errors_total Calls answered with a TApplicationException, by method.\n\
-         # TYPE fae_call_errors_total counter"
-    );
-    for slot in 0..SLOTS {
-        let name = Snapshot::slot_name(slot);
-        let _ = writeln!(
-            o,
-            "fae_call_errors_total{{method=\"{name}\"}} {}",
-            snap.methods[slot].errors
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP fae_call_duration_seconds Time to run a call on its event loop.\n\
-         # TYPE fae_call_duration_seconds histogram"
-    );
-    for slot in 0..SLOTS {
-        let m = &snap.methods[slot];
-        if m.calls == 0 {
-            continue;
-        }
-        let labels = format!("method=\"{}\"", Snapshot::slot_name(slot));
-        write_histogram(
-            &mut o,
-            "fae_call_duration_seconds",
-            &labels,
-            &m.latency,
-            None,
-        );
-    }
-    let lc = state.servants.lcache.stats();
-    for (name, kind, help, v) in [
-        ("fae_sessions", "gauge", "Open sessions.", snap.sessions),
-        (
-            "fae_sessions_accepted_total",
-            "counter",
-            "Sessions accepted.",
-            snap.accepted,
-        ),
-        (
-            "fae_protocol_errors_total",
-            "counter",
-            "Malformed messages (session closed).",
-            snap.protocol_errors,
-        ),
-        (
-            "fae_slow_calls_total",
-            "counter",
-            "Calls slower than metrics.slow_call_ms.",
-            snap.slow_calls,
-        ),
-        (
-            "fae_deadline_exceeded_total",
-            "counter",
-            "Calls refused after their deadline.",
-            snap.deadline_exceeded,
-        ),
-        (
-            "fae_sessions_timed_out_total",
-            "counter",
-            "Sessions closed for idleness or a stalled message.",
-            snap.timed_out_sessions,
-        ),
-        (
-            "fae_received_bytes_total",
-            "counter",
-            "Bytes received from clients.",
-            snap.bytes_in,
-        ),
-        (
-            "fae_sent_bytes_total",
-            "counter",
-            "Bytes sent to clients.",
-            snap.bytes_out,
-        ),
-        (
-            "fae_lcache_items",
-            "gauge",
-            "Entries in the local cache.",
-            lc.items as u64,
-        ),
-        (
-            "fae_lcache_bytes",
-            "gauge",
-            "Bytes charged to the local cache.",
-            lc.bytes as u64,
-        ),
-        (
-            "fae_locks_held",
-            "gauge",
-            "Locks held and not expired.",
-            state.servants.lock.held() as u64,
-        ),
-        (
-            "fae_registry_nodes",
-            "gauge",
-            "Nodes in the registry.",
-            state.servants.registry.len() as u64,
-        ),
-        (
-            "fae_uptime_seconds",
-            "gauge",
-            "Seconds since start.",
-            state.servants.misc.uptime_secs(),
-        ),
-    ] {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    }
-    backends_prometheus(&mut o, &state.servants.backends);
-    if let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) {
-        let v = c.view();
-        let mine = v.vbucket_counts().get(&v.my_id).copied().unwrap_or(0) as u64;
-        for (name, kind, help, val) in [
-            (
-                "fae_forwarded_total",
-                "counter",
-                "Calls forwarded to the node owning their key.",
-                snap.forwarded,
-            ),
-            ("fae_cluster_term", "gauge", "Raft term.", v.term),
-            (
-                "fae_cluster_commit_index",
-                "gauge",
-                "Raft commit index.",
-                v.commit_index,
-            ),
-            ("fae_cluster_epoch", "gauge", "Vbucket map epoch.", v.epoch),
-            (
-                "fae_cluster_members",
-                "gauge",
-                "Cluster members.",
-                v.members.len() as u64,
-            ),
-            (
-                "fae_cluster_vbuckets_owned",
-                "gauge",
-                "Vbuckets this node owns.",
-                mine,
-            ),
-            (
-                "fae_cluster_is_leader",
-                "gauge",
-                "1 if this node is the raft leader.",
-                u64::from(v.is_leader()),
-            ),
-        ] {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {val}"
-            );
-        }
-    }
-    if let Some(p) = &state.xdp {
-        let c = crate::engine::xdp::counters(p);
-        for (name, help, v) in [
-            (
-                "fae_xdp_redirected_total",
-                "Packets the XDP program steered to an AF_XDP socket.",
-                c.redirected,
-            ),
-            (
-                "fae_xdp_passed_total",
-                "Packets the XDP program passed to the kernel.",
-                c.passed,
-            ),
-            (
-                "fae_xdp_no_socket_total",
-                "RPC-port packets passed because no AF_XDP socket was bound on their queue.",
-                c.no_socket,
-            ),
-            (
-                "fae_xdp_malformed_total",
-                "Frames too short or malformed to classify, passed to the kernel.",
-                c.malformed,
-            ),
-        ] {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        }
-    }
-    o
-}
-
-pub fn stats_json(state: &AdminState) -> serde_json::Value {
-    let snap = Snapshot::merge(&state.metrics);
-    let methods: serde_json::Map<String, serde_json::Value> = (0..SLOTS)
-        .filter(|&slot| snap.methods[slot].calls > 0)
-        .map(|slot| {
-            let m = &snap.methods[slot];
-            (
-                Snapshot::slot_name(slot).to_owned(),
-                json!({
-                    "calls": m.calls,
-                    "errors": m.errors,
-                    "p50_us": m.quantile_us(0.5),
-                    "p99_us": m.quantile_us(0.99),
-                    "p999_us": m.quantile_us(0.999),
-                }),
-            )
-        })
-        .collect();
-    let lc = state.servants.lcache.stats();
-    json!({
-        "version": misc::VERSION,
-        "build": misc::BUILD_ID,
-        "uptime_secs": state.servants.misc.uptime_secs(),
-        "loops": state.metrics.len(),
-        "sessions": snap.sessions,
-        "sessions_accepted": snap.accepted,
-        "sessions_timed_out": snap.timed_out_sessions,
-        "protocol_errors": snap.protocol_errors,
-        "slow_calls": snap.slow_calls,
-        "deadline_exceeded": snap.deadline_exceeded,
-        "bytes_in": snap.bytes_in,
-        "bytes_out": snap.bytes_out,
-        "forwarded": snap.forwarded,
-        "calls": snap.methods.iter().map(|m| m.calls).sum::<u64>(),
-        "errors": snap.methods.iter().map(|m| m.errors).sum::<u64>(),
-        "lcache": {"items": lc.items, "bytes": lc.bytes},
-        "locks_held": state.servants.lock.held(),
-        "registry_nodes": state.servants.registry.len(),
-        "methods": methods,
-        "backends": backends_json(&state.servants.backends),
-        "mysql": state.servants.backends.mysql.as_ref().map(|m| {
-            let st = &m.stats;
-            json!({
-                "cache_hits": get(&st.cache_hits),
-                "cache_misses": get(&st.cache_misses),
-                "cache_evictions": get(&st.cache_evictions),
-                "lookup_hits": get(&st.lookup_hits),
-                "lookup_misses": get(&st.lookup_misses),
-            })
-        }),
-        "xdp": state.xdp.as_ref().map(|p| {
-            let c = crate::engine::xdp::counters(p);
-            json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket, "malformed": c.malformed})
-        }),
-    })
-}
-
-/// One histogram's series: cumulative buckets at the exported bounds, `+Inf`, the count and, when known,
-/// the sum (in seconds).
-fn write_histogram(o: &mut String, name: &str, labels: &str, latency: &[u64], sum_ns: Option<u64>) {
-    let mut cum = 0;
-    let mut next = 0;
-    for (i, le) in prometheus_bounds() {
-        cum += latency[next..=i].iter().sum::<u64>();
-        next = i + 1;
-        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
-    }
-    let total: u64 = latency.iter().sum();
-    let _ = writeln!(o, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
-    if let Some(ns) = sum_ns {
-        let _ = writeln!(o, "{name}_sum{{{labels}}} {}", ns as f64 / 1e9);
-    }
-    let _ = writeln!(o, "{name}_count{{{labels}}} {total}");
-}
-
-/// Labels of one back-end server.
-fn server_labels(s: &Server) -> String {
-    format!(
-        "protocol=\"{}\",pool=\"{}\",server=\"{}\"",
-        s.protocol.name(),
-        escape_label(&s.pool),
-        escape_label(&s.name)
-    )
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn get(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
-}
-
-fn backends_prometheus(o: &mut String, b: &Backends) {
-    if b.servers.is_empty() {
-        return;
-    }
-    type Counter = fn(&Server) -> u64;
-    let families: [(&str, &str, &str, Counter); 8] = [
-        (
-            "fae_backend_calls_total",
-            "counter",
-            "Calls a back-end server answered or failed.",
-            |s| get(&s.metrics.calls),
-        ),
-        (
-            "fae_backend_app_errors_total",
-            "counter",
-            "Answers that were application errors (ERROR, CLIENT_ERROR, a Redis error).",
-            |s| get(&s.metrics.app_errors),
-        ),
-        (
-            "fae_backend_rejected_total",
-            "counter",
-            "Calls refused at once by an open circuit breaker.",
-            |s| get(&s.metrics.rejected_open),
-        ),
-        (
-            "fae_backend_connections",
-            "gauge",
-            "Open connections to the server.",
-            |s| get(&s.metrics.conns_open),
-        ),
-        (
-            "fae_backend_connections_busy",
-            "gauge",
-            "Connections with calls in flight (the rest are idle).",
-            |s| get(&s.metrics.conns_busy),
-        ),
-        (
-            "fae_backend_connects_total",
-            "counter",
-            "Connections opened to the server.",
-            |s| get(&s.metrics.connects),
-        ),
-        (
-            "fae_backend_queued",
-            "gauge",
-            "Calls queued or in flight for the server.",
-            |s| get(&s.metrics.queued),
-        ),
-        (
-            "fae_backend_breaker_state",
-            "gauge",
-            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
-            |s| s.breaker.state() as u64,
-        ),
-    ];
-    for (name, kind, help, f) in families {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for s in &b.servers {
-            let _ = writeln!(o, "{name}{{{}}} {}", server_labels(s), f(s));
-        }
-    }
-    if let Some(m) = &b.mysql {
-        let st = &m.stats;
-        for (name, help, v) in [
-            (
-                "fae_mysql_cache_hits_total",
-                "my_query reads answered from the result cache.",
-                &st.cache_hits,
-            ),
-            (
-                "fae_mysql_cache_misses_total",
-                "my_query reads with a cacheKey not in the result cache.",
-                &st.cache_misses,
-            ),
-            (
-                "fae_mysql_cache_evictions_total",
-                "Results dropped from the cache (evicted or pushed out).",
-                &st.cache_evictions,
-            ),
-            (
-                "fae_mysql_lookup_hits_total",
-                "Shard lookups answered from the lookup cache.",
-                &st.lookup_hits,
-            ),
-            (
-                "fae_mysql_lookup_misses_total",
-                "Shard lookups read from the lookup table.",
-                &st.lookup_misses,
-            ),
-        ] {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                get(v)
-            );
-        }
-    }
-    let _ = writeln!(
-        o,
-        "# HELP fae_backend_failures_total System failures of calls, by kind.\n# TYPE fae_backend_failures_total counter"
-    );
-    for s in &b.servers {
-        for k in FailureKind::ALL {
-            let _ = writeln!(
-                o,
-                "fae_backend_failures_total{{{},kind=\"{}\"}} {}",
-                server_labels(s),
-                k.name(),
-                get(&s.metrics.failures[k as usize])
-            );
-        }
-    }
-    let _ = writeln!(
-        o,
-        "# HELP fae_backend_breaker_transitions_total Circuit breaker transitions, by the state entered.\n\
-         # TYPE fae_backend_breaker_transitions_total counter"
-    );
-    for s in &b.servers {
-        for (to, c) in [
-            ("open", &s.breaker.opened),
-            ("half_open", &s.breaker.half_opened),
-            ("closed", &s.breaker.closed),
-        ] {
-            let _ = writeln!(
-                o,
-                "fae_backend_breaker_transitions_total{{{},to=\"{to}\"}} {}",
-                server_labels(s),
-                get(c)
-            );
-        }
-    }
-    let _ = writeln!(
-        o,
-        "# HELP fae_backend_call_duration_seconds Time from sending a call to the server to its answer.\n\
-         # TYPE fae_backend_call_duration_seconds histogram"
-    );
-    for s in &b.servers {
-        let latency: Vec<u64> = s.metrics.latency.iter().map(get).collect();
-        let labels = server_labels(s);
-        let sum = Some(get(&s.metrics.latency_sum_ns));
-        write_histogram(
-            o,
-            "fae_backend_call_duration_seconds",
-            &labels,
-            &latency,
-            sum,
-        );
-    }
-}
-
-fn backends_json(b: &Backends) -> serde_json::Value {
-    let servers: Vec<serde_json::Value> = b
-        .servers
-        .iter()
-        .map(|s| {
-            let latency = MethodSnapshot {
-                calls: 0,
-                errors: 0,
-                latency: s.metrics.latency.iter().map(get).collect(),
-            };
-            let failures: serde_json::Map<String, serde_json::Value> = FailureKind::ALL
-                .iter()
-                .map(|k| {
-                    (
-                        k.name().to_owned(),
-                        json!(get(&s.metrics.failures[*k as usize])),
-                    )
-                })
-                .collect();
-            json!({
-                "protocol": s.protocol.name(),
-                "pool": &*s.pool,
-                "server": &*s.name,
-                "breaker": s.breaker.state().name(),
-                "transitions": {
-                    "open": get(&s.breaker.opened),
-                    "half_open": get(&s.breaker.half_opened),
-                    "closed": get(&s.breaker.closed),
-                },
-                "calls": get(&s.metrics.calls),
-                "failures": failures,
-                "app_errors": get(&s.metrics.app_errors),
-                "rejected": get(&s.metrics.rejected_open),
-                "connections": get(&s.metrics.conns_open),
-                "connections_busy": get(&s.metrics.conns_busy),
-                "connects": get(&s.metrics.connects),
-                "queued": get(&s.metrics.queued),
-                "max_conns": s.settings.max_conns,
-                "p50_us": latency.quantile_us(0.5),
-                "p99_us": latency.quantile_us(0.99),
-            })
-        })
-        .collect();
-    json!(servers)
 }

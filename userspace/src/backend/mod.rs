@@ -365,6 +365,8 @@ pub struct Backends {
     pub call_timeout: Duration,
     threads: Vec<(Sender<Job>, Arc<Doorbell>)>,
     sink: Arc<OnceLock<Arc<dyn Sink>>>,
+    /// Set when a reload replaced these back ends: their threads end once their calls are answered.
+    retired: Arc<AtomicBool>,
 }
 
 /// A back end that cannot start.
@@ -485,6 +487,7 @@ impl Backends {
         let sink: Arc<OnceLock<Arc<dyn Sink>>> = Arc::new(OnceLock::new());
         let max_value = cfg.server.max_message_bytes;
         let mut handles = Vec::new();
+        let retired = Arc::new(AtomicBool::new(false));
         // MySQL servers are listed with the others (metrics, admin); their calls run on the MySQL workers.
         let io_servers = servers.len();
         let reach: Arc<OnceLock<RedisReach>> = Arc::new(OnceLock::new());
@@ -499,8 +502,15 @@ impl Backends {
                     .collect();
                 let limits = (max_value, cfg.server.max_container);
                 handles.push(
-                    pool::spawn(t, mine, servers.len(), sink.clone(), limits)
-                        .map_err(BackendStartError::Thread)?,
+                    pool::spawn(
+                        t,
+                        mine,
+                        servers.len(),
+                        sink.clone(),
+                        limits,
+                        retired.clone(),
+                    )
+                    .map_err(BackendStartError::Thread)?,
                 );
             }
         }
@@ -519,12 +529,25 @@ impl Backends {
             call_timeout: Duration::from_millis(cfg.server.call_timeout_ms),
             threads: handles,
             sink,
+            retired,
         });
         let _ = reach.set(RedisReach {
             backends: Arc::downgrade(&backends),
             pool: cfg.mysql.cache_redis_pool.clone(),
         });
         Ok(backends)
+    }
+
+    /// Takes these back ends out of service (a reload put others in place): their threads answer the calls
+    /// they have, close their connections and end.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        for (_, bell) in &self.threads {
+            bell.wake_now();
+        }
+        if let Some(m) = &self.mysql {
+            m.retire();
+        }
     }
 
     /// Where answers go: set once by the engine, after its loops exist.

@@ -321,6 +321,7 @@ struct Reaper {
     state: Mutex<ReaperState>,
     wake: Condvar,
     idle_sleep: Duration,
+    retired: AtomicBool,
 }
 
 struct ReaperState {
@@ -376,6 +377,9 @@ impl Reaper {
                     }
                 }
             }
+            if g.due.is_empty() && self.retired.load(Ordering::Acquire) {
+                return;
+            }
             let next = g.due.keys().next().map_or(now + self.idle_sleep, |k| k.0);
             g.next_look = next;
             g = self
@@ -430,6 +434,8 @@ pub struct Mysql {
     jobs: Sender<Job>,
     reaper: Arc<Reaper>,
     max_result: usize,
+    /// A reload replaced these pools: workers end once the queue is empty.
+    retired: AtomicBool,
 }
 
 /// The result cache's way to Redis: the pool of `mysql.cache_redis_pool`, through its I/O threads.
@@ -538,6 +544,7 @@ impl Mysql {
             }),
             wake: Condvar::new(),
             idle_sleep: call_timeout,
+            retired: AtomicBool::new(false),
         });
         let items = NonZeroUsize::new(m.lookup_cache_items.max(1)).expect("at least one");
         let me = Arc::new(Mysql {
@@ -556,6 +563,7 @@ impl Mysql {
             jobs,
             reaper: reaper.clone(),
             max_result: cfg.server.max_message_bytes,
+            retired: AtomicBool::new(false),
         });
         {
             let sink = sink.clone();
@@ -642,8 +650,25 @@ impl Mysql {
         });
     }
 
+    /// Out of service (a reload): the workers end once no call is queued; the reaper when none is out.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.reaper.retired.store(true, Ordering::Release);
+        self.reaper.wake.notify_one();
+    }
+
     fn work(&self, rx: Receiver<Job>, sink: &OnceLock<Arc<dyn Sink>>) {
-        while let Ok(job) = rx.recv() {
+        loop {
+            let job = match rx.recv_timeout(Duration::from_millis(250)) {
+                Ok(job) => job,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.retired.load(Ordering::Acquire) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
             if job.state.late() {
                 continue; // answered by the reaper while it waited
             }

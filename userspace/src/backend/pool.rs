@@ -42,6 +42,7 @@ pub(super) fn spawn(
     total: usize,
     sink: Arc<OnceLock<Arc<dyn Sink>>>,
     limits: (usize, usize),
+    retired: Arc<std::sync::atomic::AtomicBool>,
 ) -> io::Result<(Sender<Job>, Arc<Doorbell>)> {
     let poll = Poll::new()?;
     let bell = Arc::new(Doorbell::new(Waker::new(poll.registry(), WAKER)?));
@@ -70,6 +71,7 @@ pub(super) fn spawn(
         dirty: Vec::new(),
         max_value: limits.0,
         max_count: limits.1,
+        retired,
     };
     std::thread::Builder::new()
         .name(format!("fae-backend-{index}"))
@@ -211,6 +213,7 @@ struct Worker {
     dirty: Vec<(usize, usize)>,
     max_value: usize,
     max_count: usize,
+    retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Worker {
@@ -237,6 +240,15 @@ impl Worker {
             }
             let next = self.expire(now);
             self.flush();
+            if self.retired.load(Ordering::Acquire) && self.rx.is_empty() && self.idle() {
+                // Replaced by a reload, and every call it had is answered: close the connections and end.
+                for s in 0..self.servers.len() {
+                    for slot in 0..self.servers[s].conns.len() {
+                        self.drop_conn(s, slot);
+                    }
+                }
+                return;
+            }
             let wait = next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(Instant::now()));
             let rx = &self.rx;
             let sleep = self.bell.sleep(|| !rx.is_empty());
@@ -254,6 +266,11 @@ impl Worker {
             }
             self.bell.awake();
         }
+    }
+
+    /// No call is queued or in flight on any connection.
+    fn idle(&self) -> bool {
+        self.servers.iter().all(|s| s.queued == 0)
     }
 
     /// A call arrives from an event loop.

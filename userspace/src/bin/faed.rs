@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use fae::admin::{self, AdminState};
 use fae::config::Config;
@@ -75,47 +75,39 @@ fn main() -> ExitCode {
         },
         None => Config::default(),
     };
-    if let Some(a) = cli.listen {
-        cfg.server.listen = a;
-    }
-    if let Some(a) = cli.admin {
-        cfg.admin.listen = a;
-    }
-    if let Some(m) = cli.listener {
-        cfg.listener.mode = m;
-    }
-    if let Some(i) = cli.interface {
-        cfg.listener.interface = i;
-    }
-    if let Some(a) = cli.cluster_listen {
-        cfg.cluster.enabled = true;
-        cfg.cluster.listen = a;
-    }
-    if let Some(d) = cli.data_dir {
-        cfg.cluster.enabled = true;
-        cfg.cluster.data_dir = d;
-    }
-    if cli.bootstrap {
-        cfg.cluster.enabled = true;
-        cfg.cluster.bootstrap = true;
-    }
-    if !cli.join.is_empty() {
-        cfg.cluster.enabled = true;
-        cfg.cluster.seeds = cli.join;
-    }
-    if let Some(l) = cli.log_level {
-        cfg.log.level = l;
-    }
+    let overrides = Overrides::of(&cli);
+    overrides.apply(&mut cfg);
     if let Err(e) = cfg.validate() {
         eprintln!("faed: {e}");
         return ExitCode::from(2);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log.level))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let token = match cfg.admin.resolved_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("faed: admin.token_file: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The log filter can be changed by a reload.
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, log_handle) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
-    match run(&cfg) {
+    let set_level: Box<fae::reload::SetLogLevel> = Box::new(move |level: &str| {
+        let f = level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .map_err(|e| e.to_string())?;
+        log_handle.reload(f).map_err(|e| e.to_string())
+    });
+    match run(&cfg, token, cli.config.clone(), overrides, set_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -125,16 +117,99 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
+/// The command line's settings, applied over the file at start and at every reload.
+#[derive(Clone)]
+struct Overrides {
+    listen: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
+    listener: Option<fae::config::ListenerMode>,
+    interface: Option<String>,
+    cluster_listen: Option<String>,
+    data_dir: Option<String>,
+    bootstrap: bool,
+    join: Vec<String>,
+    log_level: Option<String>,
+}
+
+impl Overrides {
+    fn of(cli: &Cli) -> Overrides {
+        Overrides {
+            listen: cli.listen,
+            admin: cli.admin,
+            listener: cli.listener,
+            interface: cli.interface.clone(),
+            cluster_listen: cli.cluster_listen.clone(),
+            data_dir: cli.data_dir.clone(),
+            bootstrap: cli.bootstrap,
+            join: cli.join.clone(),
+            log_level: cli.log_level.clone(),
+        }
+    }
+
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(a) = self.listen {
+            cfg.server.listen = a;
+        }
+        if let Some(a) = self.admin {
+            cfg.admin.listen = a;
+        }
+        if let Some(m) = self.listener {
+            cfg.listener.mode = m;
+        }
+        if let Some(i) = &self.interface {
+            cfg.listener.interface = i.clone();
+        }
+        if let Some(a) = &self.cluster_listen {
+            cfg.cluster.enabled = true;
+            cfg.cluster.listen = a.clone();
+        }
+        if let Some(d) = &self.data_dir {
+            cfg.cluster.enabled = true;
+            cfg.cluster.data_dir = d.clone();
+        }
+        if self.bootstrap {
+            cfg.cluster.enabled = true;
+            cfg.cluster.bootstrap = true;
+        }
+        if !self.join.is_empty() {
+            cfg.cluster.enabled = true;
+            cfg.cluster.seeds = self.join.clone();
+        }
+        if let Some(l) = &self.log_level {
+            cfg.log.level = l.clone();
+        }
+    }
+}
+
+fn run(
+    cfg: &Config,
+    token: Option<String>,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    set_level: Box<fae::reload::SetLogLevel>,
+) -> Result<(), Box<dyn std::error::Error>> {
     // Signals are blocked into an iterator before any thread starts, so every thread inherits the handler.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     // Until the server runs (joining a cluster can take a while), a signal ends faed at once.
     let stopper: Arc<OnceLock<fae::engine::Stopper>> = Arc::new(OnceLock::new());
-    let st = stopper.clone();
+    let reload_tx: Arc<OnceLock<crossbeam_channel::Sender<()>>> = Arc::new(OnceLock::new());
+    let (st, rt) = (stopper.clone(), reload_tx.clone());
     std::thread::Builder::new()
         .name("fae-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    match rt.get() {
+                        Some(tx) => {
+                            tracing::info!("SIGHUP: reloading the configuration");
+                            let _ = tx.send(());
+                        }
+                        None => tracing::warn!(
+                            "SIGHUP ignored: faed runs on built-in defaults (no -c file)"
+                        ),
+                    }
+                    continue;
+                }
                 match st.get() {
                     Some(s) => {
                         tracing::info!(
@@ -176,17 +251,47 @@ fn run(cfg: &Config) -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() }) as Arc<dyn fae::proxy::Router>
     });
     let server = Server::start_with(cfg, servants, router)?;
+    let state = Arc::new(RwLock::new((cfg.clone(), 1u64)));
+    let reloader = config_path.map(|path| {
+        let o = overrides.clone();
+        Arc::new(fae::reload::Reloader::new(
+            path,
+            Box::new(move |c: &mut Config| o.apply(c)),
+            state.clone(),
+            server.filters.clone(),
+            server.env.clone(),
+            server.servants.clone(),
+            server.returns.clone(),
+            set_level,
+        ))
+    });
+    if let Some(r) = &reloader {
+        match r.watch() {
+            Ok(tx) => {
+                let _ = reload_tx.set(tx);
+            }
+            Err(e) => tracing::warn!("{e}; SIGHUP and POST /api/reload still reload"),
+        }
+    }
     if cfg.admin.enabled {
-        admin::spawn(
-            cfg.admin.listen,
-            AdminState {
-                metrics: server.metrics.clone(),
-                servants: server.servants.clone(),
-                gate: server.gate.clone(),
-                xdp: server.xdp.clone(),
-                cluster: cluster.as_ref().map(Arc::downgrade),
-            },
-        )?;
+        admin::spawn(AdminState {
+            metrics: server.metrics.clone(),
+            servants: server.servants.clone(),
+            gate: server.gate.clone(),
+            xdp: server.xdp.clone(),
+            cluster: cluster.as_ref().map(Arc::downgrade),
+            filters: server.filters.clone(),
+            env: server.env.clone(),
+            config: state.clone(),
+            token,
+            stopper: server.stopper(),
+            history: Arc::new(admin::History::new()),
+            addr: cfg.admin.listen,
+            reload: reloader.clone().map(|r| {
+                let f: Arc<admin::Reload> = Arc::new(move || r.reload());
+                f
+            }),
+        })?;
     }
     let _ = stopper.set(server.stopper());
     server.join()?;

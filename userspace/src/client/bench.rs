@@ -505,6 +505,7 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     let mut all = MethodSnapshot {
         calls: 0,
         errors: 0,
+        sum_ns: 0,
         latency: vec![0; BUCKETS],
     };
     for m in &snap.methods {

@@ -47,6 +47,9 @@ impl Gate {
     pub fn leave(&self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
+    pub fn max(&self) -> usize {
+        self.max
+    }
     pub fn open_sessions(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
@@ -210,7 +213,7 @@ impl KernelLoop {
                 return;
             }
             match listener.accept() {
-                Ok((mut stream, _peer)) => {
+                Ok((mut stream, peer)) => {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "TCP_NODELAY");
                     }
@@ -230,7 +233,7 @@ impl KernelLoop {
                     };
                     entry.insert(Conn {
                         stream,
-                        session: Session::with_id(id),
+                        session: Session::with_id(id, peer.ip()),
                         last_active: Instant::now(),
                         read_paused: false,
                         eof: false,
@@ -310,6 +313,7 @@ impl KernelLoop {
 
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
+            conn.session.abandon(&self.env);
             let _ = self.poll.registry().deregister(&mut conn.stream);
             if conn.session.closing() {
                 // Closing a socket with unread input sends a reset, which can destroy the error reply
@@ -341,7 +345,7 @@ impl KernelLoop {
             .collect();
         for key in stuck {
             if let Some(c) = self.conns.get_mut(key) {
-                c.session.expire_deferred(now, &self.metrics);
+                c.session.expire_deferred(now, &self.env, &self.metrics);
                 c.session.resume(&self.env, &self.metrics, now);
                 c.last_active = now;
             }

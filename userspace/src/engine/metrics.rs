@@ -43,6 +43,8 @@ pub struct LoopMetrics {
     calls: Box<[AtomicU64]>,
     errors: Box<[AtomicU64]>,
     latency: Box<[AtomicU64]>,
+    /// Total nanoseconds of each slot's calls (the histograms' `_sum`).
+    latency_sum: Box<[AtomicU64]>,
     pub sessions: AtomicU64,
     pub accepted: AtomicU64,
     pub protocol_errors: AtomicU64,
@@ -65,6 +67,7 @@ impl Default for LoopMetrics {
             calls: zeros(SLOTS),
             errors: zeros(SLOTS),
             latency: zeros(SLOTS * BUCKETS),
+            latency_sum: zeros(SLOTS),
             sessions: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
@@ -86,6 +89,7 @@ impl LoopMetrics {
             bump(&self.errors[slot], 1);
         }
         bump(&self.latency[slot * BUCKETS + bucket(ns)], 1);
+        bump(&self.latency_sum[slot], ns);
     }
 
     /// Bumps one of the loop's plain counters (only from the loop's own thread).
@@ -113,6 +117,7 @@ pub struct MethodSnapshot {
     pub calls: u64,
     pub errors: u64,
     pub latency: Vec<u64>,
+    pub sum_ns: u64,
 }
 
 impl MethodSnapshot {
@@ -160,6 +165,7 @@ impl Snapshot {
                 latency: (0..BUCKETS)
                     .map(|b| sum(&|l| get(&l.latency[slot * BUCKETS + b])))
                     .collect(),
+                sum_ns: sum(&|l| get(&l.latency_sum[slot])),
             })
             .collect();
         Snapshot {

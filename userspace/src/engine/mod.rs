@@ -89,6 +89,12 @@ pub struct Server {
     pub gate: Arc<Gate>,
     /// The attached XDP program, when the XDP path runs.
     pub xdp: Option<xdp::SharedProgram>,
+    /// The filter chain every call passes (the admin API changes it).
+    pub filters: Arc<crate::filter::Chain>,
+    /// What the sessions share (a reload changes its slow-call threshold).
+    pub env: Arc<Env>,
+    /// The loops' ways back, for back ends put in service later (a reload).
+    pub returns: Returns,
     stopping: Arc<AtomicBool>,
     wakers: Vec<Arc<Doorbell>>,
     loops: Vec<JoinHandle<std::io::Result<()>>>,
@@ -117,7 +123,12 @@ impl Server {
                 returns.clone(),
             ))
         });
-        let mut env = Env::new(cfg, servants.clone());
+        let filters = Arc::new(
+            crate::filter::Chain::new(crate::filter::Settings::of(cfg)).map_err(|why| {
+                EngineError::Loop(std::io::Error::other(format!("limits or degrade: {why}")))
+            })?,
+        );
+        let mut env = Env::with_filters(cfg, servants.clone(), filters.clone());
         env.router = router;
         env.forwarder = forwarder.clone();
         let env = Arc::new(env);
@@ -212,12 +223,15 @@ impl Server {
             }
         }
         returns.set(ways_back);
-        servants.backends.set_sink(Arc::new(returns));
+        servants.backends().set_sink(Arc::new(returns.clone()));
         Ok(Server {
             servants,
             metrics,
             gate,
             xdp: program,
+            filters,
+            env,
+            returns,
             stopping,
             wakers,
             loops,

@@ -14,16 +14,21 @@ use std::time::{Duration, Instant};
 use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
 use super::Completion;
 use crate::backend::{SessionId, Ticket};
+use crate::filter::{CallInfo, Chain, Ending};
 use crate::proxy::{ForwardJob, Forwarder, RegistryBackend, Route, Router, Work};
 use crate::servant::{CallEnv, Method, Outcome, Servants};
 use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Progress, Reply, Transport};
+use std::net::IpAddr;
 
 /// What every session of a node shares.
 pub struct Env {
     pub servants: Arc<Servants>,
     pub limits: Limits,
     pub call_timeout: Duration,
-    pub slow_call: Duration,
+    /// `metrics.slow_call_ms` in nanoseconds (a reload changes it).
+    pub slow_call_ns: std::sync::atomic::AtomicU64,
+    /// The filter chain every call passes.
+    pub filters: Arc<Chain>,
     pub message_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_pending_reply: usize,
@@ -37,12 +42,28 @@ pub struct Env {
 impl Env {
     /// The sessions' settings from `cfg`, with no cluster routing.
     pub fn new(cfg: &crate::config::Config, servants: Arc<Servants>) -> Env {
+        let filters = Arc::new(
+            Chain::new(crate::filter::Settings::of(cfg))
+                .expect("limits and degrade were checked with the config"),
+        );
+        Self::with_filters(cfg, servants, filters)
+    }
+
+    /// As [`Env::new`], with the node's filter chain (shared with the admin API).
+    pub fn with_filters(
+        cfg: &crate::config::Config,
+        servants: Arc<Servants>,
+        filters: Arc<Chain>,
+    ) -> Env {
         let s = &cfg.server;
         Env {
             servants,
             limits: s.limits(),
             call_timeout: Duration::from_millis(s.call_timeout_ms),
-            slow_call: Duration::from_millis(cfg.metrics.slow_call_ms),
+            slow_call_ns: std::sync::atomic::AtomicU64::new(
+                cfg.metrics.slow_call_ms.saturating_mul(1_000_000),
+            ),
+            filters,
             message_timeout: Duration::from_millis(s.message_timeout_ms),
             idle_timeout: Duration::from_millis(s.idle_timeout_ms),
             max_pending_reply: s.max_pending_reply_bytes,
@@ -71,9 +92,10 @@ struct Slot {
     barrier: bool,
     /// A oneway call: its outcome is counted, but no reply is sent.
     oneway: bool,
+    /// The filters admitted it: they hear when it ends.
+    admitted: Option<CallInfo>,
 }
 
-#[derive(Default)]
 pub struct Session {
     /// Bytes of a message that has not fully arrived.
     pending: Vec<u8>,
@@ -100,6 +122,29 @@ pub struct Session {
     next_tag: u64,
     /// A barrier call is out.
     barrier: bool,
+    /// The client's address.
+    pub peer: IpAddr,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Session {
+            pending: Vec::new(),
+            out: Vec::new(),
+            later: Vec::new(),
+            later_live: 0,
+            transport: None,
+            partial_since: None,
+            closing: false,
+            held_back: false,
+            progress: Progress::default(),
+            id: SessionId::default(),
+            inflight: VecDeque::new(),
+            next_tag: 0,
+            barrier: false,
+            peer: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        }
+    }
 }
 
 impl Session {
@@ -107,10 +152,21 @@ impl Session {
         Self::default()
     }
 
-    pub fn with_id(id: SessionId) -> Self {
+    pub fn with_id(id: SessionId, peer: IpAddr) -> Self {
         Session {
             id,
+            peer,
             ..Self::default()
+        }
+    }
+
+    /// The session closes with deferred calls still out: the filters that admitted them hear they ended.
+    pub fn abandon(&mut self, env: &Env) {
+        for slot in self.inflight.iter_mut() {
+            if let Some(info) = slot.admitted.take() {
+                let took = info.admitted.elapsed();
+                env.filters.done(&info, Ending { took, ok: false });
+            }
         }
     }
 
@@ -185,11 +241,12 @@ impl Session {
             buf.truncate(start);
         }
         let end = buf.len();
-        metrics.call(
-            method as usize,
-            submitted.elapsed().as_nanos() as u64,
-            error,
-        );
+        let took = submitted.elapsed();
+        metrics.call(method as usize, took.as_nanos() as u64, error);
+        if let Some(info) = self.inflight[i].admitted.take() {
+            env.filters.done(&info, Ending { took, ok: !error });
+        }
+        slow(env, metrics, method, self.peer, took, !error);
         if self.inflight[i].barrier {
             self.barrier = false;
         }
@@ -230,7 +287,7 @@ impl Session {
     }
 
     /// Answers, with an error, deferred calls whose worker never answered (past their deadline and a grace).
-    pub fn expire_deferred(&mut self, now: Instant, metrics: &LoopMetrics) {
+    pub fn expire_deferred(&mut self, now: Instant, env: &Env, metrics: &LoopMetrics) {
         let transport = self.transport.unwrap_or(Transport::Buffered);
         let mut any = false;
         for i in 0..self.inflight.len() {
@@ -266,6 +323,15 @@ impl Session {
             }
             metrics.add(&metrics.deadline_exceeded, 1);
             metrics.call(method as usize, 0, true);
+            if let Some(info) = self.inflight[i].admitted.take() {
+                env.filters.done(
+                    &info,
+                    Ending {
+                        took: info.admitted.elapsed(),
+                        ok: false,
+                    },
+                );
+            }
             self.inflight[i].ready = Some((start, end));
             any = true;
         }
@@ -395,6 +461,7 @@ impl Session {
                 ready: Some((start, end)),
                 barrier: false,
                 oneway: false,
+                admitted: None,
             });
         }
         r
@@ -416,6 +483,7 @@ impl Session {
         deadline: Instant,
         barrier: bool,
         oneway: bool,
+        admitted: Option<CallInfo>,
     ) {
         self.inflight.push_back(Slot {
             tag: self.next_tag,
@@ -425,6 +493,7 @@ impl Session {
             ready: None,
             barrier,
             oneway,
+            admitted,
         });
         self.next_tag += 1;
         self.barrier |= barrier;
@@ -497,10 +566,13 @@ fn routed_key(m: Method) -> Option<i16> {
     }
 }
 
-/// How a call left: answered here, or deferred (a barrier or not).
+/// How a call left: answered here, or deferred (a barrier or not; admitted by the filters or not).
 enum Left {
     Answered,
-    Deferred { barrier: bool },
+    Deferred {
+        barrier: bool,
+        admitted: Option<CallInfo>,
+    },
 }
 
 /// Routes a keyed call: `None` to run it here; `Some(Ok)` when it was forwarded to its owner;
@@ -631,14 +703,22 @@ fn call(
     let seqid = c.header.seqid;
     let method = Method::from_name(c.header.name);
     let ticket = s.ticket();
+    let peer = s.peer;
     let (done, left) = s.answer(method.unwrap_or(Method::Noop), seqid, |out| {
         run(
-            c, args, method, ticket, out, env, metrics, received, started,
+            c, args, method, ticket, out, env, peer, metrics, received, started,
         )
     });
-    if let (Left::Deferred { barrier }, Some(m)) = (left, method) {
+    if let (Left::Deferred { barrier, admitted }, Some(m)) = (left, method) {
         let oneway = c.header.mtype == mtype::ONEWAY;
-        s.deferred(m, seqid, received + env.call_timeout, barrier, oneway);
+        s.deferred(
+            m,
+            seqid,
+            received + env.call_timeout,
+            barrier,
+            oneway,
+            admitted,
+        );
     }
     done
 }
@@ -652,6 +732,7 @@ fn run(
     ticket: Ticket,
     out: &mut Vec<u8>,
     env: &Env,
+    peer: IpAddr,
     metrics: &LoopMetrics,
     received: Instant,
     started: Instant,
@@ -676,15 +757,52 @@ fn run(
         metrics.call(method as usize, 0, true);
         return (started, Left::Answered);
     }
+    // The filters (flow control, degrade, sampling), unless none is on or a peer forwarded the call (it
+    // passed them where the client reached the cluster).
+    let admitted = if env.filters.is_empty() || args.context().is_ok_and(|c| c.sticky) {
+        None
+    } else {
+        let info = CallInfo {
+            method,
+            peer,
+            admitted: started,
+        };
+        if let Err(r) = env.filters.admit(&info) {
+            app_error(
+                out,
+                AppErrorKind::InternalError,
+                &format!("{}: {}", method.name(), r.message),
+            );
+            metrics.call(method as usize, 0, true);
+            return (started, Left::Answered);
+        }
+        Some(info)
+    };
+    let refused = |out: &mut Vec<u8>, msg: &str| {
+        app_error(out, AppErrorKind::InternalError, msg);
+        metrics.call(method as usize, 0, true);
+        if let Some(info) = &admitted {
+            env.filters.done(
+                info,
+                Ending {
+                    took: Duration::ZERO,
+                    ok: false,
+                },
+            );
+        }
+        (started, Left::Answered)
+    };
     if let Some(router) = &env.router {
         if let Some(forwarded) = route(c, args, method, router.as_ref(), ticket, env) {
             return match forwarded {
-                Ok(()) => (started, Left::Deferred { barrier: true }),
-                Err(why) => {
-                    app_error(out, AppErrorKind::InternalError, &why);
-                    metrics.call(method as usize, 0, true);
-                    (started, Left::Answered)
-                }
+                Ok(()) => (
+                    started,
+                    Left::Deferred {
+                        barrier: true,
+                        admitted,
+                    },
+                ),
+                Err(why) => refused(out, &why),
             };
         }
     }
@@ -695,9 +813,7 @@ fn run(
             method.name(),
             env.call_timeout
         );
-        app_error(out, AppErrorKind::InternalError, &msg);
-        metrics.call(method as usize, 0, true);
-        return (started, Left::Answered);
+        return refused(out, &msg);
     }
     let mark = out.len();
     let mut reply = Reply::begin(out, transport, header.name, header.seqid);
@@ -713,7 +829,13 @@ fn run(
         }
         Ok(Outcome::Deferred) => {
             reply.abort();
-            return (started, Left::Deferred { barrier: false });
+            return (
+                started,
+                Left::Deferred {
+                    barrier: false,
+                    admitted,
+                },
+            );
         }
         Err(e) => {
             reply.abort();
@@ -731,15 +853,25 @@ fn run(
     let done = Instant::now();
     let took = done.saturating_duration_since(started);
     metrics.call(method as usize, took.as_nanos() as u64, error);
-    if took > env.slow_call {
+    if let Some(info) = &admitted {
+        env.filters.done(info, Ending { took, ok: !error });
+    }
+    slow(env, metrics, method, peer, took, !error);
+    (done, Left::Answered)
+}
+
+/// Counts and logs a call slower than `metrics.slow_call_ms`: one structured line (for journald).
+fn slow(env: &Env, metrics: &LoopMetrics, method: Method, peer: IpAddr, took: Duration, ok: bool) {
+    if took.as_nanos() as u64 > env.slow_call_ns.load(std::sync::atomic::Ordering::Relaxed) {
         metrics.add(&metrics.slow_calls, 1);
         tracing::warn!(
             method = method.name(),
+            client = %peer,
             took_us = took.as_micros() as u64,
+            ok,
             "slow call"
         );
     }
-    (done, Left::Answered)
 }
 
 #[cfg(test)]

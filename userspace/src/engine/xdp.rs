@@ -156,6 +156,10 @@ impl XdpLoop {
                     continue;
                 }
                 self.metrics.session_opened();
+                let peer = self.stack.peer(id).map_or(
+                    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    std::net::IpAddr::V4,
+                );
                 next_slot += 1;
                 slots.insert(next_slot, id);
                 let sid = SessionId {
@@ -166,7 +170,7 @@ impl XdpLoop {
                 conns.insert(
                     id,
                     Conn {
-                        session: Session::with_id(sid),
+                        session: Session::with_id(sid, peer),
                         last_active: now,
                         closing: false,
                     },
@@ -191,7 +195,8 @@ impl XdpLoop {
             }
             // Release connections that are gone, and sockets refused above.
             for id in self.stack.reap() {
-                if let Some(c) = conns.remove(&id) {
+                if let Some(mut c) = conns.remove(&id) {
+                    c.session.abandon(&self.env);
                     slots.remove(&c.session.id.slot);
                     self.gate.leave();
                     self.metrics.session_closed();
@@ -217,7 +222,7 @@ impl XdpLoop {
                 last_sweep = now;
                 for (&id, c) in conns.iter_mut() {
                     if c.session.awaiting() {
-                        c.session.expire_deferred(now, &self.metrics);
+                        c.session.expire_deferred(now, &self.env, &self.metrics);
                         c.last_active = now;
                     }
                     let idle = now.saturating_duration_since(c.last_active) > self.env.idle_timeout;

@@ -168,7 +168,8 @@ pub struct Servants {
     pub lcache: lcache::LCache,
     pub lock: lock::Locks,
     pub registry: registry::Registry,
-    pub backends: std::sync::Arc<Backends>,
+    /// The back ends in service; a reload puts new ones in place (calls out finish on the old ones).
+    backends: arc_swap::ArcSwap<Backends>,
 }
 
 impl Servants {
@@ -180,8 +181,18 @@ impl Servants {
             lcache: lcache::LCache::new(&cfg.lcache),
             lock: lock::Locks::new(&cfg.lock),
             registry: registry::Registry::new(&cfg.registry),
-            backends: Backends::start(cfg)?,
+            backends: arc_swap::ArcSwap::new(Backends::start(cfg)?),
         })
+    }
+
+    /// The back ends in service.
+    pub fn backends(&self) -> std::sync::Arc<Backends> {
+        self.backends.load_full()
+    }
+
+    /// Puts `next` in service; returns the back ends it replaces (still finishing their calls).
+    pub fn replace_backends(&self, next: std::sync::Arc<Backends>) -> std::sync::Arc<Backends> {
+        self.backends.swap(next)
     }
 
     /// Runs one call: writes its result struct's fields into `reply`, or hands it to a back end.
@@ -226,11 +237,11 @@ impl Servants {
                     ZkChildren => self.registry.children(args.bytes(2, "path")?, out)?,
                     ZkDel => out.field_bool(0, self.registry.delete(args.bytes(2, "path")?)?),
                     McSet | McGet | McAdd | McDelete | McIncrement => {
-                        return memcache::call(&self.backends, method, args, env)
+                        return memcache::call(&self.backends.load(), method, args, env)
                     }
-                    RdCall => return redis::call(&self.backends, args, env),
+                    RdCall => return redis::call(&self.backends.load(), args, env),
                     MyQuery | MyBulkExec | MyQueryShards | MyMerge | MyEvict => {
-                        return mysql::call(&self.backends, method, args, out, env)
+                        return mysql::call(&self.backends.load(), method, args, out, env)
                     }
                     Noop | IdDecode => unreachable!("handled above"),
                 }

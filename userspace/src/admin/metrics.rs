@@ -1,0 +1,542 @@
+//! The admin port's numbers: Prometheus text (`/metrics`) and the JSON of `/api/stats` and `/api/backends`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::json;
+
+use super::AdminState;
+use crate::backend::{Backends, FailureKind, Server};
+use crate::engine::metrics::{bucket_upper, MethodSnapshot, Snapshot, BUCKETS, SLOTS};
+use crate::servant::misc;
+
+/// Histogram bounds exported to Prometheus: powers of four of nanoseconds, which fall on bucket edges.
+fn prometheus_bounds() -> impl Iterator<Item = (usize, f64)> {
+    (0..BUCKETS)
+        .filter(|&i| {
+            let u = bucket_upper(i);
+            u >= 1024 && u.is_power_of_two() && u.trailing_zeros() % 2 == 0
+        })
+        .map(|i| (i, bucket_upper(i) as f64 / 1e9))
+}
+
+pub fn prometheus(state: &AdminState) -> String {
+    let snap = Snapshot::merge(&state.metrics);
+    let mut o = String::with_capacity(16 << 10);
+    let _ = writeln!(
+        o,
+        "# HELP fae_calls_total Calls answered, by method.\n# TYPE fae_calls_total counter"
+    );
+    for slot in 0..SLOTS {
+        let name = Snapshot::slot_name(slot);
+        let _ = writeln!(
+            o,
+            "fae_calls_total{{method=\"{name}\"}} {}",
+            snap.methods[slot].calls
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_call_errors_total Calls answered with a TApplicationException, by method.\n\
+         # TYPE fae_call_errors_total counter"
+    );
+    for slot in 0..SLOTS {
+        let name = Snapshot::slot_name(slot);
+        let _ = writeln!(
+            o,
+            "fae_call_errors_total{{method=\"{name}\"}} {}",
+            snap.methods[slot].errors
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_call_duration_seconds Time from a call's start to its reply (a deferred call's includes its back end).\n\
+         # TYPE fae_call_duration_seconds histogram"
+    );
+    for slot in 0..SLOTS {
+        let m = &snap.methods[slot];
+        if m.calls == 0 {
+            continue;
+        }
+        let labels = format!("method=\"{}\"", Snapshot::slot_name(slot));
+        write_histogram(
+            &mut o,
+            "fae_call_duration_seconds",
+            &labels,
+            &m.latency,
+            Some(m.sum_ns),
+        );
+    }
+    let lc = state.servants.lcache.stats();
+    for (name, kind, help, v) in [
+        ("fae_sessions", "gauge", "Open sessions.", snap.sessions),
+        (
+            "fae_sessions_accepted_total",
+            "counter",
+            "Sessions accepted.",
+            snap.accepted,
+        ),
+        (
+            "fae_protocol_errors_total",
+            "counter",
+            "Malformed messages (session closed).",
+            snap.protocol_errors,
+        ),
+        (
+            "fae_slow_calls_total",
+            "counter",
+            "Calls slower than metrics.slow_call_ms.",
+            snap.slow_calls,
+        ),
+        (
+            "fae_deadline_exceeded_total",
+            "counter",
+            "Calls refused after their deadline.",
+            snap.deadline_exceeded,
+        ),
+        (
+            "fae_sessions_timed_out_total",
+            "counter",
+            "Sessions closed for idleness or a stalled message.",
+            snap.timed_out_sessions,
+        ),
+        (
+            "fae_received_bytes_total",
+            "counter",
+            "Bytes received from clients.",
+            snap.bytes_in,
+        ),
+        (
+            "fae_sent_bytes_total",
+            "counter",
+            "Bytes sent to clients.",
+            snap.bytes_out,
+        ),
+        (
+            "fae_lcache_items",
+            "gauge",
+            "Entries in the local cache.",
+            lc.items as u64,
+        ),
+        (
+            "fae_lcache_bytes",
+            "gauge",
+            "Bytes charged to the local cache.",
+            lc.bytes as u64,
+        ),
+        (
+            "fae_locks_held",
+            "gauge",
+            "Locks held and not expired.",
+            state.servants.lock.held() as u64,
+        ),
+        (
+            "fae_registry_nodes",
+            "gauge",
+            "Nodes in the registry.",
+            state.servants.registry.len() as u64,
+        ),
+        (
+            "fae_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            state.servants.misc.uptime_secs(),
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    backends_prometheus(&mut o, &state.servants.backends());
+    let _ = writeln!(
+        o,
+        "# HELP fae_rejected_total Calls the filters refused at once, by reason.\n# TYPE fae_rejected_total counter"
+    );
+    for r in crate::filter::Reason::ALL {
+        let _ = writeln!(
+            o,
+            "fae_rejected_total{{reason=\"{}\"}} {}",
+            r.name(),
+            get(&state.filters.rejected[r as usize])
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_resident_memory_bytes Resident memory of faed.\n# TYPE fae_resident_memory_bytes gauge\n\
+         fae_resident_memory_bytes {}",
+        super::history::rss_kib() * 1024
+    );
+    if let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) {
+        let v = c.view();
+        let mine = v.vbucket_counts().get(&v.my_id).copied().unwrap_or(0) as u64;
+        for (name, kind, help, val) in [
+            (
+                "fae_forwarded_total",
+                "counter",
+                "Calls forwarded to the node owning their key.",
+                snap.forwarded,
+            ),
+            ("fae_cluster_term", "gauge", "Raft term.", v.term),
+            (
+                "fae_cluster_commit_index",
+                "gauge",
+                "Raft commit index.",
+                v.commit_index,
+            ),
+            ("fae_cluster_epoch", "gauge", "Vbucket map epoch.", v.epoch),
+            (
+                "fae_cluster_members",
+                "gauge",
+                "Cluster members.",
+                v.members.len() as u64,
+            ),
+            (
+                "fae_cluster_vbuckets_owned",
+                "gauge",
+                "Vbuckets this node owns.",
+                mine,
+            ),
+            (
+                "fae_cluster_is_leader",
+                "gauge",
+                "1 if this node is the raft leader.",
+                u64::from(v.is_leader()),
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {val}"
+            );
+        }
+    }
+    if let Some(p) = &state.xdp {
+        let c = crate::engine::xdp::counters(p);
+        for (name, help, v) in [
+            (
+                "fae_xdp_redirected_total",
+                "Packets the XDP program steered to an AF_XDP socket.",
+                c.redirected,
+            ),
+            (
+                "fae_xdp_passed_total",
+                "Packets the XDP program passed to the kernel.",
+                c.passed,
+            ),
+            (
+                "fae_xdp_no_socket_total",
+                "RPC-port packets passed because no AF_XDP socket was bound on their queue.",
+                c.no_socket,
+            ),
+            (
+                "fae_xdp_malformed_total",
+                "Frames too short or malformed to classify, passed to the kernel.",
+                c.malformed,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+    }
+    o
+}
+
+pub fn stats_json(state: &AdminState) -> serde_json::Value {
+    let snap = Snapshot::merge(&state.metrics);
+    let methods: serde_json::Map<String, serde_json::Value> = (0..SLOTS)
+        .filter(|&slot| snap.methods[slot].calls > 0)
+        .map(|slot| {
+            let m = &snap.methods[slot];
+            (
+                Snapshot::slot_name(slot).to_owned(),
+                json!({
+                    "calls": m.calls,
+                    "errors": m.errors,
+                    "p50_us": m.quantile_us(0.5),
+                    "p99_us": m.quantile_us(0.99),
+                    "p999_us": m.quantile_us(0.999),
+                }),
+            )
+        })
+        .collect();
+    let lc = state.servants.lcache.stats();
+    json!({
+        "version": misc::VERSION,
+        "build": misc::BUILD_ID,
+        "uptime_secs": state.servants.misc.uptime_secs(),
+        "loops": state.metrics.len(),
+        "sessions": snap.sessions,
+        "sessions_accepted": snap.accepted,
+        "sessions_timed_out": snap.timed_out_sessions,
+        "protocol_errors": snap.protocol_errors,
+        "slow_calls": snap.slow_calls,
+        "deadline_exceeded": snap.deadline_exceeded,
+        "bytes_in": snap.bytes_in,
+        "bytes_out": snap.bytes_out,
+        "forwarded": snap.forwarded,
+        "calls": snap.methods.iter().map(|m| m.calls).sum::<u64>(),
+        "errors": snap.methods.iter().map(|m| m.errors).sum::<u64>(),
+        "lcache": {"items": lc.items, "bytes": lc.bytes},
+        "locks_held": state.servants.lock.held(),
+        "registry_nodes": state.servants.registry.len(),
+        "methods": methods,
+        "backends": backends_json(&state.servants.backends()),
+        "mysql": mysql_json(&state.servants.backends()),
+        "xdp": state.xdp.as_ref().map(|p| {
+            let c = crate::engine::xdp::counters(p);
+            json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket, "malformed": c.malformed})
+        }),
+    })
+}
+
+/// One histogram's series: cumulative buckets at the exported bounds, `+Inf`, the count and, when known,
+/// the sum (in seconds).
+fn write_histogram(o: &mut String, name: &str, labels: &str, latency: &[u64], sum_ns: Option<u64>) {
+    let mut cum = 0;
+    let mut next = 0;
+    for (i, le) in prometheus_bounds() {
+        cum += latency[next..=i].iter().sum::<u64>();
+        next = i + 1;
+        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
+    }
+    let total: u64 = latency.iter().sum();
+    let _ = writeln!(o, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
+    if let Some(ns) = sum_ns {
+        let _ = writeln!(o, "{name}_sum{{{labels}}} {}", ns as f64 / 1e9);
+    }
+    let _ = writeln!(o, "{name}_count{{{labels}}} {total}");
+}
+
+/// Labels of one back-end server.
+fn server_labels(s: &Server) -> String {
+    format!(
+        "protocol=\"{}\",pool=\"{}\",server=\"{}\"",
+        s.protocol.name(),
+        escape_label(&s.pool),
+        escape_label(&s.name)
+    )
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+fn backends_prometheus(o: &mut String, b: &Backends) {
+    if b.servers.is_empty() {
+        return;
+    }
+    type Counter = fn(&Server) -> u64;
+    let families: [(&str, &str, &str, Counter); 8] = [
+        (
+            "fae_backend_calls_total",
+            "counter",
+            "Calls a back-end server answered or failed.",
+            |s| get(&s.metrics.calls),
+        ),
+        (
+            "fae_backend_app_errors_total",
+            "counter",
+            "Answers that were application errors (ERROR, CLIENT_ERROR, a Redis error).",
+            |s| get(&s.metrics.app_errors),
+        ),
+        (
+            "fae_backend_rejected_total",
+            "counter",
+            "Calls refused at once by an open circuit breaker.",
+            |s| get(&s.metrics.rejected_open),
+        ),
+        (
+            "fae_backend_connections",
+            "gauge",
+            "Open connections to the server.",
+            |s| get(&s.metrics.conns_open),
+        ),
+        (
+            "fae_backend_connections_busy",
+            "gauge",
+            "Connections with calls in flight (the rest are idle).",
+            |s| get(&s.metrics.conns_busy),
+        ),
+        (
+            "fae_backend_connects_total",
+            "counter",
+            "Connections opened to the server.",
+            |s| get(&s.metrics.connects),
+        ),
+        (
+            "fae_backend_queued",
+            "gauge",
+            "Calls queued or in flight for the server.",
+            |s| get(&s.metrics.queued),
+        ),
+        (
+            "fae_backend_breaker_state",
+            "gauge",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+            |s| s.breaker.state() as u64,
+        ),
+    ];
+    for (name, kind, help, f) in families {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in &b.servers {
+            let _ = writeln!(o, "{name}{{{}}} {}", server_labels(s), f(s));
+        }
+    }
+    if let Some(m) = &b.mysql {
+        let st = &m.stats;
+        for (name, help, v) in [
+            (
+                "fae_mysql_cache_hits_total",
+                "my_query reads answered from the result cache.",
+                &st.cache_hits,
+            ),
+            (
+                "fae_mysql_cache_misses_total",
+                "my_query reads with a cacheKey not in the result cache.",
+                &st.cache_misses,
+            ),
+            (
+                "fae_mysql_cache_evictions_total",
+                "Results dropped from the cache (evicted or pushed out).",
+                &st.cache_evictions,
+            ),
+            (
+                "fae_mysql_lookup_hits_total",
+                "Shard lookups answered from the lookup cache.",
+                &st.lookup_hits,
+            ),
+            (
+                "fae_mysql_lookup_misses_total",
+                "Shard lookups read from the lookup table.",
+                &st.lookup_misses,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                get(v)
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_backend_failures_total System failures of calls, by kind.\n# TYPE fae_backend_failures_total counter"
+    );
+    for s in &b.servers {
+        for k in FailureKind::ALL {
+            let _ = writeln!(
+                o,
+                "fae_backend_failures_total{{{},kind=\"{}\"}} {}",
+                server_labels(s),
+                k.name(),
+                get(&s.metrics.failures[k as usize])
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_backend_breaker_transitions_total Circuit breaker transitions, by the state entered.\n\
+         # TYPE fae_backend_breaker_transitions_total counter"
+    );
+    for s in &b.servers {
+        for (to, c) in [
+            ("open", &s.breaker.opened),
+            ("half_open", &s.breaker.half_opened),
+            ("closed", &s.breaker.closed),
+        ] {
+            let _ = writeln!(
+                o,
+                "fae_backend_breaker_transitions_total{{{},to=\"{to}\"}} {}",
+                server_labels(s),
+                get(c)
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "# HELP fae_backend_call_duration_seconds Time from sending a call to the server to its answer.\n\
+         # TYPE fae_backend_call_duration_seconds histogram"
+    );
+    for s in &b.servers {
+        let latency: Vec<u64> = s.metrics.latency.iter().map(get).collect();
+        let labels = server_labels(s);
+        let sum = Some(get(&s.metrics.latency_sum_ns));
+        write_histogram(
+            o,
+            "fae_backend_call_duration_seconds",
+            &labels,
+            &latency,
+            sum,
+        );
+    }
+}
+
+fn mysql_json(b: &Backends) -> serde_json::Value {
+    match &b.mysql {
+        None => serde_json::Value::Null,
+        Some(m) => {
+            let st = &m.stats;
+            json!({
+                "cache_hits": get(&st.cache_hits),
+                "cache_misses": get(&st.cache_misses),
+                "cache_evictions": get(&st.cache_evictions),
+                "lookup_hits": get(&st.lookup_hits),
+                "lookup_misses": get(&st.lookup_misses),
+            })
+        }
+    }
+}
+
+/// `/api/backends`: every back-end server (pools, breaker states, connections, latency) and MySQL's caches.
+pub fn backends_all_json(b: &Backends) -> serde_json::Value {
+    json!({"servers": backends_json(b), "mysql": mysql_json(b)})
+}
+
+fn backends_json(b: &Backends) -> serde_json::Value {
+    let servers: Vec<serde_json::Value> = b
+        .servers
+        .iter()
+        .map(|s| {
+            let latency = MethodSnapshot {
+                calls: 0,
+                errors: 0,
+                sum_ns: 0,
+                latency: s.metrics.latency.iter().map(get).collect(),
+            };
+            let failures: serde_json::Map<String, serde_json::Value> = FailureKind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        k.name().to_owned(),
+                        json!(get(&s.metrics.failures[*k as usize])),
+                    )
+                })
+                .collect();
+            json!({
+                "protocol": s.protocol.name(),
+                "pool": &*s.pool,
+                "server": &*s.name,
+                "breaker": s.breaker.state().name(),
+                "transitions": {
+                    "open": get(&s.breaker.opened),
+                    "half_open": get(&s.breaker.half_opened),
+                    "closed": get(&s.breaker.closed),
+                },
+                "calls": get(&s.metrics.calls),
+                "failures": failures,
+                "app_errors": get(&s.metrics.app_errors),
+                "rejected": get(&s.metrics.rejected_open),
+                "connections": get(&s.metrics.conns_open),
+                "connections_busy": get(&s.metrics.conns_busy),
+                "connects": get(&s.metrics.connects),
+                "queued": get(&s.metrics.queued),
+                "max_conns": s.settings.max_conns,
+                "p50_us": latency.quantile_us(0.5),
+                "p99_us": latency.quantile_us(0.99),
+            })
+        })
+        .collect();
+    json!(servers)
+}
