@@ -104,3 +104,32 @@ for name, (kind, data) in replies.items():
         with open(os.path.join(d, "seed-%s-%d" % (name, cut)), "wb") as f:
             f.write(bytes([kind, cut]) + data)
 print(f"wrote {len(replies) * 3} backend_replies seeds")
+
+# Admin HTTP requests for admin_http: first byte = body limit / 64.
+reqs = {
+    "get_metrics": b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9091\r\n\r\n",
+    "get_history": b"GET /api/history?since=12&x=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "post_limits": b"POST /api/limits HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\nContent-Length: 34\r\n\r\n{\"client_calls_per_sec\": 100, \"\": 1}",
+    "post_degrade": b"POST /api/degrade HTTP/1.1\r\nContent-Length: 40\r\nOrigin: http://a\r\nHost: a\r\n\r\n{\"methods\": [\"mc_get\", 1], \"servant\": 3}",
+    "post_bad_json": b"POST /api/limits HTTP/1.1\r\nContent-Length: 5\r\n\r\n{[}]x",
+    "limits_unknown": b"POST /api/limits HTTP/1.1\r\nContent-Length: 13\r\n\r\n{\"nope\": 1.5}",
+    "limits_wrong_type": b"POST /api/limits HTTP/1.1\r\nContent-Length: 43\r\n\r\n{\"method_inflight\": {\"a\": -1}, \"adaptive\": 1}",
+    "chunked": b"POST /api/drain HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "huge_length": b"POST /api/reload HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    "negative_length": b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    "short_body": b"POST /api/limits HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}",
+    "no_version": b"GET /\r\n\r\n",
+    "bad_method": b"G\x00T / HTTP/1.1\r\n\r\n",
+    "many_headers": b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 70 + b"\r\n",
+    "long_head": b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n",
+    "bare_lf": b"GET / HTTP/1.1\nHost: a\n\n",
+    "utf8_header": b"GET / HTTP/1.1\r\nHost: \xc3\xa9\xff\r\n\r\n",
+    "pipelined": b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+}
+d = os.path.join(HERE, "corpus", "admin_http")
+os.makedirs(d, exist_ok=True)
+for name, data in reqs.items():
+    for limit in (0, 1, 255):
+        with open(os.path.join(d, "seed-%s-%d" % (name, limit)), "wb") as f:
+            f.write(bytes([limit]) + data)
+print(f"wrote {len(reqs) * 3} admin_http seeds")

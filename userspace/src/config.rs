@@ -1179,6 +1179,32 @@ mod tests {
             Config::default(),
             "etc/faed.toml and the built-in defaults differ"
         );
+        // And it names every key, so that it documents them all.
+        fn keys(v: &toml::Value, at: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let path = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    out.push(path.clone());
+                    keys(v, &path, out);
+                }
+            }
+        }
+        let (mut want, mut have) = (Vec::new(), Vec::new());
+        keys(
+            &toml::Value::try_from(Config::default()).unwrap(),
+            "",
+            &mut want,
+        );
+        keys(&text.parse::<toml::Value>().unwrap(), "", &mut have);
+        let missing: Vec<_> = want.iter().filter(|k| !have.contains(k)).collect();
+        assert!(
+            missing.is_empty(),
+            "etc/faed.toml does not list {missing:?}"
+        );
     }
 
     #[test]

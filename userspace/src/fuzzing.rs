@@ -143,3 +143,27 @@ pub fn backend_replies(data: &[u8]) {
         }
     }
 }
+
+/// Parses `data` as admin HTTP requests, as the admin port reads them: the first byte sets the body limit,
+/// and every prefix is parsed too, as bytes trickle in. Must never panic; a prefix of a request is never
+/// taken for a whole one of another length, and the routes' own parsing of the query and body is walked.
+pub fn admin_http(data: &[u8]) {
+    use crate::admin::http::{parse, Parsed};
+    let Some((&limit, data)) = data.split_first() else {
+        return;
+    };
+    let max_body = usize::from(limit) * 64;
+    let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+    let whole = parse(data, peer, max_body);
+    if let Ok(Parsed::Complete(req, used)) = &whole {
+        assert!(*used <= data.len());
+        assert!(req.body.len() <= max_body);
+        for cut in [1, used / 2, used.saturating_sub(1)] {
+            match parse(&data[..cut.min(*used)], peer, max_body) {
+                Ok(Parsed::Complete(_, n)) => assert!(n <= cut, "a prefix used more than it had"),
+                Ok(Parsed::Partial) | Err(_) => {}
+            }
+        }
+        crate::admin::api::fuzz_request(req);
+    }
+}

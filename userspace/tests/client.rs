@@ -114,7 +114,9 @@ fn every_declared_metric_moves() {
     let mut c = client::connect(&addr, Transport::Framed, Duration::from_secs(5)).expect("connect");
     assert!(c.lc_set(ctx(), "kept".into(), b"v".to_vec()).unwrap());
     match c.my_evict(ctx(), "k".into()) {
-        Err(thrift::Error::Application(e)) => assert!(e.message.contains("degraded"), "{}", e.message),
+        Err(thrift::Error::Application(e)) => {
+            assert!(e.message.contains("degraded"), "{}", e.message)
+        }
         other => panic!("my_evict while degraded: {other:?}"),
     }
     // A malformed message and a stalled one.

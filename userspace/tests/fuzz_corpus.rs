@@ -32,3 +32,8 @@ fn session_corpus() {
 fn backend_replies_corpus() {
     replay("backend_replies", fae::fuzzing::backend_replies);
 }
+
+#[test]
+fn admin_http_corpus() {
+    replay("admin_http", fae::fuzzing::admin_http);
+}

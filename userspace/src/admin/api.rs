@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::http::{Request, Response};
 use super::{history, metrics, AdminState};
+use crate::config::LimitsConfig;
 use crate::filter::Reason;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -23,6 +24,7 @@ pub fn handle(state: &AdminState, req: Request) -> Response {
             | "/api/drain"
             | "/api/cluster/leave"
             | "/api/reload"
+            | "/api/rebalance"
     );
     match (req.method.as_str(), action) {
         ("POST", true) => {
@@ -236,6 +238,36 @@ fn names(v: &serde_json::Value) -> Vec<String> {
     out
 }
 
+/// The running limits with the keys of `body` changed (`{"client_calls_per_sec": 500}`); unknown keys refused.
+fn merge_limits(
+    current: &LimitsConfig,
+    body: &serde_json::Value,
+) -> Result<LimitsConfig, Response> {
+    let mut limits =
+        serde_json::to_value(current).map_err(|e| Response::text(400, e.to_string()))?;
+    let Some(from) = body.as_object() else {
+        return Err(Response::text(400, "limits: send a JSON object"));
+    };
+    if let Some(into) = limits.as_object_mut() {
+        for (k, v) in from {
+            if !into.contains_key(k) {
+                return Err(Response::text(400, format!("limits: unknown key {k}")));
+            }
+            into.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(limits).map_err(|e| Response::text(400, format!("limits: {e}")))
+}
+
+/// The routes' parsing of a request that needs no running server (the fuzz target's second half).
+pub(crate) fn fuzz_request(req: &Request) {
+    let _ = query_param(&req.query, "since").and_then(|v| v.parse::<u64>().ok());
+    if let Ok(body) = body_json(req) {
+        let _ = names(&body);
+        let _ = merge_limits(&LimitsConfig::default(), &body);
+    }
+}
+
 fn act(state: &AdminState, req: &Request) -> Response {
     let body = match body_json(req) {
         Ok(b) => b,
@@ -273,18 +305,9 @@ fn act(state: &AdminState, req: &Request) -> Response {
         }
         "/api/limits" => {
             let mut s = state.filters.settings();
-            let mut limits = match serde_json::to_value(&s.limits) {
-                Ok(v) => v,
-                Err(e) => return Response::text(400, e.to_string()),
-            };
-            if let (Some(into), Some(from)) = (limits.as_object_mut(), body.as_object()) {
-                for (k, v) in from {
-                    into.insert(k.clone(), v.clone());
-                }
-            }
-            s.limits = match serde_json::from_value(limits) {
+            s.limits = match merge_limits(&s.limits, &body) {
                 Ok(l) => l,
-                Err(e) => return Response::text(400, format!("limits: {e}")),
+                Err(r) => return r,
             };
             let applied = s.limits.clone();
             match state.filters.apply(s) {
@@ -296,6 +319,7 @@ fn act(state: &AdminState, req: &Request) -> Response {
             }
         }
         "/api/drain" => drain(state),
+        "/api/rebalance" => rebalance(state),
         "/api/cluster/leave" => {
             let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) else {
                 return Response::text(404, "this node is not in a cluster");
@@ -317,6 +341,30 @@ fn act(state: &AdminState, req: &Request) -> Response {
         },
         _ => Response::text(404, "not found"),
     }
+}
+
+/// Rebalance: the raft state machine plans moves on every change of its voters (a join, a leave, a failed or
+/// returning member), so the map is always on its way to even shares; this action checks that it is and
+/// reports what is still moving. A plan left over (which would be a bug) is reported, not hidden.
+fn rebalance(state: &AdminState) -> Response {
+    let Some(c) = state.cluster.as_ref().and_then(|w| w.upgrade()) else {
+        return Response::text(404, "this node is not in a cluster");
+    };
+    let v = c.view();
+    let voters: Vec<u64> = v
+        .members
+        .values()
+        .filter(|m| m.state == fae_cluster::MemberState::Voter)
+        .map(|m| m.id)
+        .collect();
+    let left = fae_cluster::rebalance::plan(&v.map, &voters).len();
+    Response::json(&json!({
+        "automatic": true,
+        "pending_moves": v.map.pending().count(),
+        "moves_left_to_plan": left,
+        "balanced": left == 0,
+        "vbuckets": v.vbucket_counts(),
+    }))
 }
 
 /// Drain: a cluster member hands its vbuckets to the others first; then faed stops accepting, finishes the

@@ -40,6 +40,7 @@ impl Request {
 }
 
 /// A response to write.
+#[derive(Debug)]
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
@@ -192,53 +193,57 @@ fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<usize
     }
 }
 
-fn read_request(
-    s: &mut TcpStream,
-    peer: SocketAddr,
-    deadline: Instant,
-    max_body: usize,
-) -> Result<Request, Response> {
-    let mut buf = Vec::with_capacity(1024);
-    let (mut req, head_len) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&buf) {
-            Ok(httparse::Status::Complete(n)) => {
-                let path_full = parsed.path.unwrap_or("/");
-                let (path, query) = path_full.split_once('?').unwrap_or((path_full, ""));
-                let req = Request {
-                    method: parsed.method.unwrap_or("").to_owned(),
-                    path: path.to_owned(),
-                    query: query.to_owned(),
-                    headers: parsed
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_ascii_lowercase(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect(),
-                    body: Vec::new(),
-                    peer,
-                };
-                break (req, n);
+/// What [`parse`] made of the bytes so far.
+#[derive(Debug)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// A whole request, which used this many bytes of the buffer.
+    Complete(Request, usize),
+}
+
+/// Parses one request from `buf`, bounded: a head of at most 16 KiB and 64 headers, a body of at most
+/// `max_body` bytes announced by Content-Length (no chunked bodies). Pure, so the fuzz target drives it.
+pub fn parse(buf: &[u8], peer: SocketAddr, max_body: usize) -> Result<Parsed, Response> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= MAX_HEAD {
+                return Err(Response::text(431, "request head larger than 16 KiB"));
             }
-            Ok(httparse::Status::Partial) => {
-                if buf.len() >= MAX_HEAD {
-                    return Err(Response::text(431, "request head larger than 16 KiB"));
-                }
-                fill(s, &mut buf, deadline)?;
-            }
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(Response::text(
-                    431,
-                    format!("more than {MAX_HEADERS} headers"),
-                ))
-            }
-            Err(e) => return Err(Response::text(400, format!("malformed request: {e}"))),
+            return Ok(Parsed::Partial);
         }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Response::text(
+                431,
+                format!("more than {MAX_HEADERS} headers"),
+            ))
+        }
+        Err(e) => return Err(Response::text(400, format!("malformed request: {e}"))),
+    };
+    if head_len > MAX_HEAD {
+        return Err(Response::text(431, "request head larger than 16 KiB"));
+    }
+    let path_full = parsed.path.unwrap_or("/");
+    let (path, query) = path_full.split_once('?').unwrap_or((path_full, ""));
+    let mut req = Request {
+        method: parsed.method.unwrap_or("").to_owned(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers: parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect(),
+        body: Vec::new(),
+        peer,
     };
     if req.header("transfer-encoding").is_some() {
         return Err(Response::text(411, "send the body with a Content-Length"));
@@ -256,11 +261,26 @@ fn read_request(
             format!("body of {len} bytes: at most {max_body} (admin.max_body_bytes)"),
         ));
     }
-    while buf.len() < head_len + len {
-        fill(s, &mut buf, deadline)?;
+    if buf.len() < head_len + len {
+        return Ok(Parsed::Partial);
     }
     req.body = buf[head_len..head_len + len].to_vec();
-    Ok(req)
+    Ok(Parsed::Complete(req, head_len + len))
+}
+
+fn read_request(
+    s: &mut TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    max_body: usize,
+) -> Result<Request, Response> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if let Parsed::Complete(req, _) = parse(&buf, peer, max_body)? {
+            return Ok(req);
+        }
+        fill(s, &mut buf, deadline)?;
+    }
 }
 
 fn write_response(s: &mut TcpStream, r: Response) -> std::io::Result<()> {

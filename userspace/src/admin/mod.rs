@@ -7,7 +7,7 @@
 //! request carries an `Origin` other than the admin port itself (so a web page cannot act through a browser
 //! on the host).
 
-mod api;
+pub(crate) mod api;
 mod history;
 pub mod http;
 pub mod metrics;
