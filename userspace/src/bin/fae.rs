@@ -127,6 +127,9 @@ enum Cmd {
         /// The server's pid: report its CPU time per call (from /proc).
         #[arg(long = "server-pid")]
         server_pid: Option<u32>,
+        /// Connect from this local address (e.g. 127.0.0.2: a second client IP on loopback).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -273,6 +276,7 @@ fn main() -> ExitCode {
             transport,
             threads,
             server_pid,
+            bind,
             json,
         } => {
             let target = match direct {
@@ -301,6 +305,7 @@ fn main() -> ExitCode {
                 pool,
                 threads,
                 server_pid,
+                bind,
                 progress: !json,
             };
             match bench::run(&cfg) {

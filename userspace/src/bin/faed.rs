@@ -54,8 +54,9 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.check_config {
-        return match Config::load(path) {
-            Ok(_) => {
+        // The token file too: a faed that could not read it would not start.
+        return match Config::load(path).and_then(|c| c.admin.resolved_token().map(drop)) {
+            Ok(()) => {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }

@@ -135,6 +135,8 @@ pub struct BenchConfig {
     pub threads: usize,
     /// The server's pid, to read its CPU time from /proc.
     pub server_pid: Option<u32>,
+    /// The local address to connect from.
+    pub bind: Option<std::net::IpAddr>,
     pub progress: bool,
 }
 
@@ -178,6 +180,13 @@ pub struct BenchReport {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// Successful calls alone: their rate and latency (what flow control admitted).
+    pub ok_per_sec: f64,
+    pub ok_p50_us: f64,
+    pub ok_p99_us: f64,
+    /// Failed calls alone: how fast an error (a refusal) came back.
+    pub error_p50_us: f64,
+    pub error_p99_us: f64,
     /// Server CPU (user + system) per call, when the server's pid was given.
     pub server_cpu_us_per_call: Option<f64>,
 }
@@ -199,6 +208,17 @@ impl std::fmt::Display for BenchReport {
             self.p999_us,
             self.errors
         )?;
+        if self.errors > 0 {
+            write!(
+                f,
+                " (ok: {:.0} calls/s p50={:.1}us p99={:.1}us; errors: p50={:.1}us p99={:.1}us)",
+                self.ok_per_sec,
+                self.ok_p50_us,
+                self.ok_p99_us,
+                self.error_p50_us,
+                self.error_p99_us
+            )?;
+        }
         if let Some(cpu) = self.server_cpu_us_per_call {
             write!(f, ", server cpu={cpu:.2}us/call")?;
         }
@@ -465,7 +485,10 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     let mut hists = Vec::new();
     for t in 0..threads {
         let n = cfg.connections / threads + usize::from(t < cfg.connections % threads);
-        let hist = Arc::new(LoopMetrics::default());
+        let hist = Arc::new(Hists {
+            ok: Arc::default(),
+            err: Arc::default(),
+        });
         hists.push(hist.clone());
         let (cfg, shared) = (cfg.clone(), shared.clone());
         handles.push(std::thread::spawn(move || {
@@ -501,18 +524,27 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
             .map_err(|_| io::Error::other("bench thread panicked"))??;
     }
     let calls = shared.calls.load(Ordering::Relaxed);
-    let snap = Snapshot::merge(&hists);
-    let mut all = MethodSnapshot {
-        calls: 0,
-        errors: 0,
-        sum_ns: 0,
-        latency: vec![0; BUCKETS],
-    };
-    for m in &snap.methods {
-        for (a, b) in all.latency.iter_mut().zip(&m.latency) {
-            *a += b;
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let sum = |snaps: &[&Snapshot]| {
+        let mut all = MethodSnapshot {
+            calls: 0,
+            errors: 0,
+            sum_ns: 0,
+            latency: vec![0; BUCKETS],
+        };
+        for snap in snaps {
+            for m in &snap.methods {
+                for (a, b) in all.latency.iter_mut().zip(&m.latency) {
+                    *a += b;
+                }
+            }
         }
-    }
+        all
+    };
+    let ok = Snapshot::merge(&hists.iter().map(|h| h.ok.clone()).collect::<Vec<_>>());
+    let err = Snapshot::merge(&hists.iter().map(|h| h.err.clone()).collect::<Vec<_>>());
+    let all = sum(&[&ok, &err]);
+    let (ok, err) = (sum(&[&ok]), sum(&[&err]));
     let mix = cfg
         .mix
         .iter()
@@ -527,11 +559,16 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         mix,
         seconds: secs,
         calls,
-        errors: shared.errors.load(Ordering::Relaxed),
+        errors,
         calls_per_sec: calls as f64 / secs,
         p50_us: all.quantile_us(0.5),
         p99_us: all.quantile_us(0.99),
         p999_us: all.quantile_us(0.999),
+        ok_per_sec: (calls - errors) as f64 / secs,
+        ok_p50_us: ok.quantile_us(0.5),
+        ok_p99_us: ok.quantile_us(0.99),
+        error_p50_us: err.quantile_us(0.5),
+        error_p99_us: err.quantile_us(0.99),
         server_cpu_us_per_call: match (cpu0, cpu1) {
             (Some(a), Some(b)) if calls > 0 => Some((b - a) as f64 / calls as f64),
             _ => None,
@@ -539,12 +576,34 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     })
 }
 
+/// A blocking connection to `addr`, from `bind` if given.
+fn connect(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<std::net::TcpStream> {
+    let Some(ip) = bind else {
+        return std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(ip, 0).into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {ip}: {e}")))?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+/// Latencies of the successful and of the failed calls, apart.
+struct Hists {
+    ok: Arc<LoopMetrics>,
+    err: Arc<LoopMetrics>,
+}
+
 fn drive(
     cfg: &BenchConfig,
     addr: SocketAddr,
     n: usize,
     shared: &Shared,
-    hist: &LoopMetrics,
+    hist: &Hists,
 ) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(n);
@@ -559,7 +618,7 @@ fn drive(
     }
     let keys = cfg.keys.max(1);
     for i in 0..n {
-        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        let s = connect(addr, cfg.bind)?;
         s.set_nodelay(true)?;
         s.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(s);
@@ -610,7 +669,8 @@ fn drive(
                 c.inflight.pop_front();
                 if measuring {
                     let ns = now.duration_since(sent).as_nanos() as u64;
-                    hist.call(op.method() as usize, ns, error);
+                    let h = if error { &hist.err } else { &hist.ok };
+                    h.call(op.method() as usize, ns, error);
                     shared.calls.fetch_add(1, Ordering::Relaxed);
                     if error {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -696,6 +756,7 @@ fn run_mysql(cfg: &BenchConfig) -> io::Result<BenchReport> {
     let calls = shared.calls.load(Ordering::Relaxed);
     let snap = Snapshot::merge(&hists);
     let all = &snap.methods[Method::MyQuery as usize];
+    let errors = shared.errors.load(Ordering::Relaxed);
     // The URL's password stays out of the report.
     let shown = cfg
         .addr
@@ -710,11 +771,17 @@ fn run_mysql(cfg: &BenchConfig) -> io::Result<BenchReport> {
         mix: "my_get:1".into(),
         seconds: secs,
         calls,
-        errors: shared.errors.load(Ordering::Relaxed),
+        errors,
         calls_per_sec: calls as f64 / secs,
         p50_us: all.quantile_us(0.5),
         p99_us: all.quantile_us(0.99),
         p999_us: all.quantile_us(0.999),
+        // Failed reads are rare here (a dead server ends the run): one histogram for both.
+        ok_per_sec: (calls - errors) as f64 / secs,
+        ok_p50_us: all.quantile_us(0.5),
+        ok_p99_us: all.quantile_us(0.99),
+        error_p50_us: 0.0,
+        error_p99_us: 0.0,
         server_cpu_us_per_call: None,
     })
 }

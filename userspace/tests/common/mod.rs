@@ -138,6 +138,8 @@ pub struct FaedSpec {
     pub dir: PathBuf,
     /// TOML lines added to the `[server]` table.
     pub server_keys: String,
+    /// TOML lines added to the `[admin]` table.
+    pub admin_keys: String,
     /// Whole TOML tables appended to the configuration.
     pub sections: String,
     /// Extra command-line arguments.
@@ -156,6 +158,7 @@ impl FaedSpec {
             admin_port: free_port(),
             dir,
             server_keys: String::new(),
+            admin_keys: String::new(),
             sections: String::new(),
             args: Vec::new(),
             log_level: "warn".into(),
@@ -167,9 +170,16 @@ impl FaedSpec {
     }
 }
 
-fn config_text(port: u16, admin_port: u16, server_keys: &str, sections: &str) -> String {
+/// The config faed gets: `server_keys` and `admin_keys` added to their tables, `sections` appended.
+pub fn config_text(
+    port: u16,
+    admin_port: u16,
+    server_keys: &str,
+    admin_keys: &str,
+    sections: &str,
+) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[log]\nlevel = \"warn\"\n\n{sections}\n"
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin_keys}\n\n[log]\nlevel = \"warn\"\n\n{sections}\n"
     )
 }
 
@@ -181,9 +191,14 @@ impl Faed {
 
     /// faed with `server_keys` added to `[server]` and `sections` (whole TOML tables) appended.
     pub fn start_with(server_keys: &str, sections: &str) -> Faed {
+        Self::start_admin(server_keys, "", sections)
+    }
+
+    /// faed with `admin_keys` added to `[admin]` too (a token, limits of the admin port).
+    pub fn start_admin(server_keys: &str, admin_keys: &str, sections: &str) -> Faed {
         let mut last_log = String::new();
         for _attempt in 0..3 {
-            match Self::try_start(server_keys, sections) {
+            match Self::try_start(server_keys, admin_keys, sections) {
                 Ok(f) => return f,
                 // A port taken between probing and binding: try other ports.
                 Err(log) if log.contains("cannot listen") || log.contains("in use") => {
@@ -195,12 +210,12 @@ impl Faed {
         panic!("faed did not start after 3 tries:\n{last_log}");
     }
 
-    fn try_start(server_keys: &str, sections: &str) -> Result<Faed, String> {
+    fn try_start(server_keys: &str, admin_keys: &str, sections: &str) -> Result<Faed, String> {
         let port = free_port();
         let admin_port = free_port();
         let dir = unique_dir();
         let config = dir.join("faed.toml");
-        let text = config_text(port, admin_port, server_keys, sections);
+        let text = config_text(port, admin_port, server_keys, admin_keys, sections);
         std::fs::write(&config, text).expect("write config");
         let log = dir.join("faed.log");
         let child = Command::new(FAED)
@@ -234,9 +249,15 @@ impl Faed {
             spec.port,
             spec.admin_port,
             &spec.server_keys,
+            &spec.admin_keys,
             &spec.sections,
         );
         std::fs::write(&config, text).expect("write config");
+        Self::spawn_config(spec, &config)
+    }
+
+    /// As [`Faed::spawn`], with the config file the caller wrote at `config` (the ports of `spec` in it).
+    pub fn spawn_config(spec: &FaedSpec, config: &Path) -> Faed {
         let log = spec.dir.join("faed.log");
         let mut stderr = OpenOptions::new()
             .create(true)
@@ -246,7 +267,7 @@ impl Faed {
         let _ = writeln!(stderr, "==== faed {} ====", spec.args.join(" "));
         let child = Command::new(FAED)
             .arg("-c")
-            .arg(&config)
+            .arg(config)
             .args(["--log-level", &spec.log_level])
             .args(&spec.args)
             .stdin(Stdio::null())
