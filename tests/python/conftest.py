@@ -217,20 +217,15 @@ class External(Faed):
         return "(faed runs outside this suite: see the lab test's log)"
 
 
-@pytest.fixture(scope="session")
-def faed(tmp_path_factory, stores):
-    """Start faed on two free loopback ports with the stores as its "default" pools; stop it with SIGTERM at
-    the end and require exit code 0."""
-    if os.environ.get("FAE_ADDR"):
-        yield External(os.environ["FAE_ADDR"], int(os.environ["FAE_ADMIN_PORT"]))
-        return
+def launch_faed(tmp, config_text):
+    """Start faed in directory `tmp` with `config_text` as its faed.toml, on two free loopback ports (given on
+    the command line); wait until it accepts. Stop it with stop_faed."""
     if not (os.path.isfile(FAED_BIN) and os.access(FAED_BIN, os.X_OK)):
         pytest.fail("faed binary not found or not executable: %s (set FAED_BIN)" % FAED_BIN)
     rpc_port, admin_port = free_ports(2)
-    tmp = tmp_path_factory.mktemp("faed")
     log_path = tmp / "faed.log"
     config = tmp / "faed.toml"
-    config.write_text(pools_toml(stores))
+    config.write_text(config_text)
     argv = [FAED_BIN, "-c", str(config), "--listen", "%s:%d" % (HOST, rpc_port),
             "--admin", "%s:%d" % (HOST, admin_port), "--log-level", "warn"]
     with open(log_path, "wb") as log:
@@ -254,9 +249,12 @@ def faed(tmp_path_factory, stores):
             pytest.fail("faed did not accept on %s within %.0fs\n%s\nlog:\n%s"
                         % (server.addr, START_TIMEOUT, " ".join(argv), server.log_tail()))
         time.sleep(0.05)
+    return server
 
-    yield server
 
+def stop_faed(server):
+    """SIGTERM; fails the test unless faed was still running and exits 0 in time."""
+    proc = server.proc
     if proc.poll() is not None:
         pytest.fail("faed died during the tests with code %s\nlog:\n%s" % (proc.returncode, server.log_tail()))
     os.kill(proc.pid, signal.SIGTERM)
@@ -269,6 +267,18 @@ def faed(tmp_path_factory, stores):
                     % (STOP_TIMEOUT, server.log_tail()))
     if rc != 0:
         pytest.fail("faed exited with code %s after SIGTERM, want 0\nlog:\n%s" % (rc, server.log_tail()))
+
+
+@pytest.fixture(scope="session")
+def faed(tmp_path_factory, stores):
+    """Start faed on two free loopback ports with the stores as its "default" pools; stop it with SIGTERM at
+    the end and require exit code 0."""
+    if os.environ.get("FAE_ADDR"):
+        yield External(os.environ["FAE_ADDR"], int(os.environ["FAE_ADMIN_PORT"]))
+        return
+    server = launch_faed(tmp_path_factory.mktemp("faed"), pools_toml(stores))
+    yield server
+    stop_faed(server)
 
 
 # ---- raw generated clients --------------------------------------------------------------------------

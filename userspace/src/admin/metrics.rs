@@ -91,7 +91,7 @@ pub fn prometheus(state: &AdminState) -> String {
         (
             "fae_deadline_exceeded_total",
             "counter",
-            "Calls refused after their deadline.",
+            "Calls answered with an error at their deadline (server.call_timeout_ms): a back end that did not answer in time, or a call refused once past it.",
             snap.deadline_exceeded,
         ),
         (

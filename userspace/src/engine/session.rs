@@ -222,6 +222,10 @@ impl Session {
                 }
             },
             Completion::Backend(b) => {
+                if matches!(&b.result, Err(e) if e.kind == crate::backend::FailureKind::Timeout) {
+                    // Its back end did not answer by the call's deadline.
+                    metrics.add(&metrics.deadline_exceeded, 1);
+                }
                 let mut reply = Reply::begin(buf, transport, name, seqid);
                 match env.servants.finish(method, b.result, &mut reply) {
                     Ok(()) => {
