@@ -40,6 +40,11 @@ ethtool -l "$iface" 2>/dev/null | sed -n '/Current/,$p' | sed 's/^/    /' || tru
 #    RPC and admin on the lab address, a distinct node id and snowflake worker id per node, and the
 #    listener: XDP on the lab NIC, every queue, native mode if the driver has it else generic ("auto").
 install -d -m 0755 /etc/fae
+# The admin port is on the lab network: actions need a token (kept across re-provisioning).
+if [ ! -s /etc/fae/admin.token ]; then
+    install -m 0640 -o root -g fae /dev/null /etc/fae/admin.token
+    head -c 24 /dev/urandom | base64 >/etc/fae/admin.token
+fi
 cat >/etc/fae/faed.toml.new <<EOF
 # Written by scripts/vagrant/node.sh for the Vagrant lab: node $node_id. Re-provisioning overwrites it.
 [server]
@@ -47,6 +52,7 @@ listen = "$lab_ip:$rpc_port"
 
 [admin]
 listen = "$lab_ip:$admin_port"
+token_file = "/etc/fae/admin.token"
 
 [node]
 id = $node_id

@@ -21,6 +21,7 @@ LAB = str(REPO / "scripts" / "lab")
 NET = "192.0.2"
 SRV_IP, CLI_IP = NET + ".1", NET + ".2"
 KERNEL_PORT, XDP_PORT, ADMIN_PORT = 9001, 9002, 9101
+ADMIN_TOKEN = "lab-admin-token-0123456789"
 # The stores behind the lab faed's pools, in the server namespace on its address (reached by faed, and by the
 # tests from the client namespace over the kernel path: only the RPC port goes to AF_XDP).
 MC_PORTS, PLACEMENT_PORTS, RD_PORTS, MYSQL_PORT = (11211, 11212), (11221, 11222, 11223), (6379, 6380), 3306
@@ -122,8 +123,9 @@ class Faed(object):
     def __init__(self, ns, iface, tmp, extra_args=(), wrapper=(), mode="both", extra_toml=""):
         self.ns, self.iface = ns, iface
         cfg = tmp / ("faed-%s.toml" % ns)
-        cfg.write_text('[listener]\nmode = "%s"\ninterface = "%s"\nxdp_port = %d\n\n%s'
-                       % (mode, iface, XDP_PORT, extra_toml))
+        # The admin port is on the lab address, not loopback: faed wants a token for it.
+        cfg.write_text('[admin]\ntoken = "%s"\n\n[listener]\nmode = "%s"\ninterface = "%s"\nxdp_port = %d\n\n%s'
+                       % (ADMIN_TOKEN, mode, iface, XDP_PORT, extra_toml))
         self.log = tmp / ("faed-%s.log" % ns)
         argv = ["ip", "netns", "exec", ns] + list(wrapper) + [
             FAED, "-c", str(cfg), "--listen", "%s:%d" % (SRV_IP, KERNEL_PORT),

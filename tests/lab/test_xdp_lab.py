@@ -101,9 +101,18 @@ def test_xdp_counters_move(lab, served):
     lab.cli_run("ping", "-c", "2", "-i", "0.2", "-W", "2", SRV_IP)
     after = served.stats(lab.cli)["xdp"]
     assert after["redirected"] > before["redirected"], (before, after)
+    # Per queue: the sockets' counters (published every second) and the loops' calls.
+    def queues_moved():
+        q = served.stats(lab.cli)["xdp"]["queues"]
+        return q if q and sum(x["rx_packets"] for x in q) > 0 and sum(x["calls"] for x in q) > 0 else None
+    deadline = time.monotonic() + 5
+    while not queues_moved() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert queues_moved(), served.stats(lab.cli)["xdp"]
     assert after["passed"] > before["passed"], (before, after)
     text = served.metrics(lab.cli)
     assert re.search(r"^fae_xdp_redirected_total [1-9]", text, re.M), text[-2000:]
+    assert re.search(r'^fae_xdp_queue_rx_packets_total\{queue="\d+"\} [1-9]', text, re.M), text[-2000:]
 
 
 def test_sigkill_leaves_no_xdp_program(tools, tmp_path):

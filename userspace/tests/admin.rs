@@ -836,3 +836,59 @@ fn hot_reload_under_load_fails_no_call_outside_the_changed_pool() {
         "{backends}"
     );
 }
+
+/// The sampled call log (`metrics.sample_per_10000`, here every call) and the slow-call log: one structured
+/// line per call with its method, client, duration and outcome, even with the log level at warn.
+#[test]
+fn sampled_and_slow_calls_are_logged_one_line_each() {
+    let m = Store::memcached();
+    let sections = format!(
+        "[metrics]\nsample_per_10000 = 10000\nslow_call_ms = 150\n\n[[memcache.pools]]\nname = \"default\"\nservers = [\"{}\"]\n",
+        m.addr()
+    );
+    let f = Faed::start_with("", &sections);
+    let mut c = client::connect(&f.addr().to_string(), Transport::Framed, IO_TIMEOUT).unwrap();
+    for _ in 0..3 {
+        c.ping(ctx()).unwrap();
+    }
+    assert!(c
+        .ping(fae::client::Context::new(0, "bad".into(), 1, None))
+        .is_err());
+    m.signal(libc::SIGSTOP);
+    let stopped = std::thread::spawn({
+        let pid = m.pid();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: kill sends a signal to our own child.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) };
+        }
+    });
+    let _ = c.mc_get(ctx(), "default".into(), "slow".into());
+    stopped.join().unwrap();
+    eventually("the call lines are logged", Duration::from_secs(5), || {
+        f.log().matches("sampled call").count() >= 5
+    });
+    let log = f.log();
+    let pings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("sampled call") && l.contains("method=\"ping\""))
+        .collect();
+    assert_eq!(pings.len(), 4, "{log}");
+    assert!(
+        pings
+            .iter()
+            .all(|l| l.contains("client=127.0.0.1") && l.contains("took_us=")),
+        "{log}"
+    );
+    assert_eq!(
+        pings.iter().filter(|l| l.contains("ok=false")).count(),
+        1,
+        "{log}"
+    );
+    let slow: Vec<&str> = log.lines().filter(|l| l.contains("slow call")).collect();
+    assert_eq!(slow.len(), 1, "{log}");
+    assert!(
+        slow[0].contains("method=\"mc_get\"") && slow[0].contains("client=127.0.0.1"),
+        "{log}"
+    );
+}

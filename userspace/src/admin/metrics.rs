@@ -233,6 +233,41 @@ pub fn prometheus(state: &AdminState) -> String {
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
+        let per_queue: [(&str, &str, Get); 4] = [
+            (
+                "fae_xdp_queue_rx_packets_total",
+                "Packets received on the queue's AF_XDP socket.",
+                |q| &q.rx_packets,
+            ),
+            (
+                "fae_xdp_queue_tx_packets_total",
+                "Packets sent from the queue's AF_XDP socket.",
+                |q| &q.tx_packets,
+            ),
+            (
+                "fae_xdp_queue_rx_dropped_total",
+                "Frames received on the queue that were not IPv4 over Ethernet.",
+                |q| &q.rx_dropped,
+            ),
+            (
+                "fae_xdp_queue_tx_stalled_total",
+                "Packets the queue could not send at once (no neighbour MAC, or every frame in flight).",
+                |q| &q.tx_no_frame,
+            ),
+        ];
+        if !state.xdp_queues.is_empty() {
+            for (name, help, get) in per_queue {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (q, _) in &state.xdp_queues {
+                    let mut v = get(q).load(std::sync::atomic::Ordering::Relaxed);
+                    if name == "fae_xdp_queue_tx_stalled_total" {
+                        v += q.tx_no_neighbour.load(std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let _ = writeln!(o, "{name}{{queue=\"{}\"}} {v}", q.queue);
+                }
+            }
+        }
     }
     o
 }
@@ -280,7 +315,29 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
         "mysql": mysql_json(&state.servants.backends()),
         "xdp": state.xdp.as_ref().map(|p| {
             let c = crate::engine::xdp::counters(p);
-            json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket, "malformed": c.malformed})
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let queues: Vec<serde_json::Value> = state
+                .xdp_queues
+                .iter()
+                .map(|(q, m)| {
+                    json!({
+                        "queue": q.queue,
+                        "rx_packets": get(&q.rx_packets),
+                        "tx_packets": get(&q.tx_packets),
+                        "rx_dropped": get(&q.rx_dropped),
+                        "tx_no_neighbour": get(&q.tx_no_neighbour),
+                        "tx_no_frame": get(&q.tx_no_frame),
+                        "sessions": get(&m.sessions),
+                        "calls": crate::engine::metrics::Snapshot::merge(std::slice::from_ref(m))
+                            .methods
+                            .iter()
+                            .map(|x| x.calls)
+                            .sum::<u64>(),
+                    })
+                })
+                .collect();
+            json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket,
+                   "malformed": c.malformed, "queues": queues})
         }),
     })
 }

@@ -36,6 +36,8 @@ pub struct AdminState {
     pub gate: Arc<Gate>,
     /// The XDP program, when the XDP path runs.
     pub xdp: Option<crate::engine::xdp::SharedProgram>,
+    /// The XDP queues' socket counters and loop metrics.
+    pub xdp_queues: Vec<(Arc<crate::engine::xdp::QueueStats>, Arc<LoopMetrics>)>,
     /// The cluster membership, when this node is in one (weak: shutdown takes it back).
     pub cluster: Option<Weak<fae_cluster::Cluster>>,
     pub filters: Arc<Chain>,

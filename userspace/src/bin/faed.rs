@@ -92,8 +92,9 @@ fn main() -> ExitCode {
     // The log filter can be changed by a reload.
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let (filter, log_handle) =
-        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let (filter, log_handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::new(with_call_log(&cfg.log.level)),
+    );
     tracing_subscriber::registry()
         .with(filter)
         .with(
@@ -103,7 +104,7 @@ fn main() -> ExitCode {
         )
         .init();
     let set_level: Box<fae::reload::SetLogLevel> = Box::new(move |level: &str| {
-        let f = level
+        let f = with_call_log(level)
             .parse::<tracing_subscriber::EnvFilter>()
             .map_err(|e| e.to_string())?;
         log_handle.reload(f).map_err(|e| e.to_string())
@@ -115,6 +116,16 @@ fn main() -> ExitCode {
             eprintln!("faed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The log filter with the sampled call log (`fae::calls`, asked for by `metrics.sample_per_10000`) kept on
+/// whatever the level, unless the filter names that target itself.
+fn with_call_log(level: &str) -> String {
+    if level.contains("fae::calls") {
+        level.to_owned()
+    } else {
+        format!("{level},fae::calls=info")
     }
 }
 
@@ -280,6 +291,7 @@ fn run(
             servants: server.servants.clone(),
             gate: server.gate.clone(),
             xdp: server.xdp.clone(),
+            xdp_queues: server.xdp_queues.clone(),
             cluster: cluster.as_ref().map(Arc::downgrade),
             filters: server.filters.clone(),
             env: server.env.clone(),

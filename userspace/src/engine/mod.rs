@@ -89,6 +89,8 @@ pub struct Server {
     pub gate: Arc<Gate>,
     /// The attached XDP program, when the XDP path runs.
     pub xdp: Option<xdp::SharedProgram>,
+    /// The XDP queues' socket counters and loop metrics, by queue.
+    pub xdp_queues: Vec<(Arc<xdp::QueueStats>, Arc<LoopMetrics>)>,
     /// The filter chain every call passes (the admin API changes it).
     pub filters: Arc<crate::filter::Chain>,
     /// What the sessions share (a reload changes its slow-call threshold).
@@ -188,6 +190,7 @@ impl Server {
             tracing::info!(listen = %s.listen, loops = n, "serving FunServant over kernel TCP");
         }
         let mut program = None;
+        let mut xdp_queues = Vec::new();
         if let Some(path) = xdp_path {
             program = Some(path.program.clone());
             for (q, stack) in path.stacks {
@@ -201,8 +204,11 @@ impl Server {
                     bell: bell.clone(),
                 });
                 wakers.push(bell);
+                let queue_stats = Arc::new(xdp::QueueStats::new(q));
+                xdp_queues.push((queue_stats.clone(), m.clone()));
                 let lp = xdp::XdpLoop {
                     index,
+                    queue_stats,
                     returns: rx,
                     waiter,
                     stack,
@@ -229,6 +235,7 @@ impl Server {
             metrics,
             gate,
             xdp: program,
+            xdp_queues,
             filters,
             env,
             returns,

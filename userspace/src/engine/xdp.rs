@@ -2,7 +2,7 @@
 //! connections to the same `Session`s as the kernel path. Only the byte pumping differs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -124,8 +124,41 @@ struct Conn {
 }
 
 /// One queue's loop.
+/// One AF_XDP queue's socket counters, published by its loop every second for the admin port.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub queue: u32,
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub rx_dropped: AtomicU64,
+    pub tx_no_neighbour: AtomicU64,
+    pub tx_no_frame: AtomicU64,
+}
+
+impl QueueStats {
+    pub fn new(queue: u32) -> QueueStats {
+        QueueStats {
+            queue,
+            ..Default::default()
+        }
+    }
+
+    fn publish(&self, s: &fae_netstack::xsk::PortStats) {
+        for (to, v) in [
+            (&self.rx_packets, s.rx_packets),
+            (&self.tx_packets, s.tx_packets),
+            (&self.rx_dropped, s.rx_dropped),
+            (&self.tx_no_neighbour, s.tx_no_neighbour),
+            (&self.tx_no_frame, s.tx_no_frame),
+        ] {
+            to.store(v, Ordering::Relaxed);
+        }
+    }
+}
+
 pub struct XdpLoop {
     pub index: u32,
+    pub queue_stats: Arc<QueueStats>,
     pub returns: Receiver<Completion>,
     pub waiter: Waiter,
     pub stack: Stack,
@@ -220,6 +253,7 @@ impl XdpLoop {
                 }
             } else if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
                 last_sweep = now;
+                self.queue_stats.publish(&self.stack.stats());
                 for (&id, c) in conns.iter_mut() {
                     if c.session.awaiting() {
                         c.session.expire_deferred(now, &self.env, &self.metrics);
