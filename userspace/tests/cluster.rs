@@ -1454,3 +1454,44 @@ fn registry_writes_survive_a_restart_of_every_node() {
         );
     }
 }
+
+/// A node whose admin port (or RPC port) is taken stops before it joins: the cluster never gets a voter that
+/// cannot serve (three nodes started on the default admin port left a two-voter cluster with one dead).
+#[test]
+fn a_node_that_cannot_bind_its_ports_never_joins() {
+    let _serial = serial("a_node_that_cannot_bind_its_ports_never_joins");
+    let root = TempDir::new();
+    let mut a = Node::new(root.path(), 'A', "");
+    a.spawn(&["--bootstrap".into()]);
+    a.wait_ready();
+    for (what, clash) in [("admin", true), ("rpc", false)] {
+        let mut b = Node::new(root.path(), if clash { 'B' } else { 'C' }, "");
+        // The RPC port held by a plain listener (no SO_REUSEPORT): faed cannot share it.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        if clash {
+            b.spec.admin_port = a.spec.admin_port;
+        } else {
+            b.spec.port = held.local_addr().unwrap().port();
+        }
+        b.spawn(&["--join".into(), a.raft_addr()]);
+        let status = b
+            .faed()
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("the node with a taken {what} port kept running"));
+        assert!(!status.success(), "{what}: {status}");
+        let log = b.log_since_start();
+        assert!(
+            log.contains("cannot") || log.contains("in use"),
+            "{what}: {log}"
+        );
+        b.faed = None;
+        drop(held);
+        let st = a.status().unwrap();
+        assert_eq!(
+            st.members.len(),
+            1,
+            "{what}: the node joined before failing: {}",
+            brief(&st)
+        );
+    }
+}

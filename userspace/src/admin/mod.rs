@@ -53,8 +53,13 @@ pub struct AdminState {
     pub reload: Option<Arc<Reload>>,
 }
 
-/// Binds the admin address, starts the history sampler and serves the port on threads of its own.
-pub fn spawn(state: AdminState) -> Result<(), EngineError> {
+/// Binds the admin address (before faed joins a cluster: a taken port stops it first).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, EngineError> {
+    TcpListener::bind(addr).map_err(|source| EngineError::Admin { addr, source })
+}
+
+/// Starts the history sampler and serves the bound admin port on threads of its own.
+pub fn spawn(state: AdminState, listener: TcpListener) -> Result<(), EngineError> {
     let addr = state.addr;
     let (limits, _) = {
         let g = state.config.read().unwrap_or_else(|p| p.into_inner());
@@ -68,7 +73,6 @@ pub fn spawn(state: AdminState) -> Result<(), EngineError> {
             (),
         )
     };
-    let listener = TcpListener::bind(addr).map_err(|source| EngineError::Admin { addr, source })?;
     let state = Arc::new(state);
     history::spawn(state.clone()).map_err(|source| EngineError::Admin { addr, source })?;
     let handler: Arc<dyn Fn(http::Request) -> http::Response + Send + Sync> = {

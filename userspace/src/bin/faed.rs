@@ -237,6 +237,13 @@ fn run(
                 }
             }
         })?;
+    // Every listener is bound before joining a cluster: a node that could not serve must not become a voter.
+    let admin_listener = if cfg.admin.enabled {
+        Some(admin::bind(cfg.admin.listen)?)
+    } else {
+        None
+    };
+    let first_listener = Server::bind_first(cfg)?;
     let mut cfg = cfg.clone();
     let cluster = if cfg.cluster.enabled {
         let c = Arc::new(fae::cluster::start(&cfg)?);
@@ -262,7 +269,7 @@ fn run(
         fae::cluster::spawn_handoff(c, servants.clone());
         Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() }) as Arc<dyn fae::proxy::Router>
     });
-    let server = Server::start_with(cfg, servants, router)?;
+    let server = Server::start_with(cfg, servants, router, first_listener)?;
     let state = Arc::new(RwLock::new((cfg.clone(), 1u64)));
     let reloader = config_path.map(|path| {
         let o = overrides.clone();
@@ -285,26 +292,29 @@ fn run(
             Err(e) => tracing::warn!("{e}; SIGHUP and POST /api/reload still reload"),
         }
     }
-    if cfg.admin.enabled {
-        admin::spawn(AdminState {
-            metrics: server.metrics.clone(),
-            servants: server.servants.clone(),
-            gate: server.gate.clone(),
-            xdp: server.xdp.clone(),
-            xdp_queues: server.xdp_queues.clone(),
-            cluster: cluster.as_ref().map(Arc::downgrade),
-            filters: server.filters.clone(),
-            env: server.env.clone(),
-            config: state.clone(),
-            token,
-            stopper: server.stopper(),
-            history: Arc::new(admin::History::new()),
-            addr: cfg.admin.listen,
-            reload: reloader.clone().map(|r| {
-                let f: Arc<admin::Reload> = Arc::new(move || r.reload());
-                f
-            }),
-        })?;
+    if let Some(listener) = admin_listener {
+        admin::spawn(
+            AdminState {
+                metrics: server.metrics.clone(),
+                servants: server.servants.clone(),
+                gate: server.gate.clone(),
+                xdp: server.xdp.clone(),
+                xdp_queues: server.xdp_queues.clone(),
+                cluster: cluster.as_ref().map(Arc::downgrade),
+                filters: server.filters.clone(),
+                env: server.env.clone(),
+                config: state.clone(),
+                token,
+                stopper: server.stopper(),
+                history: Arc::new(admin::History::new()),
+                addr: cfg.admin.listen,
+                reload: reloader.clone().map(|r| {
+                    let f: Arc<admin::Reload> = Arc::new(move || r.reload());
+                    f
+                }),
+            },
+            listener,
+        )?;
     }
     let _ = stopper.set(server.stopper());
     server.join()?;

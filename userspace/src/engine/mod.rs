@@ -107,14 +107,31 @@ impl Server {
     /// loop thread per listener.
     pub fn start(cfg: &Config) -> Result<Server, EngineError> {
         let servants = Servants::new(cfg).map_err(EngineError::Backend)?;
-        Self::start_with(cfg, Arc::new(servants), None)
+        Self::start_with(cfg, Arc::new(servants), None, None)
     }
 
     /// As [`Server::start`], with the node's servants and, in a cluster, the router of keyed calls.
+    /// Binds the first loop's RPC listener (kernel path), so that a taken address stops faed before it joins
+    /// a cluster; hand it to [`Server::start_with`].
+    pub fn bind_first(cfg: &Config) -> Result<Option<std::net::TcpListener>, EngineError> {
+        if cfg.listener.mode == ListenerMode::Xdp {
+            return Ok(None);
+        }
+        let s = &cfg.server;
+        kernel::reuseport_listener(s.listen, s.backlog)
+            .map(Some)
+            .map_err(|source| EngineError::Listen {
+                addr: s.listen,
+                source,
+            })
+    }
+
+    /// Starts the engine; `first` is the first loop's listener if [`Server::bind_first`] bound it.
     pub fn start_with(
         cfg: &Config,
         servants: Arc<Servants>,
         router: Option<Arc<dyn Router>>,
+        mut first: Option<std::net::TcpListener>,
     ) -> Result<Server, EngineError> {
         let s = &cfg.server;
         let returns = Returns::default();
@@ -149,12 +166,15 @@ impl Server {
         let mut metrics = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
         for i in 0..n {
-            let listener = kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| {
-                EngineError::Listen {
-                    addr: s.listen,
-                    source,
-                }
-            })?;
+            let listener = match first.take() {
+                Some(l) => l,
+                None => kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| {
+                    EngineError::Listen {
+                        addr: s.listen,
+                        source,
+                    }
+                })?,
+            };
             let m = Arc::new(LoopMetrics::default());
             let (tx, rx) = crossbeam_channel::unbounded();
             let (lp, bell) = KernelLoop::new(
