@@ -1495,3 +1495,45 @@ fn a_node_that_cannot_bind_its_ports_never_joins() {
         );
     }
 }
+
+/// A zk_create far over `[registry]` limits (a 15 MiB path, 2 MiB of data, an invalid path) is refused at
+/// once, before raft sees it, and the next zk_create commits on every node.
+#[test]
+fn an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on() {
+    let _serial = serial("an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on");
+    let cl = Cluster::start(3);
+    let mut p = cl.nodes[1].peer();
+    let huge = format!("/{}", "x".repeat(15 << 20));
+    let t = Instant::now();
+    match p.zk_create(&huge, "d") {
+        Err(Fail::App(m)) => assert!(m.contains("exceeds 1024"), "{m}"),
+        other => panic!("a 15 MiB path: {other:?}"),
+    }
+    eprintln!("15 MiB path refused in {:?}", t.elapsed());
+    match p.zk_create("/big-data", &"d".repeat(2 << 20)) {
+        Err(Fail::App(m)) => assert!(m.contains("registry data of"), "{m}"),
+        other => panic!("2 MiB of data: {other:?}"),
+    }
+    for bad in ["relative", "/a//b", "/trailing/"] {
+        match p.zk_create(bad, "d") {
+            Err(Fail::App(m)) => assert!(m.contains("invalid registry path"), "{bad}: {m}"),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    assert!(p.zk_create("/after/oversized", "ok").unwrap());
+    for node in &cl.nodes {
+        let mut q = node.peer();
+        let (children, _) = wait_for("the write on every node", Duration::from_secs(10), || {
+            q.zk_children("/after")
+                .map_err(|e| format!("{e:?}"))
+                .and_then(|c| {
+                    if c.is_empty() {
+                        Err("not yet".to_owned())
+                    } else {
+                        Ok(c)
+                    }
+                })
+        });
+        assert_eq!(children, vec!["oversized".to_owned()]);
+    }
+}

@@ -658,15 +658,19 @@ fn registry_call(
         return None; // the local call refuses it with the usual message
     }
     let fwd = env.forwarder.as_ref()?;
-    let path = match args.bytes(2, "path").map(|p| String::from_utf8(p.to_vec())) {
-        Ok(Ok(p)) => p,
-        _ => return None,
-    };
+    let path = args.bytes(2, "path").ok()?;
     let data = if method == Method::ZkCreate {
-        args.bytes(3, "data").ok()?.to_vec()
+        Some(args.bytes(3, "data").ok()?)
     } else {
-        Vec::new()
+        None
     };
+    // The node's own [registry] limits and path rules, before anything reaches raft: an oversized or
+    // invalid call is refused at once.
+    let path = match env.servants.registry.check(path, data) {
+        Ok(p) => p.to_owned(),
+        Err(e) => return Some(Err(format!("{}: {}", method.name(), e.message))),
+    };
+    let data = data.map(<[u8]>::to_vec).unwrap_or_default();
     let (name, seqid) = (method.name(), c.header.seqid);
     let work = Work::Run(Box::new(move || {
         let mut out = Vec::new();

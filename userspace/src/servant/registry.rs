@@ -44,16 +44,25 @@ impl Registry {
         }
     }
 
+    /// The checks of a call's path (and data, for a create) against `[registry]`, shared by the node's own
+    /// registry and the cluster's (which runs them before it proposes anything to raft).
+    pub fn check<'a>(&self, path: &'a [u8], data: Option<&[u8]>) -> Result<&'a str, CallError> {
+        let p = check_path(path, self.max_path)?;
+        if let Some(data) = data {
+            if data.len() > self.max_data {
+                return Err(CallError::refused(format!(
+                    "registry data of {} bytes exceeds {}",
+                    data.len(),
+                    self.max_data
+                )));
+            }
+        }
+        Ok(p)
+    }
+
     /// True if the node was created, false if it already existed.
     pub fn create(&self, path: &[u8], data: &[u8]) -> Result<bool, CallError> {
-        let p = check_path(path, self.max_path)?;
-        if data.len() > self.max_data {
-            return Err(CallError::refused(format!(
-                "registry data of {} bytes exceeds {}",
-                data.len(),
-                self.max_data
-            )));
-        }
+        let p = self.check(path, Some(data))?;
         let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
         if nodes.contains_key(p) {
             return Ok(false);
