@@ -217,10 +217,26 @@ impl ClusterStatus {
     }
 }
 
+/// A random non-zero number for this start of the process (the standard library's OS-seeded hasher keys).
+fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish().max(1)
+}
+
 /// A normal entry's payload.
 #[derive(Serialize, Deserialize)]
 struct Proposal {
     origin: u64,
+    /// The proposing process's incarnation: sequence numbers restart after a restart, so a replayed entry of
+    /// an earlier incarnation must not answer a new waiter with the same number. 0 in entries written before.
+    #[serde(default)]
+    inc: u64,
     seq: u64,
     cmd: Command,
 }
@@ -229,6 +245,8 @@ struct Proposal {
 #[derive(Serialize, Deserialize)]
 struct ConfContext {
     origin: u64,
+    #[serde(default)]
+    inc: u64,
     seq: u64,
     member: Option<MemberInfo>,
 }
@@ -798,6 +816,8 @@ struct Node {
     events: SyncSender<ClusterEvent>,
     events_dropped: u64,
     next_seq: u64,
+    /// Random per start of the process (never 0): tells this run's proposals from an earlier run's.
+    incarnation: u64,
     pending: HashMap<u64, (Instant, Pending)>,
     /// ReadIndex results waiting for the state machine to reach their index: (index, seq).
     reads: Vec<(u64, u64)>,
@@ -858,6 +878,7 @@ impl Node {
             events,
             events_dropped: 0,
             next_seq: 1,
+            incarnation: incarnation(),
             pending: HashMap::new(),
             reads: Vec::new(),
             last_heard: HashMap::new(),
@@ -946,6 +967,7 @@ impl Node {
                 let seq = self.seq();
                 let data = serde_json::to_vec(&Proposal {
                     origin: self.id,
+                    inc: self.incarnation,
                     seq,
                     cmd,
                 })
@@ -1011,6 +1033,7 @@ impl Node {
         cc.node_id = info.id;
         let ctx = ConfContext {
             origin: self.id,
+            inc: self.incarnation,
             seq,
             member: Some(info),
         };
@@ -1055,6 +1078,7 @@ impl Node {
         let seq = self.seq();
         let data = serde_json::to_vec(&Proposal {
             origin: self.id,
+            inc: self.incarnation,
             seq,
             cmd,
         })
@@ -1263,8 +1287,8 @@ impl Node {
         }
     }
 
-    fn resolve(&mut self, origin: u64, seq: u64, r: Result<Outcome, ClusterError>) {
-        if origin != self.id {
+    fn resolve(&mut self, origin: u64, inc: u64, seq: u64, r: Result<Outcome, ClusterError>) {
+        if origin != self.id || inc != self.incarnation {
             return;
         }
         match self.pending.remove(&seq) {
@@ -1293,7 +1317,7 @@ impl Node {
                 EntryType::EntryNormal => match serde_json::from_slice::<Proposal>(&e.data) {
                     Ok(p) => {
                         let out = self.sm.apply(&p.cmd, &mut events);
-                        self.resolve(p.origin, p.seq, Ok(out));
+                        self.resolve(p.origin, p.inc, p.seq, Ok(out));
                     }
                     Err(err) => {
                         tracing::error!(node = self.id, index = e.index, %err, "unreadable log entry skipped")
@@ -1315,7 +1339,7 @@ impl Node {
                             if !added {
                                 if let Some(c) = &ctx {
                                     let full = ClusterError::ClusterFull(self.sm.members.len());
-                                    self.resolve(c.origin, c.seq, Err(full));
+                                    self.resolve(c.origin, c.inc, c.seq, Err(full));
                                 }
                                 tracing::error!(
                                     node = self.id,
@@ -1336,7 +1360,7 @@ impl Node {
                         }
                     }
                     if let Some(c) = ctx {
-                        self.resolve(c.origin, c.seq, Ok(Outcome::Done));
+                        self.resolve(c.origin, c.inc, c.seq, Ok(Outcome::Done));
                     }
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -1424,5 +1448,21 @@ impl Node {
             map: self.map_cache.1.clone(),
         }));
         self.published = key;
+    }
+}
+
+#[cfg(test)]
+mod incarnation_tests {
+    use super::*;
+
+    /// An entry from before incarnations (or from another run) decodes with another incarnation, so it
+    /// cannot answer this run's waiter that happens to have the same sequence number.
+    #[test]
+    fn entries_carry_their_incarnation() {
+        let old = br#"{"origin":1,"seq":1,"cmd":{"Leave":{"id":2}}}"#;
+        let p: Proposal = serde_json::from_slice(old).unwrap();
+        assert_eq!((p.origin, p.inc, p.seq), (1, 0, 1));
+        let (a, b) = (incarnation(), incarnation());
+        assert!(a != 0 && b != 0 && a != b);
     }
 }
