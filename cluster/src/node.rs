@@ -816,6 +816,8 @@ struct Node {
     events: SyncSender<ClusterEvent>,
     events_dropped: u64,
     next_seq: u64,
+    /// Raft messages from the network dropped as malformed or foreign (see `refuse_message`).
+    refused_messages: u64,
     /// Random per start of the process (never 0): tells this run's proposals from an earlier run's.
     incarnation: u64,
     pending: HashMap<u64, (Instant, Pending)>,
@@ -878,6 +880,7 @@ impl Node {
             events,
             events_dropped: 0,
             next_seq: 1,
+            refused_messages: 0,
             incarnation: incarnation(),
             pending: HashMap::new(),
             reads: Vec::new(),
@@ -938,6 +941,34 @@ impl Node {
         self.next_seq
     }
 
+    /// Why a raft message from the network must not be stepped, if it must not: raft-rs trusts its input
+    /// (an empty MsgPropose or a heartbeat committing past the log ends the raft thread), so messages that
+    /// could not come from a correct member are dropped and counted.
+    fn refuse_message(&self, m: &raft::eraftpb::Message) -> Option<&'static str> {
+        use raft::eraftpb::MessageType as T;
+        if m.to != self.id {
+            return Some("addressed to another node");
+        }
+        if m.from == raft::INVALID_ID || m.from == self.id {
+            return Some("no valid sender");
+        }
+        // A member knows the configuration; a node still joining (no configuration yet) hears the leader.
+        let prs = self.raw.raft.prs();
+        if prs.iter().next().is_some() && prs.get(m.from).is_none() {
+            return Some("the sender is not a member");
+        }
+        match m.get_msg_type() {
+            T::MsgPropose if m.entries.is_empty() => Some("an empty proposal"),
+            T::MsgHeartbeat if m.commit > self.raw.raft.raft_log.last_index() => {
+                Some("a heartbeat committing past the log")
+            }
+            T::MsgHup | T::MsgBeat | T::MsgUnreachable | T::MsgSnapStatus | T::MsgCheckQuorum => {
+                Some("a local message type")
+            }
+            _ => None,
+        }
+    }
+
     fn leader_known(&self) -> bool {
         self.raw.raft.leader_id != raft::INVALID_ID
     }
@@ -945,6 +976,19 @@ impl Node {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Raft(m) => {
+                if let Some(why) = self.refuse_message(&m) {
+                    self.refused_messages += 1;
+                    if self.refused_messages.is_power_of_two() {
+                        tracing::warn!(
+                            node = self.id,
+                            from = m.from,
+                            kind = ?m.get_msg_type(),
+                            refused = self.refused_messages,
+                            "raft message dropped: {why}"
+                        );
+                    }
+                    return;
+                }
                 self.last_heard.insert(m.from, Instant::now());
                 if let Err(e) = self.raw.step(m) {
                     tracing::trace!(node = self.id, error = %e, "raft message not stepped");

@@ -326,3 +326,68 @@ fn the_registry_survives_a_restart_of_every_node() {
         n.shutdown(false).unwrap();
     }
 }
+
+/// Raft messages raft-rs would die on, sent by anyone who reaches the cluster port with a member's id: an
+/// empty MsgPropose to the leader and a heartbeat committing past the log to a follower, and messages from a
+/// stranger. They are dropped: the term stays, both nodes live, and the next registry write commits.
+#[test]
+fn forged_raft_messages_are_dropped_not_stepped() {
+    use protobuf::Message as _;
+    use raft::prelude::{Message, MessageType};
+    use std::io::Write;
+
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), Some(1), true, &[]);
+    wait_until("bootstrap leader", || a.view().is_leader());
+    let b = start(dirs[1].path(), Some(2), false, &[a.raft_addr()]);
+    wait_until("2 voters", || settled(&[&a, &b], &[512, 512]));
+    retry("a first write", || {
+        a.registry_create("/forged/before", b"x")
+    });
+    let term = a.view().term;
+    let send = |to: &Cluster, m: Message| {
+        let body = m.write_to_bytes().unwrap();
+        let mut s = std::net::TcpStream::connect(to.raft_addr()).unwrap();
+        s.write_all(&((body.len() + 1) as u32).to_be_bytes())
+            .unwrap();
+        s.write_all(&[1]).unwrap();
+        s.write_all(&body).unwrap();
+        s.flush().unwrap();
+        thread::sleep(Duration::from_millis(200));
+    };
+    let msg = |kind: MessageType, from: u64, to: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(kind);
+        m.from = from;
+        m.to = to;
+        m.term = term;
+        m
+    };
+    // An empty proposal to the leader, "from" the follower.
+    send(&a, msg(MessageType::MsgPropose, 2, 1));
+    // A heartbeat "from" the leader, committing far past the follower's log.
+    let mut hb = msg(MessageType::MsgHeartbeat, 1, 2);
+    hb.commit = 1_000_000;
+    send(&b, hb);
+    // A stranger's vote request with a higher term: it would depose the leader if stepped.
+    let mut vote = msg(MessageType::MsgRequestVote, 77, 1);
+    vote.term = term + 5;
+    vote.index = 1_000_000;
+    vote.log_term = term + 5;
+    send(&a, vote);
+    // A local-only message type from the network.
+    send(&a, msg(MessageType::MsgHup, 2, 1));
+    assert_eq!(a.view().term, term, "a forged message changed the term");
+    assert!(a.view().is_leader());
+    retry("a write after the forged messages", || {
+        a.registry_create("/forged/after", b"y")
+    });
+    retry("the write read through the follower", || {
+        b.registry_children("/forged")
+    });
+    assert_eq!(
+        b.registry_children("/forged").unwrap(),
+        vec!["after".to_owned(), "before".to_owned()]
+    );
+    assert_eq!(b.view().term, term);
+}
