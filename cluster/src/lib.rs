@@ -65,7 +65,7 @@ mod transport;
 pub use error::ClusterError;
 pub use node::{
     remote_leave, remote_status, Cluster, ClusterConfig, ClusterStatus, ClusterView, Handoff,
-    MemberStatus, Role,
+    MemberStatus, RaftWatch, Role,
 };
 pub use rebalance::{vbucket_of, Move, Vbucket, VbucketMap, VBUCKETS};
 pub use state::{ClusterEvent, Member, MemberInfo, MemberState, MAX_MEMBERS};

@@ -15,7 +15,7 @@ use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snaps
 use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 
-use crate::rebalance::VbucketMap;
+use crate::rebalance::{VbucketMap, VBUCKETS};
 use crate::state::{
     valid_path, ClusterEvent, Command, Member, MemberInfo, MemberState, Outcome, StateMachine,
     MAX_MEMBERS,
@@ -67,6 +67,10 @@ pub struct ClusterConfig {
     pub handoff: Handoff,
     /// Outbound raft messages queued per peer before new ones are dropped.
     pub send_queue: usize,
+    /// How long lock grants are refused on a vbucket this node took over without a handoff, and on every
+    /// vbucket after a restart (the daemon sets its lock TTL): a lock the old owner granted has expired by
+    /// then. Zero: no fencing.
+    pub lock_fence: Duration,
 }
 
 impl ClusterConfig {
@@ -91,12 +95,19 @@ impl ClusterConfig {
             request_timeout: Duration::from_secs(5),
             join_timeout: Duration::from_secs(30),
             handoff: Handoff::Manual,
+            lock_fence: Duration::ZERO,
             send_queue: 1024,
         }
     }
 
     fn election_timeout(&self) -> Duration {
         self.tick * self.election_ticks as u32
+    }
+
+    /// How long a confirmed ReadIndex lets this node serve keyed calls: half the failover timeout, a margin
+    /// for clocks that run at different rates and for the leader's own detection delay.
+    pub fn lease(&self) -> Duration {
+        self.failover_timeout / 2
     }
 }
 
@@ -183,6 +194,9 @@ pub struct ClusterStatus {
     pub epoch: u64,
     pub members: Vec<MemberStatus>,
     pub pending_moves: usize,
+    /// Whether the node holds its lease (serves keyed calls); see `ClusterConfig::lease`.
+    #[serde(default)]
+    pub lease: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -213,6 +227,7 @@ impl ClusterStatus {
                 })
                 .collect(),
             pending_moves: v.map.pending().count(),
+            lease: false,
         }
     }
 }
@@ -291,6 +306,52 @@ struct Shared {
     inbox: SyncSender<Input>,
     stop: AtomicBool,
     dropped_inbound: AtomicU64,
+    /// The origin of the millisecond clocks below.
+    t0: Instant,
+    /// Until when (ms since `t0`) this node may serve keyed calls: renewed by a ReadIndex a quorum
+    /// confirmed, with the map applied up to it. 0: no lease.
+    lease_until: AtomicU64,
+    /// Per vbucket: until when (ms since `t0`) lock grants are refused (taken over without a handoff).
+    fences: Vec<AtomicU64>,
+    /// The raft thread has ended (stopped, its storage failed, or it panicked).
+    raft_dead: AtomicBool,
+}
+
+impl Shared {
+    fn has_lease(&self) -> bool {
+        !self.raft_dead.load(Ordering::Acquire)
+            && self.now_ms() < self.lease_until.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    /// Lock grants refused on `vbucket` until `for_` from now (never shortens a fence).
+    fn fence(&self, vbucket: u16, for_: Duration) {
+        let until = self.now_ms() + for_.as_millis() as u64;
+        self.fences[usize::from(vbucket) % VBUCKETS].fetch_max(until, Ordering::AcqRel);
+    }
+}
+
+/// See [`Cluster::raft_watch`].
+pub struct RaftWatch(Arc<Shared>);
+
+impl RaftWatch {
+    /// The raft thread ended although nobody stopped it: a storage failure or a panic.
+    pub fn failed(&self) -> bool {
+        self.0.raft_dead.load(Ordering::Acquire) && !self.0.stop.load(Ordering::Acquire)
+    }
+}
+
+/// Ends the lease and marks the raft thread dead when the thread ends, however it ends (a panic included).
+struct RaftAlive(Arc<Shared>);
+
+impl Drop for RaftAlive {
+    fn drop(&mut self) {
+        self.0.lease_until.store(0, Ordering::Release);
+        self.0.raft_dead.store(true, Ordering::Release);
+    }
 }
 
 impl Shared {
@@ -369,7 +430,9 @@ impl Shared {
                 }
             }
             RpcRequest::Status => {
-                RpcResponse::Status(Box::new(ClusterStatus::of(&self.view.load())))
+                let mut st = ClusterStatus::of(&self.view.load());
+                st.lease = self.has_lease();
+                RpcResponse::Status(Box::new(st))
             }
         }
     }
@@ -496,7 +559,18 @@ impl Cluster {
             inbox: inbox_tx,
             stop: AtomicBool::new(false),
             dropped_inbound: AtomicU64::new(0),
+            t0: Instant::now(),
+            lease_until: AtomicU64::new(0),
+            fences: (0..VBUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            raft_dead: AtomicBool::new(false),
         });
+        if initialized {
+            // A restart: the locks this node held lived in memory and are gone, and it may still own
+            // vbuckets whose clients believe they hold locks.
+            for vb in 0..VBUCKETS as u16 {
+                shared.fence(vb, cfg.lock_fence);
+            }
+        }
         let transport = Transport::start(id, &cfg.raft_addr, shared.clone(), cfg.send_queue)?;
         let local = transport.local_addr();
         if cfg.raft_addr.ends_with(":0") {
@@ -614,12 +688,39 @@ impl Cluster {
     }
 
     /// The latest published view: one atomic load, no lock, no raft.
+    /// Whether this node may serve keyed calls now: its raft thread runs and a quorum confirmed it within
+    /// the lease (see `ClusterConfig::lease`).
+    pub fn has_lease(&self) -> bool {
+        self.shared.has_lease()
+    }
+
+    /// Whether the raft thread still runs (it ends on a storage failure or a panic).
+    pub fn raft_alive(&self) -> bool {
+        !self.shared.raft_dead.load(Ordering::Acquire)
+    }
+
+    /// A handle that tells whether the raft thread ended on its own (not by `shutdown`), without keeping
+    /// the `Cluster` alive: for a watcher that stops the process.
+    pub fn raft_watch(&self) -> RaftWatch {
+        RaftWatch(self.shared.clone())
+    }
+
+    /// How long lock grants stay refused on `vbucket` (taken over without a handoff, or a restart), if they
+    /// are.
+    pub fn lock_fence(&self, vbucket: u16) -> Option<Duration> {
+        let until = self.shared.fences[usize::from(vbucket) % VBUCKETS].load(Ordering::Acquire);
+        let now = self.shared.now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
     pub fn view(&self) -> Arc<ClusterView> {
         self.shared.view.load_full()
     }
 
     pub fn status(&self) -> ClusterStatus {
-        ClusterStatus::of(&self.shared.view.load())
+        let mut st = ClusterStatus::of(&self.shared.view.load());
+        st.lease = self.shared.has_lease();
+        st
     }
 
     /// The stream of map events (moves started and finished, epoch changes); can be taken once.
@@ -712,7 +813,7 @@ impl Cluster {
     }
 
     fn stop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -816,6 +917,8 @@ struct Node {
     events: SyncSender<ClusterEvent>,
     events_dropped: u64,
     next_seq: u64,
+    /// The ReadIndex asked for the lease: its sequence number and when it was asked.
+    lease_probe: Option<(u64, Instant)>,
     /// Raft messages from the network dropped as malformed or foreign (see `refuse_message`).
     refused_messages: u64,
     /// Random per start of the process (never 0): tells this run's proposals from an earlier run's.
@@ -880,6 +983,7 @@ impl Node {
             events,
             events_dropped: 0,
             next_seq: 1,
+            lease_probe: None,
             refused_messages: 0,
             incarnation: incarnation(),
             pending: HashMap::new(),
@@ -897,6 +1001,7 @@ impl Node {
     }
 
     fn run(mut self) {
+        let _alive = RaftAlive(self.shared.clone());
         let tick = self.cfg.tick;
         let mut next_tick = Instant::now() + tick;
         while !self.shared.stop.load(Ordering::Relaxed) {
@@ -921,6 +1026,7 @@ impl Node {
                 };
                 self.housekeeping(now);
                 self.expire(now);
+                self.probe_lease(now);
             }
             if let Err(e) = self.on_ready() {
                 tracing::error!(node = self.id, error = %e, "cluster node stops: its storage failed");
@@ -1101,7 +1207,9 @@ impl Node {
         self.pending
             .retain(|_, (at, _)| now.duration_since(*at) < limit);
         let pending = &self.pending;
-        self.reads.retain(|(_, seq)| pending.contains_key(seq));
+        let probe = self.lease_probe.map(|(seq, _)| seq);
+        self.reads
+            .retain(|(_, seq)| pending.contains_key(seq) || Some(*seq) == probe);
         self.recently
             .retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
     }
@@ -1306,6 +1414,12 @@ impl Node {
         let sm: StateMachine = serde_json::from_slice(&snap.data)
             .map_err(|e| ClusterError::Corrupt(format!("snapshot from the leader: {e}")))?;
         self.store.apply_snapshot(snap)?;
+        // A snapshot may give this node vbuckets taken over in history it never applied: fence them.
+        for (vb, e) in sm.map.entries().iter().enumerate() {
+            if e.owner == self.id && e.pending.is_none() {
+                self.shared.fence(vb as u16, self.cfg.lock_fence);
+            }
+        }
         self.sm = sm;
         self.applied = snap.get_metadata().index;
         self.snap_index = self.applied;
@@ -1418,6 +1532,16 @@ impl Node {
         }
         // Publish the view these events describe before sending them, so that a listener reading the view
         // on an event sees the change it announces.
+        // Fences before the view that gives this node the vbuckets is published.
+        events.retain(|ev| match *ev {
+            ClusterEvent::TakenOver { vbucket, owner } => {
+                if owner == self.id {
+                    self.shared.fence(vbucket, self.cfg.lock_fence);
+                }
+                false
+            }
+            _ => true,
+        });
         if !events.is_empty() {
             self.publish(true);
         }
@@ -1431,6 +1555,26 @@ impl Node {
         Ok(())
     }
 
+    /// Asks for a ReadIndex every tick (one at a time): once a quorum has confirmed it and the log is applied
+    /// up to it, the lease runs from when it was asked. The leader fails a member over only after
+    /// `failover_timeout` without hearing from it, and the lease is half that: a node cut off, paused or
+    /// behind stops serving keyed calls before anyone else can take its vbuckets.
+    fn probe_lease(&mut self, now: Instant) {
+        // raft-rs drops a ReadIndex it cannot serve (no leader yet, nothing committed in this term): ask
+        // again well before the lease would lapse.
+        if let Some((_, asked)) = self.lease_probe {
+            if now.duration_since(asked) < self.cfg.lease() / 4 {
+                return;
+            }
+        }
+        if !self.leader_known() {
+            return;
+        }
+        let seq = self.seq();
+        self.raw.read_index(seq.to_le_bytes().to_vec());
+        self.lease_probe = Some((seq, now));
+    }
+
     fn finish_reads(&mut self) {
         let applied = self.applied;
         let ready: Vec<u64> = self
@@ -1441,6 +1585,15 @@ impl Node {
             .collect();
         self.reads.retain(|(index, _)| *index > applied);
         for seq in ready {
+            if let Some((probe, asked)) = self.lease_probe {
+                if probe == seq {
+                    self.lease_probe = None;
+                    let until = asked + self.cfg.lease();
+                    let ms = until.saturating_duration_since(self.shared.t0).as_millis() as u64;
+                    self.shared.lease_until.fetch_max(ms, Ordering::AcqRel);
+                    continue;
+                }
+            }
             if let Some((_, Pending::Read(path, reply))) = self.pending.remove(&seq) {
                 let _ = reply.try_send(Ok(self.sm.registry_children(&path)));
             }

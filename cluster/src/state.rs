@@ -117,6 +117,9 @@ pub enum ClusterEvent {
     MoveFinished { vbucket: u16, owner: u64 },
     /// The map or the members changed; the new view carries `epoch`.
     MapChanged { epoch: u64 },
+    /// `owner` took the vbucket over from a failed member, without a handoff: what that member held in
+    /// memory (locks) is unknown to `owner`. Consumed by the node itself (lock fencing), never sent out.
+    TakenOver { vbucket: u16, owner: u64 },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +372,10 @@ impl StateMachine {
                     owner: m.to,
                     pending: None,
                 };
+                events.push(ClusterEvent::TakenOver {
+                    vbucket: m.vbucket,
+                    owner: m.to,
+                });
                 events.push(ClusterEvent::MoveFinished {
                     vbucket: m.vbucket,
                     owner: m.to,

@@ -27,6 +27,9 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
     cc.seeds = c.seeds.clone();
     cc.failover_timeout = Duration::from_millis(c.failover_timeout_ms);
     cc.handoff = Handoff::Manual;
+    // A lock granted by a failed owner expires within its TTL: a vbucket taken over without a handoff (or
+    // held across a restart) grants no lock before then.
+    cc.lock_fence = Duration::from_millis(cfg.lock.ttl_ms);
     let cluster = Cluster::start(cc)?;
     // A joining node has been accepted once start returns, but may not have applied its own membership
     // yet: wait (bounded) until its view holds it, so that it has a worker id before serving ids.
@@ -39,6 +42,15 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
             });
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // And its first lease (a ReadIndex a quorum confirmed), so that it does not open with "retry" answers
+    // to keyed calls. Without a quorum it starts anyway and refuses them until it has one.
+    let deadline = std::time::Instant::now() + Duration::from_millis(c.failover_timeout_ms);
+    while !cluster.has_lease() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !cluster.has_lease() {
+        tracing::warn!("no quorum confirmed this node yet: keyed calls are refused until one does");
     }
     Ok(cluster)
 }
@@ -90,6 +102,31 @@ impl Router for ClusterRouter {
             node: owner.id,
             addr: owner.rpc_addr.clone(),
         }
+    }
+
+    fn refuse_local(&self, method: crate::servant::Method, key: &[u8]) -> Option<String> {
+        let view = self.cluster.view();
+        let vb = fae_cluster::vbucket_of(key);
+        if view.map.get(vb).pending == Some(view.my_id) {
+            return None; // the old owner handing its entries over
+        }
+        if !self.cluster.has_lease() {
+            return Some(
+                "this node has not been confirmed by a quorum of the cluster within its lease (half of \
+                 cluster.failover_timeout_ms): it may be cut off and its vbuckets failed over; retry"
+                    .into(),
+            );
+        }
+        if method == crate::servant::Method::Lock {
+            if let Some(left) = self.cluster.lock_fence(vb) {
+                return Some(format!(
+                    "vbucket {vb} came to this node without a handoff (a failover, or this node restarted): \
+                     locks granted before may still be held, so grants resume in {} ms; retry",
+                    left.as_millis()
+                ));
+            }
+        }
+        None
     }
 
     fn accepts_forwarded(&self, key: &[u8]) -> bool {

@@ -230,9 +230,15 @@ impl Node {
     fn new(root: &Path, name: char, sections: &str) -> Node {
         let dir = root.join(name.to_string());
         let mut spec = FaedSpec::new(&dir);
+        // Locks outlive the tests unless a test sets its own TTL.
+        let lock = if sections.contains("[lock]") {
+            ""
+        } else {
+            "[lock]\nttl_ms = 300000\n\n"
+        };
         spec.sections = format!(
             "[cluster]\nfailover_timeout_ms = {FAILOVER_MS}\nforward_timeout_ms = {FORWARD_MS}\n\n\
-             [lock]\nttl_ms = 300000\n\n{sections}"
+             {lock}{sections}"
         );
         // Cluster events in the log that the harness prints when a test fails.
         spec.log_level = "warn,fae_cluster=info,fae::cluster=info".into();
@@ -466,6 +472,9 @@ impl Cluster {
                 }
                 if st.pending_moves != 0 {
                     return Err(format!("moves pending: {}", show()));
+                }
+                if !st.lease {
+                    return Err(format!("node {} holds no lease yet: {}", st.my_id, show()));
                 }
                 if !st.leader_id.is_some_and(|l| voter_ids.contains(&l)) {
                     return Err(format!("no leader among the voters: {}", show()));
@@ -1536,4 +1545,275 @@ fn an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on() {
         });
         assert_eq!(children, vec!["oversized".to_owned()]);
     }
+}
+
+// ---- lock safety ------------------------------------------------------------------------------------------
+
+/// A lock grant as a client saw it: the call's time window.
+#[derive(Debug, Clone, Copy)]
+struct Grant {
+    sent: Instant,
+    answered: Instant,
+}
+
+/// The lock checker (in the spirit of Jepsen's): a client whose lock call `[sent, answered]` was granted
+/// holds the lock, as far as it can tell, from `answered` until `sent + ttl` (nobody unlocks here; the
+/// server's TTL started at the grant, after `sent`). Two grants of one key whose such intervals overlap are
+/// a lock held twice.
+fn check_locks(history: &BTreeMap<String, Vec<Grant>>, ttl: Duration) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (key, grants) in history {
+        let held: Vec<(Instant, Instant)> = grants
+            .iter()
+            .map(|g| (g.answered, g.sent + ttl))
+            .filter(|(from, to)| from < to)
+            .collect();
+        for (i, a) in held.iter().enumerate() {
+            for b in &held[i + 1..] {
+                if a.0 < b.1 && b.0 < a.1 {
+                    let (first, second) = if a.0 <= b.0 { (a, b) } else { (b, a) };
+                    bad.push(format!(
+                        "{key}: granted again {:?} after a grant whose TTL ({ttl:?}) had not run out",
+                        second.0.duration_since(first.0)
+                    ));
+                }
+            }
+        }
+    }
+    bad
+}
+
+/// kill -9 of an owner while clients hold its locks and keep asking for them through the survivors: after
+/// the failover no lock is granted again before its TTL has run out, and after that the locks are granted
+/// again (the fence ends).
+#[test]
+fn kill9_of_an_owner_never_grants_a_held_lock_twice() {
+    let _serial = serial("kill9_of_an_owner_never_grants_a_held_lock_twice");
+    const TTL: Duration = Duration::from_millis(4000);
+    let mut cl = Cluster::start_with(3, &format!("[lock]\nttl_ms = {}\n", TTL.as_millis()));
+    let keys: Vec<String> = (0..60).map(|i| format!("safe-lock:{i}")).collect();
+    let mut history: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+    let mut through = cl.nodes[0].peer();
+    for k in &keys {
+        let sent = Instant::now();
+        assert!(through.lock(k).expect("lock"), "{k} was free");
+        history.entry(k.clone()).or_default().push(Grant {
+            sent,
+            answered: Instant::now(),
+        });
+    }
+    // The victim: the node (not the one the client talks to) owning the most of the keys.
+    let mut owned: Vec<Vec<String>> = vec![Vec::new(); 3];
+    for (i, node) in cl.nodes.iter().enumerate() {
+        let mut p = node.peer();
+        for k in &keys {
+            if p.owns(k).expect("owns") {
+                owned[i].push(k.clone());
+            }
+        }
+    }
+    let victim = if owned[1].len() >= owned[2].len() {
+        1
+    } else {
+        2
+    };
+    let theirs = owned[victim].clone();
+    assert!(
+        theirs.len() >= 10,
+        "the victim owns {} of the keys",
+        theirs.len()
+    );
+    let killed = Instant::now();
+    cl.nodes[victim].kill9();
+    // Keep asking for the victim's locks through both survivors until well past failover + TTL.
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let mut peers: Vec<Peer> = survivors.iter().map(|&i| cl.nodes[i].peer()).collect();
+    let until = killed + Duration::from_millis(FAILOVER_MS) + TTL + Duration::from_secs(6);
+    let mut refusals = BTreeMap::<String, usize>::new();
+    while Instant::now() < until {
+        for (j, k) in theirs.iter().enumerate() {
+            let n = peers.len();
+            let p = &mut peers[j % n];
+            let sent = Instant::now();
+            match p.lock(k) {
+                Ok(true) => history.entry(k.clone()).or_default().push(Grant {
+                    sent,
+                    answered: Instant::now(),
+                }),
+                Ok(false) => {}
+                Err(Fail::App(m)) => {
+                    let why = m.split(':').nth(1).unwrap_or("").trim().to_owned();
+                    *refusals.entry(why.chars().take(40).collect()).or_default() += 1;
+                }
+                Err(e) => panic!("{k}: {e:?}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("refusals by reason: {refusals:?}");
+    let bad = check_locks(&history, TTL);
+    assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+    // Liveness: once the fence ended, the failed node's locks were granted again.
+    let regranted = theirs.iter().filter(|k| history[*k].len() > 1).count();
+    assert_eq!(
+        regranted,
+        theirs.len(),
+        "locks never granted again after the TTL"
+    );
+}
+
+/// SIGSTOP of an owner: it is failed over, its locks are granted again through the survivors once the fence
+/// ends, and when it wakes up its clients' new lock calls are refused (its lease ran out while it slept)
+/// rather than granted by its stale map.
+#[test]
+fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
+    let _serial = serial("an_owner_woken_from_sigstop_grants_no_lock_it_lost");
+    const TTL: Duration = Duration::from_millis(3000);
+    let mut cl = Cluster::start_with(3, &format!("[lock]\nttl_ms = {}\n", TTL.as_millis()));
+    let keys: Vec<String> = (0..60).map(|i| format!("stop-lock:{i}")).collect();
+    let victim = 2;
+    let mut p = cl.nodes[victim].peer();
+    let theirs: Vec<String> = keys
+        .iter()
+        .filter(|k| p.owns(k).expect("owns"))
+        .cloned()
+        .collect();
+    assert!(
+        theirs.len() >= 10,
+        "the victim owns {} of the keys",
+        theirs.len()
+    );
+    let mut history: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+    let mut record = |k: &str, sent: Instant, r: Result<bool, Fail>, refused: &mut usize| match r {
+        Ok(true) => history.entry(k.to_owned()).or_default().push(Grant {
+            sent,
+            answered: Instant::now(),
+        }),
+        Ok(false) => {}
+        Err(Fail::App(_)) | Err(Fail::Io(_)) => *refused += 1,
+        Err(e) => panic!("{k}: {e:?}"),
+    };
+    cl.nodes[victim].signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    // Through the survivors: refused while the owner is silent, then fenced, then granted.
+    let mut survivors = [cl.nodes[0].peer(), cl.nodes[1].peer()];
+    let mut refused = 0;
+    let until = stopped + Duration::from_millis(FAILOVER_MS) + TTL + Duration::from_secs(3);
+    let mut granted: HashSet<String> = HashSet::new();
+    while Instant::now() < until && granted.len() < theirs.len() {
+        for (j, k) in theirs.iter().enumerate() {
+            if granted.contains(k) {
+                continue;
+            }
+            let sent = Instant::now();
+            let r = survivors[j % 2].lock(k);
+            if matches!(r, Ok(true)) {
+                granted.insert(k.clone());
+            }
+            record(k, sent, r, &mut refused);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        granted.len(),
+        theirs.len(),
+        "the survivors never granted the locks"
+    );
+    // The owner wakes: its clients ask at once, on connections of their own.
+    cl.nodes[victim].signal(libc::SIGCONT);
+    let woke = Instant::now();
+    let mut at_victim = cl.nodes[victim].peer();
+    let mut victim_refused = 0;
+    while woke.elapsed() < Duration::from_secs(3) {
+        for k in &theirs {
+            let sent = Instant::now();
+            let r = at_victim.lock(k);
+            record(k, sent, r, &mut victim_refused);
+        }
+    }
+    eprintln!(
+        "refused through the survivors: {refused}; through the woken owner: {victim_refused}"
+    );
+    let bad = check_locks(&history, TTL);
+    assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+}
+
+/// Unmounts a tmpfs when dropped (the test passing or not).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The data dir on a small tmpfs that fills up: the raft thread's write fails, the node stops serving keyed
+/// calls at once (its lease ends with the thread) and faed exits non-zero, so that its supervisor notices.
+#[test]
+fn a_full_disk_ends_the_lease_and_faed_exits_non_zero() {
+    let _serial = serial("a_full_disk_ends_the_lease_and_faed_exits_non_zero");
+    let root = TempDir::new();
+    let mut a = Node::new(root.path(), 'A', "");
+    let _fs = Tmpfs::mount(&a.data_dir, "4m");
+    a.spawn(&["--bootstrap".into()]);
+    a.wait_ready();
+    let mut p = a.peer();
+    wait_for("a first write", Duration::from_secs(10), || {
+        p.zk_create("/disk/first", "x")
+    });
+    p.set("disk:key", b"v")
+        .expect("lc_set before the disk fills");
+    // Fill the file system, leaving nothing for the log.
+    let filler = a.data_dir.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    // Writes until the log cannot take one more (a few may still fit in what the filler left).
+    let t = Instant::now();
+    let mut last = Ok(true);
+    for i in 0..200 {
+        last = p.zk_create(&format!("/disk/n{i}"), &"d".repeat(4096));
+        if last.is_err() {
+            break;
+        }
+    }
+    assert!(last.is_err(), "the registry kept committing on a full disk");
+    let status = a
+        .faed()
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| {
+            panic!(
+                "faed kept running without its raft thread:\n{}",
+                a.log_since_start()
+            )
+        });
+    eprintln!(
+        "faed exited {status} {:?} after the disk filled",
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(3), "{}", a.log_since_start());
+    assert!(
+        a.log_since_start().contains("raft thread ended"),
+        "{}",
+        a.log_since_start()
+    );
+    a.faed = None;
 }

@@ -259,6 +259,21 @@ fn run(
             raft = c.raft_addr(),
             "cluster member"
         );
+        // A node whose raft thread died (its storage failed, or it panicked) has lost its lease already;
+        // it exits non-zero so that its supervisor sees it and restarts it.
+        let watch = c.raft_watch();
+        std::thread::Builder::new()
+            .name("fae-raft-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if watch.failed() {
+                    tracing::error!(
+                        "the cluster's raft thread ended (a storage failure or a panic); exiting"
+                    );
+                    eprintln!("faed: the cluster's raft thread ended; exiting");
+                    std::process::exit(3);
+                }
+            })?;
         Some(c)
     } else {
         None

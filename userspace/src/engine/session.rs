@@ -611,7 +611,9 @@ fn route(
     if ctx.sticky {
         // Forwarded here by a peer: run here, never forward again; refuse if the sender's map is stale.
         return if router.accepts_forwarded(key) {
-            None
+            router
+                .refuse_local(method, key)
+                .map(|why| Err(format!("{}: {why}", method.name())))
         } else {
             Some(Err(format!(
                 "{}: forwarded here, but this node does not own the key's vbucket (the sender's map is \
@@ -621,7 +623,9 @@ fn route(
         };
     }
     match router.route(key) {
-        Route::Local => None,
+        Route::Local => router
+            .refuse_local(method, key)
+            .map(|why| Err(format!("{}: {why}", method.name()))),
         Route::Unavailable(why) => Some(Err(format!("{}: {why}", method.name()))),
         Route::Remote { node, addr } => {
             let Some(fwd) = &env.forwarder else {

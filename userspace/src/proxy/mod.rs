@@ -35,6 +35,11 @@ pub trait Router: Send + Sync {
     /// Whether a call forwarded here (sticky) may run here: this node owns the key's vbucket, or is taking
     /// it over (the old owner hands its entries over with sticky calls).
     fn accepts_forwarded(&self, key: &[u8]) -> bool;
+    /// Why a keyed call this node would run itself must be refused, if it must (no lease; a lock grant on a
+    /// fenced vbucket).
+    fn refuse_local(&self, _method: crate::servant::Method, _key: &[u8]) -> Option<String> {
+        None
+    }
     /// The registry kept by the cluster, when there is one: zk_* calls wait on raft, so they run on a
     /// worker, never on an event loop.
     fn registry(&self) -> Option<Arc<dyn RegistryBackend>> {
