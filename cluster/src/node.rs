@@ -966,7 +966,13 @@ impl Node {
         };
         config.validate()?;
         let logger = slog::Logger::root(TracingDrain, slog::o!("raft_id" => id));
-        let raw = RawNode::new(&config, store.clone(), &logger)?;
+        let mut raw = RawNode::new(&config, store.clone(), &logger)?;
+        // The only voter elects itself at once instead of after a randomized election timeout (1 to 2
+        // election timeouts of nothing served on a single-node cluster's every start).
+        let cs = store.conf_state();
+        if cs.voters == [id] && cs.learners.is_empty() {
+            raw.campaign()?;
+        }
         transport.set_peers(&sm.peer_addrs());
         let map_cache = (sm.epoch, Arc::new(sm.map.clone()));
         let mut node = Node {

@@ -45,7 +45,9 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
     }
     // And its first lease (a ReadIndex a quorum confirmed), so that it does not open with "retry" answers
     // to keyed calls. Without a quorum it starts anyway and refuses them until it has one.
-    let deadline = std::time::Instant::now() + Duration::from_millis(c.failover_timeout_ms);
+    // Bounded by the failover timeout, and at least 5 s: an election may take two election timeouts.
+    let deadline =
+        std::time::Instant::now() + Duration::from_millis(c.failover_timeout_ms.max(5000));
     while !cluster.has_lease() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
