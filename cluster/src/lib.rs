@@ -22,7 +22,10 @@
 //! cluster.leave(node_id) -> Result<()>      hand over, then removal from the raft group
 //! cluster.move_done(&[vbucket], from, to) -> Result<()>  after a handoff (Handoff::Manual)
 //! cluster.shutdown(leave: bool) -> Result<()>  (dropping = stop without leaving)
-//! remote_status(addr, timeout), remote_leave(addr, node_id, timeout)   clients of another node's port
+//! cluster.set_app_handler(Fn(peer, &[u8]) -> Result<Vec<u8>, String>)   the daemon's member-to-member calls
+//! cluster.app_call(node, &[u8], timeout) -> Result<Vec<u8>>            (a handoff batch), ≤ MAX_APP_REQUEST
+//! remote_status(addr, secret, timeout), remote_leave(addr, secret, node_id, timeout)   a tool's requests
+//! ClusterSecret::from_file(path) / ::new(bytes)   the cluster secret (ClusterConfig::secret)
 //! vbucket_of(key) -> u16 = crc32(key) % 1024
 //! ```
 //!
@@ -55,18 +58,40 @@
 
 #![deny(unsafe_code)]
 
+mod auth;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod node;
 pub mod rebalance;
 pub mod state;
 mod storage;
 mod transport;
 
+pub use auth::{ClusterSecret, MIN_SECRET_BYTES};
 pub use error::ClusterError;
 pub use node::{
-    remote_leave, remote_status, Cluster, ClusterConfig, ClusterStatus, ClusterView, Handoff,
-    MemberStatus, RaftWatch, Role,
+    remote_leave, remote_status, AppHandler, Cluster, ClusterConfig, ClusterStatus, ClusterView,
+    Handoff, MemberStatus, RaftWatch, Role,
 };
 pub use rebalance::{vbucket_of, Move, Vbucket, VbucketMap, VBUCKETS};
 pub use state::{ClusterEvent, Member, MemberInfo, MemberState, MAX_MEMBERS};
 pub use storage::DiskStorage;
+pub use transport::MAX_APP_REQUEST;
+
+/// 64 random bits from the operating system (node ids, incarnations, handoff ids).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No OS randomness (not on Linux): the standard library's per-process hasher keys and the clock.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        return h.finish();
+    }
+    u64::from_ne_bytes(b)
+}

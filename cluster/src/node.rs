@@ -15,13 +15,14 @@ use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snaps
 use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::ClusterSecret;
 use crate::rebalance::{VbucketMap, VBUCKETS};
 use crate::state::{
     valid_path, ClusterEvent, Command, Member, MemberInfo, MemberState, Outcome, StateMachine,
     MAX_MEMBERS,
 };
 use crate::storage::{self, DiskStorage};
-use crate::transport::{self, Handler, Report, Transport};
+use crate::transport::{self, Auth, Handler, Refused, Report, Transport};
 use crate::ClusterError;
 
 /// Who completes a vbucket move.
@@ -71,6 +72,9 @@ pub struct ClusterConfig {
     /// vbucket after a restart (the daemon sets its lock TTL): a lock the old owner granted has expired by
     /// then. Zero: no fencing.
     pub lock_fence: Duration,
+    /// The cluster secret: every connection on the cluster port proves it (see `auth`). `None`: anyone
+    /// who reaches the port is trusted (a cluster on loopback, a test).
+    pub secret: Option<ClusterSecret>,
 }
 
 impl ClusterConfig {
@@ -97,6 +101,7 @@ impl ClusterConfig {
             handoff: Handoff::Manual,
             lock_fence: Duration::ZERO,
             send_queue: 1024,
+            secret: None,
         }
     }
 
@@ -197,6 +202,13 @@ pub struct ClusterStatus {
     /// Whether the node holds its lease (serves keyed calls); see `ClusterConfig::lease`.
     #[serde(default)]
     pub lease: bool,
+    /// Cluster connections refused (over the cap, a failed handshake, garbage) since start.
+    #[serde(default)]
+    pub refused_connections: u64,
+    /// Raft messages dropped unstepped (a sender that is not the connection's member, not a member, not
+    /// addressed here, malformed) since start.
+    #[serde(default)]
+    pub refused_messages: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -228,20 +240,15 @@ impl ClusterStatus {
                 .collect(),
             pending_moves: v.map.pending().count(),
             lease: false,
+            refused_connections: 0,
+            refused_messages: 0,
         }
     }
 }
 
-/// A random non-zero number for this start of the process (the standard library's OS-seeded hasher keys).
+/// A random non-zero number for this start of the process.
 fn incarnation() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish().max(1)
+    crate::random_u64().max(1)
 }
 
 /// A normal entry's payload.
@@ -268,19 +275,28 @@ struct ConfContext {
 
 /// The cluster RPC (JSON in frames of the cluster port).
 #[derive(Serialize, Deserialize)]
-enum RpcRequest {
+pub(crate) enum RpcRequest {
     Join(MemberInfo),
     Leave { id: u64 },
     Status,
 }
 
 #[derive(Serialize, Deserialize)]
-enum RpcResponse {
+pub(crate) enum RpcResponse {
     Joined { members: Vec<(u64, String)> },
     NotLeader { leader: Option<(u64, String)> },
     Refused { reason: String, retry: bool },
     Done,
     Status(Box<ClusterStatus>),
+}
+
+/// A cluster RPC request as it arrives (bounded by the transport's frame limit for requests).
+pub(crate) fn decode_request(body: &[u8]) -> serde_json::Result<RpcRequest> {
+    serde_json::from_slice(body)
+}
+
+pub(crate) fn decode_response(body: &[u8]) -> serde_json::Result<RpcResponse> {
+    serde_json::from_slice(body)
 }
 
 type Reply<T> = SyncSender<Result<T, ClusterError>>;
@@ -306,6 +322,8 @@ struct Shared {
     inbox: SyncSender<Input>,
     stop: AtomicBool,
     dropped_inbound: AtomicU64,
+    refused_connections: AtomicU64,
+    refused_messages: AtomicU64,
     /// The origin of the millisecond clocks below.
     t0: Instant,
     /// Until when (ms since `t0`) this node may serve keyed calls: renewed by a ReadIndex a quorum
@@ -315,7 +333,13 @@ struct Shared {
     fences: Vec<AtomicU64>,
     /// The raft thread has ended (stopped, its storage failed, or it panicked).
     raft_dead: AtomicBool,
+    /// The daemon's handler of `KIND_APP_REQUEST` (see `Cluster::set_app_handler`).
+    app: Mutex<Option<Arc<AppHandler>>>,
 }
+
+/// The daemon's handler of requests from other members: the id the connection authenticated as (`None`
+/// without a cluster secret) and the request; an answer, or why it was refused.
+pub type AppHandler = dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, String> + Send + Sync;
 
 impl Shared {
     fn has_lease(&self) -> bool {
@@ -432,6 +456,8 @@ impl Shared {
             RpcRequest::Status => {
                 let mut st = ClusterStatus::of(&self.view.load());
                 st.lease = self.has_lease();
+                st.refused_connections = self.refused_connections.load(Ordering::Relaxed);
+                st.refused_messages = self.refused_messages.load(Ordering::Relaxed);
                 RpcResponse::Status(Box::new(st))
             }
         }
@@ -445,8 +471,19 @@ impl Handler for Shared {
         }
     }
 
-    fn rpc(&self, request: &[u8]) -> Vec<u8> {
-        let answer = match serde_json::from_slice::<RpcRequest>(request) {
+    fn rpc(&self, request: &[u8], peer: Option<u64>) -> Vec<u8> {
+        let answer = match decode_request(request) {
+            Ok(RpcRequest::Join(info)) if peer.is_some_and(|p| p != info.id) => {
+                self.refused(Refused::Message);
+                RpcResponse::Refused {
+                    reason: format!(
+                        "join as node {} on a connection authenticated as {}",
+                        info.id,
+                        peer.unwrap_or(0)
+                    ),
+                    retry: false,
+                }
+            }
             Ok(req) => self.handle_rpc(req),
             Err(e) => RpcResponse::Refused {
                 reason: format!("malformed cluster request: {e}"),
@@ -458,6 +495,33 @@ impl Handler for Shared {
 
     fn report(&self, report: Report) {
         let _ = self.inbox.try_send(Input::Report(report));
+    }
+
+    fn app(&self, request: &[u8], peer: Option<u64>) -> Vec<u8> {
+        let handler = self.app.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let answer = match handler {
+            Some(h) => h(peer, request),
+            None => Err("this node takes no requests from members yet (starting)".into()),
+        };
+        match answer {
+            Ok(mut body) => {
+                body.insert(0, 0);
+                body
+            }
+            Err(why) => {
+                let mut body = vec![1];
+                body.extend_from_slice(why.as_bytes());
+                body
+            }
+        }
+    }
+
+    fn refused(&self, what: Refused) {
+        match what {
+            Refused::Connection => &self.refused_connections,
+            Refused::Message => &self.refused_messages,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -471,16 +535,8 @@ pub struct Cluster {
 }
 
 fn new_node_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
     // Positive as an i64 (Thrift has no unsigned types) and never 0 (raft's "nobody").
-    (h.finish() & (i64::MAX as u64)).max(1)
+    (crate::random_u64() & (i64::MAX as u64)).max(1)
 }
 
 fn resolve_node_id(cfg: &ClusterConfig) -> Result<u64, ClusterError> {
@@ -559,10 +615,13 @@ impl Cluster {
             inbox: inbox_tx,
             stop: AtomicBool::new(false),
             dropped_inbound: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
+            refused_messages: AtomicU64::new(0),
             t0: Instant::now(),
             lease_until: AtomicU64::new(0),
             fences: (0..VBUCKETS).map(|_| AtomicU64::new(0)).collect(),
             raft_dead: AtomicBool::new(false),
+            app: Mutex::new(None),
         });
         if initialized {
             // A restart: the locks this node held lived in memory and are gone, and it may still own
@@ -571,7 +630,13 @@ impl Cluster {
                 shared.fence(vb, cfg.lock_fence);
             }
         }
-        let transport = Transport::start(id, &cfg.raft_addr, shared.clone(), cfg.send_queue)?;
+        let transport = Transport::start(
+            id,
+            &cfg.raft_addr,
+            shared.clone(),
+            cfg.send_queue,
+            cfg.secret.clone(),
+        )?;
         let local = transport.local_addr();
         if cfg.raft_addr.ends_with(":0") {
             cfg.raft_addr = local.to_string();
@@ -640,11 +705,13 @@ impl Cluster {
             let addr = targets.pop_front().expect("seeds are not empty");
             let answer = transport::rpc_call(
                 &addr,
+                transport::KIND_RPC_REQUEST,
                 &request,
                 cfg.request_timeout + Duration::from_secs(1),
+                self.transport.auth(),
             )
             .and_then(|b| {
-                serde_json::from_slice::<RpcResponse>(&b).map_err(|e| {
+                decode_response(&b).map_err(|e| {
                     ClusterError::JoinRefused(format!("malformed answer from {addr}: {e}"))
                 })
             });
@@ -667,6 +734,12 @@ impl Cluster {
                 Ok(RpcResponse::Refused { reason, .. }) => last_error = reason,
                 Ok(RpcResponse::NotLeader { .. }) => last_error = format!("{addr} knows no leader"),
                 Ok(_) => last_error = format!("{addr} gave an unexpected answer"),
+                // The secrets differ, or one side has none: asking again cannot help.
+                Err(ClusterError::Transport { addr, source })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    return Err(ClusterError::JoinRefused(format!("{addr}: {source}")));
+                }
                 Err(e) => last_error = e.to_string(),
             }
             thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
@@ -720,7 +793,53 @@ impl Cluster {
     pub fn status(&self) -> ClusterStatus {
         let mut st = ClusterStatus::of(&self.shared.view.load());
         st.lease = self.shared.has_lease();
+        st.refused_connections = self.shared.refused_connections.load(Ordering::Relaxed);
+        st.refused_messages = self.shared.refused_messages.load(Ordering::Relaxed);
         st
+    }
+
+    /// Sets the handler of the daemon's requests from other members ([`Cluster::app_call`]).
+    pub fn set_app_handler(
+        &self,
+        handler: impl Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, String> + Send + Sync + 'static,
+    ) {
+        *self.shared.app.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(handler));
+    }
+
+    /// Sends the daemon's `request` to member `node` over the cluster port (authenticated like raft, bounded
+    /// to `MAX_APP_REQUEST` bytes) and returns its answer; the member's refusal is `Refused`.
+    pub fn app_call(
+        &self,
+        node: u64,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let addr = self
+            .view()
+            .members
+            .get(&node)
+            .map(|m| m.raft_addr.clone())
+            .ok_or_else(|| ClusterError::Refused(format!("node {node} is not a member")))?;
+        let mut answer = transport::rpc_call(
+            &addr,
+            transport::KIND_APP_REQUEST,
+            request,
+            timeout,
+            self.transport.auth(),
+        )?;
+        match answer.first() {
+            Some(0) => {
+                answer.remove(0);
+                Ok(answer)
+            }
+            Some(1) => Err(ClusterError::Refused(format!(
+                "node {node}: {}",
+                String::from_utf8_lossy(&answer[1..])
+            ))),
+            _ => Err(ClusterError::Refused(format!(
+                "node {node} gave a malformed answer"
+            ))),
+        }
     }
 
     /// The stream of map events (moves started and finished, epoch changes); can be taken once.
@@ -828,8 +947,12 @@ impl Drop for Cluster {
 }
 
 /// A client for another node's cluster port: `fae cluster leave|status ADDR` use this.
-pub fn remote_status(addr: &str, timeout: Duration) -> Result<ClusterStatus, ClusterError> {
-    match remote(addr, &RpcRequest::Status, timeout)? {
+pub fn remote_status(
+    addr: &str,
+    secret: Option<&ClusterSecret>,
+    timeout: Duration,
+) -> Result<ClusterStatus, ClusterError> {
+    match remote(addr, secret, &RpcRequest::Status, timeout)? {
         RpcResponse::Status(s) => Ok(*s),
         _ => Err(ClusterError::Refused(format!(
             "{addr} gave an unexpected answer"
@@ -838,8 +961,13 @@ pub fn remote_status(addr: &str, timeout: Duration) -> Result<ClusterStatus, Clu
 }
 
 /// Asks the node at `addr` to have `node_id` leave the cluster.
-pub fn remote_leave(addr: &str, node_id: u64, timeout: Duration) -> Result<(), ClusterError> {
-    match remote(addr, &RpcRequest::Leave { id: node_id }, timeout)? {
+pub fn remote_leave(
+    addr: &str,
+    secret: Option<&ClusterSecret>,
+    node_id: u64,
+    timeout: Duration,
+) -> Result<(), ClusterError> {
+    match remote(addr, secret, &RpcRequest::Leave { id: node_id }, timeout)? {
         RpcResponse::Done => Ok(()),
         RpcResponse::Refused { reason, .. } => Err(ClusterError::Refused(reason)),
         _ => Err(ClusterError::Refused(format!(
@@ -848,13 +976,25 @@ pub fn remote_leave(addr: &str, node_id: u64, timeout: Duration) -> Result<(), C
     }
 }
 
-fn remote(addr: &str, req: &RpcRequest, timeout: Duration) -> Result<RpcResponse, ClusterError> {
+/// A tool's request (`fae cluster status`): it authenticates as id 0, which is no member.
+fn remote(
+    addr: &str,
+    secret: Option<&ClusterSecret>,
+    req: &RpcRequest,
+    timeout: Duration,
+) -> Result<RpcResponse, ClusterError> {
+    let auth = Auth {
+        secret: secret.cloned(),
+        me: 0,
+    };
     let body = transport::rpc_call(
         addr,
+        transport::KIND_RPC_REQUEST,
         &serde_json::to_vec(req).expect("requests encode"),
         timeout,
+        &auth,
     )?;
-    serde_json::from_slice(&body)
+    decode_response(&body)
         .map_err(|e| ClusterError::Refused(format!("malformed answer from {addr}: {e}")))
 }
 
@@ -1090,6 +1230,7 @@ impl Node {
             Input::Raft(m) => {
                 if let Some(why) = self.refuse_message(&m) {
                     self.refused_messages += 1;
+                    self.shared.refused_messages.fetch_add(1, Ordering::Relaxed);
                     if self.refused_messages.is_power_of_two() {
                         tracing::warn!(
                             node = self.id,

@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 use fae_cluster::{Cluster, ClusterConfig, ClusterError, Handoff, MemberState};
 
 const PATIENCE: Duration = Duration::from_secs(90);
+/// Every test cluster but one proves this secret on its connections.
+const SECRET: &[u8] = b"test-cluster-secret-0123456789";
+
+fn secret() -> fae_cluster::ClusterSecret {
+    fae_cluster::ClusterSecret::new(SECRET).unwrap()
+}
 
 fn config(dir: &Path, id: Option<u64>, raft_addr: &str) -> ClusterConfig {
     logs();
@@ -26,6 +32,7 @@ fn config(dir: &Path, id: Option<u64>, raft_addr: &str) -> ClusterConfig {
     c.join_timeout = Duration::from_secs(60);
     c.snapshot_every = 16;
     c.handoff = Handoff::Auto;
+    c.secret = Some(secret());
     c
 }
 
@@ -249,13 +256,16 @@ fn a_follower_then_the_leader_leave() {
     let c = start(dirs[2].path(), Some(13), false, &[a.raft_addr()]);
     wait_until("3 voters", || settled(&[&a, &b, &c], &[341, 341, 342]));
     // `fae cluster status|leave ADDR` talk to any member's cluster port.
-    let status = fae_cluster::remote_status(b.raft_addr(), Duration::from_secs(10)).unwrap();
+    let status =
+        fae_cluster::remote_status(b.raft_addr(), Some(&secret()), Duration::from_secs(10))
+            .unwrap();
     assert_eq!((status.my_id, status.members.len()), (12, 3));
     retry("remote leave", || {
-        fae_cluster::remote_leave(b.raft_addr(), 13, Duration::from_secs(15)).map_err(|e| {
-            eprintln!("remote leave: {e}");
-            ClusterError::NoLeader
-        })
+        fae_cluster::remote_leave(b.raft_addr(), Some(&secret()), 13, Duration::from_secs(15))
+            .map_err(|e| {
+                eprintln!("remote leave: {e}");
+                ClusterError::NoLeader
+            })
     });
     wait_until("C handed over and removed", || {
         settled(&[&a, &b], &[512, 512])
@@ -327,9 +337,11 @@ fn the_registry_survives_a_restart_of_every_node() {
     }
 }
 
-/// Raft messages raft-rs would die on, sent by anyone who reaches the cluster port with a member's id: an
-/// empty MsgPropose to the leader and a heartbeat committing past the log to a follower, and messages from a
-/// stranger. They are dropped: the term stays, both nodes live, and the next registry write commits.
+/// Raft messages raft-rs would die on, sent on a raw connection with a member's id: an empty MsgPropose to
+/// the leader and a heartbeat committing past the log to a follower, and messages from a stranger. The
+/// cluster runs without a secret (so the raw connection is heard, as a member's buggy or hostile
+/// connection would be): the messages are dropped and counted, the term stays, both nodes live, and the next
+/// registry write commits.
 #[test]
 fn forged_raft_messages_are_dropped_not_stepped() {
     use protobuf::Message as _;
@@ -337,9 +349,16 @@ fn forged_raft_messages_are_dropped_not_stepped() {
     use std::io::Write;
 
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = start(dirs[0].path(), Some(1), true, &[]);
+    let open = |dir: &Path, id: u64, bootstrap: bool, seeds: &[&str]| {
+        let mut c = config(dir, Some(id), "127.0.0.1:0");
+        c.secret = None;
+        c.bootstrap = bootstrap;
+        c.seeds = seeds.iter().map(|s| s.to_string()).collect();
+        Cluster::start(c).expect("node starts")
+    };
+    let a = open(dirs[0].path(), 1, true, &[]);
     wait_until("bootstrap leader", || a.view().is_leader());
-    let b = start(dirs[1].path(), Some(2), false, &[a.raft_addr()]);
+    let b = open(dirs[1].path(), 2, false, &[a.raft_addr()]);
     wait_until("2 voters", || settled(&[&a, &b], &[512, 512]));
     retry("a first write", || {
         a.registry_create("/forged/before", b"x")
@@ -390,4 +409,92 @@ fn forged_raft_messages_are_dropped_not_stepped() {
         vec!["after".to_owned(), "before".to_owned()]
     );
     assert_eq!(b.view().term, term);
+    assert!(a.status().refused_messages >= 3, "{:?}", a.status());
+    assert!(b.status().refused_messages >= 1, "{:?}", b.status());
+}
+
+/// With a cluster secret: a raw connection that skips the handshake is closed before anything it sends is
+/// read as raft, a node without the secret and a node with another one are refused at once when they try
+/// to join (not after the join timeout), a tool needs the secret for `status`, and the cluster carries on.
+#[test]
+fn only_holders_of_the_secret_speak_on_the_cluster_port() {
+    use protobuf::Message as _;
+    use raft::prelude::{Message, MessageType};
+    use std::io::{Read, Write};
+
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(dirs[0].path(), Some(21), true, &[]);
+    wait_until("bootstrap leader", || a.view().is_leader());
+    let b = start(dirs[1].path(), Some(22), false, &[a.raft_addr()]);
+    wait_until("2 voters", || settled(&[&a, &b], &[512, 512]));
+    retry("a first write", || {
+        a.registry_create("/secret/before", b"x")
+    });
+    let term = a.view().term;
+
+    // A vote request with a higher term on a raw connection: it would depose the leader if stepped.
+    let mut vote = Message::default();
+    vote.set_msg_type(MessageType::MsgRequestVote);
+    vote.from = 22;
+    vote.to = 21;
+    vote.term = term + 5;
+    vote.index = 1_000_000;
+    vote.log_term = term + 5;
+    let body = vote.write_to_bytes().unwrap();
+    let mut s = std::net::TcpStream::connect(a.raft_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    frame.push(1);
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert_eq!(
+        answer.get(4),
+        Some(&6),
+        "a REFUSED frame, then a close: {answer:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&answer).contains("no cluster handshake"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let join = |dir: &Path, id: u64, secret: Option<fae_cluster::ClusterSecret>| {
+        let mut c = config(dir, Some(id), "127.0.0.1:0");
+        c.secret = secret;
+        c.seeds = vec![a.raft_addr().to_owned()];
+        let t0 = Instant::now();
+        let r = Cluster::start(c).map(|_| ()).map_err(|e| e.to_string());
+        (r, t0.elapsed())
+    };
+    let (none, took) = join(dirs[2].path(), 23, None);
+    let none = none.unwrap_err();
+    assert!(none.contains("secret"), "{none}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    let other = fae_cluster::ClusterSecret::new(*b"another-secret-0123456789").unwrap();
+    let (wrong, took) = join(dirs[3].path(), 24, Some(other.clone()));
+    let wrong = wrong.unwrap_err();
+    assert!(wrong.contains("secrets differ"), "{wrong}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+
+    let status = |secret: Option<&fae_cluster::ClusterSecret>| {
+        fae_cluster::remote_status(a.raft_addr(), secret, Duration::from_secs(10))
+    };
+    assert!(status(None).is_err());
+    assert!(status(Some(&other)).is_err());
+    let st = status(Some(&secret())).expect("status with the secret");
+    assert_eq!(st.members.len(), 2, "{st:?}");
+    assert!(st.refused_connections >= 4, "{st:?}");
+    assert_eq!(a.view().term, term, "the raw vote changed the term");
+    retry("a write after the refusals", || {
+        a.registry_create("/secret/after", b"y")
+    });
+    retry("the write read through the follower", || {
+        b.registry_children("/secret")
+    });
+    assert_eq!(
+        b.registry_children("/secret").unwrap(),
+        vec!["after".to_owned(), "before".to_owned()]
+    );
 }

@@ -197,6 +197,30 @@ impl Default for AdminConfig {
     }
 }
 
+/// Whether `addr` ("host:port") is on loopback: an IP address, or `localhost`.
+fn loopback_addr(addr: &str) -> bool {
+    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+        return a.ip().is_loopback();
+    }
+    addr.rsplit_once(':')
+        .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+}
+
+impl ClusterConfig {
+    /// The cluster secret, read from `secret_file`; `None` when none is set.
+    pub fn secret(&self) -> Result<Option<fae_cluster::ClusterSecret>, ConfigError> {
+        if self.secret_file.is_empty() {
+            return Ok(None);
+        }
+        fae_cluster::ClusterSecret::from_file(&self.secret_file)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                key: "cluster.secret_file",
+                reason: e.to_string(),
+            })
+    }
+}
+
 impl AdminConfig {
     /// The token actions need: `token`, or the first line of `token_file`; `None` when neither is set.
     pub fn resolved_token(&self) -> Result<Option<String>, ConfigError> {
@@ -374,6 +398,9 @@ pub struct ClusterConfig {
     pub forward_timeout_ms: u64,
     pub forward_workers: usize,
     pub leave_on_shutdown: bool,
+    /// A file holding the cluster secret every member shares (at least 16 bytes; trailing whitespace is
+    /// not part of it). Every connection on the cluster port proves it; a node without it cannot join.
+    pub secret_file: String,
 }
 
 impl Default for ClusterConfig {
@@ -388,6 +415,7 @@ impl Default for ClusterConfig {
             forward_timeout_ms: 2_000,
             forward_workers: 16,
             leave_on_shutdown: false,
+            secret_file: String::new(),
         }
     }
 }
@@ -854,6 +882,17 @@ impl Config {
         self.validate_backends()?;
         self.validate_mysql()?;
         self.validate_ops()?;
+        // Like the admin port's protected mode: a cluster port others can reach must not take anyone in.
+        let c = &self.cluster;
+        check(
+            !c.enabled || !c.secret_file.is_empty() || loopback_addr(&c.listen),
+            "cluster.listen",
+            format!(
+                "{} is not a loopback address: set cluster.secret_file (without it anyone who reaches the \
+                 port could join, vote and take vbuckets), or listen on 127.0.0.1",
+                c.listen
+            ),
+        )?;
         check(
             self.log
                 .level

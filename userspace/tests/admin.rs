@@ -204,29 +204,66 @@ fn without_a_token_every_action_is_refused() {
     f.assert_alive();
 }
 
+/// `faed --check-config` on a file holding `text`: its exit code and what it printed on stderr.
+fn check_config(dir: &std::path::Path, text: &str) -> (Option<i32>, String) {
+    let path = dir.join("faed.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(FAED)
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .expect("run faed --check-config");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The same for the cluster port: on a public address it needs `cluster.secret_file`, one that can be read
+/// and holds at least 16 bytes.
+#[test]
+fn a_public_cluster_port_without_a_secret_is_refused() {
+    let dir = TempDir::new();
+    let check = |cluster: &str| {
+        check_config(
+            dir.path(),
+            &format!("[cluster]\nenabled = true\nbootstrap = true\n{cluster}\n"),
+        )
+    };
+    let (code, err) = check("listen = \"0.0.0.0:9201\"");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cluster.secret_file"), "{err}");
+    let (code, err) = check("listen = \"127.0.0.1:9201\"");
+    assert_eq!(code, Some(0), "{err}");
+    let short = dir.path().join("short.secret");
+    std::fs::write(&short, "too short\n").unwrap();
+    let good = dir.path().join("good.secret");
+    std::fs::write(&good, "a secret of at least sixteen bytes\n").unwrap();
+    for (file, want) in [
+        (dir.path().join("missing.secret"), Some(2)),
+        (short, Some(2)),
+        (good, Some(0)),
+    ] {
+        let (code, err) = check(&format!(
+            "listen = \"0.0.0.0:9201\"\nsecret_file = \"{}\"",
+            file.display()
+        ));
+        assert_eq!(code, want, "{}: {err}", file.display());
+    }
+}
+
 /// Like Redis's protected mode: an admin port on a public address needs a token, and a token file that
 /// cannot be read stops faed before it starts.
 #[test]
 fn a_public_admin_port_without_a_token_is_refused() {
     let dir = TempDir::new();
     let check = |admin: &str| {
-        let path = dir.path().join("faed.toml");
-        std::fs::write(
-            &path,
-            format!(
+        check_config(
+            dir.path(),
+            &format!(
                 "[server]\nlisten = \"127.0.0.1:{}\"\n\n[admin]\n{admin}\n",
                 free_port()
             ),
-        )
-        .unwrap();
-        let out = Command::new(FAED)
-            .arg("--check-config")
-            .arg(&path)
-            .output()
-            .expect("run faed --check-config");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
     let (code, err) = check("listen = \"0.0.0.0:9101\"");

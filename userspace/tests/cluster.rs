@@ -223,6 +223,18 @@ struct Node {
     faed: Option<Faed>,
     /// The raft node id (known once it has started).
     id: u64,
+    /// The cluster secret file (every node of a test root shares one), if the node has one.
+    secret_file: Option<PathBuf>,
+    sections: String,
+}
+
+/// The secret shared by the nodes under `root` (written once).
+fn secret_file(root: &Path) -> PathBuf {
+    let path = root.join("cluster.secret");
+    if !path.exists() {
+        std::fs::write(&path, format!("secret-of-{}\n", root.display())).unwrap();
+    }
+    path
 }
 
 impl Node {
@@ -230,26 +242,39 @@ impl Node {
     fn new(root: &Path, name: char, sections: &str) -> Node {
         let dir = root.join(name.to_string());
         let mut spec = FaedSpec::new(&dir);
-        // Locks outlive the tests unless a test sets its own TTL.
-        let lock = if sections.contains("[lock]") {
-            ""
-        } else {
-            "[lock]\nttl_ms = 300000\n\n"
-        };
-        spec.sections = format!(
-            "[cluster]\nfailover_timeout_ms = {FAILOVER_MS}\nforward_timeout_ms = {FORWARD_MS}\n\n\
-             {lock}{sections}"
-        );
         // Cluster events in the log that the harness prints when a test fails.
         spec.log_level = "warn,fae_cluster=info,fae::cluster=info".into();
-        Node {
+        let mut node = Node {
             name,
             spec,
             raft_port: common::free_port(),
             data_dir: dir.join("data"),
             faed: None,
             id: 0,
-        }
+            secret_file: None,
+            sections: sections.to_owned(),
+        };
+        node.set_secret(Some(secret_file(root)));
+        node
+    }
+
+    /// Gives the node another cluster secret file, or none.
+    fn set_secret(&mut self, file: Option<PathBuf>) {
+        // Locks outlive the tests unless a test sets its own TTL.
+        let lock = if self.sections.contains("[lock]") {
+            ""
+        } else {
+            "[lock]\nttl_ms = 300000\n\n"
+        };
+        let secret = file.as_ref().map_or(String::new(), |f| {
+            format!("secret_file = {:?}\n", f.display().to_string())
+        });
+        self.spec.sections = format!(
+            "[cluster]\nfailover_timeout_ms = {FAILOVER_MS}\nforward_timeout_ms = {FORWARD_MS}\n{secret}\n\
+             {lock}{}",
+            self.sections
+        );
+        self.secret_file = file;
     }
 
     fn raft_addr(&self) -> String {
@@ -306,7 +331,11 @@ impl Node {
     }
 
     fn status(&self) -> Result<ClusterStatus, String> {
-        fae_cluster::remote_status(&self.raft_addr(), STATUS_TIMEOUT)
+        let secret = self
+            .secret_file
+            .as_ref()
+            .map(|f| fae_cluster::ClusterSecret::from_file(f).expect("the test's secret file"));
+        fae_cluster::remote_status(&self.raft_addr(), secret.as_ref(), STATUS_TIMEOUT)
             .map_err(|e| format!("node {}: {e}", self.name))
     }
 
@@ -719,6 +748,8 @@ fn three_nodes_share_keys_locks_ids_and_the_registry() {
     // `fae cluster status --json` shows the same cluster.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fae"))
         .args(["cluster", "status", &cl.nodes[b].raft_addr(), "--json"])
+        .arg("--secret-file")
+        .arg(cl.nodes[b].secret_file.as_ref().expect("a secret"))
         .output()
         .expect("run fae cluster status");
     assert!(out.status.success(), "fae cluster status: {out:?}");
@@ -1184,6 +1215,8 @@ fn a_fourth_node_takes_a_quarter_and_a_leaving_node_hands_its_keys_over() {
             &cl.nodes[c].raft_addr(),
             &cl.nodes[b].id.to_string(),
         ])
+        .arg("--secret-file")
+        .arg(cl.nodes[c].secret_file.as_ref().expect("a secret"))
         .output()
         .expect("run fae cluster leave");
     assert!(
@@ -1503,6 +1536,60 @@ fn a_node_that_cannot_bind_its_ports_never_joins() {
             brief(&st)
         );
     }
+}
+
+/// Every test cluster runs with a secret. A faed without it, and one with another secret, cannot join: each
+/// exits non-zero at once saying why; the members count the refused connections, `fae cluster status`
+/// needs the secret, and the cluster carries on.
+#[test]
+fn a_node_without_the_secret_cannot_join() {
+    let _serial = serial("a_node_without_the_secret_cannot_join");
+    let root = TempDir::new();
+    let mut a = Node::new(root.path(), 'A', "");
+    a.spawn(&["--bootstrap".into()]);
+    a.wait_ready();
+    let wrong = root.path().join("wrong.secret");
+    std::fs::write(&wrong, "another secret, as long as needed\n").unwrap();
+    for (name, secret, says) in [('B', None, "secret"), ('C', Some(wrong), "secrets differ")] {
+        let mut b = Node::new(root.path(), name, "");
+        b.set_secret(secret);
+        b.spawn(&["--join".into(), a.raft_addr()]);
+        let t = Instant::now();
+        let status = b
+            .faed()
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("node {name} kept running:\n{}", b.log_since_start()));
+        assert!(!status.success(), "{name}: {status}");
+        assert!(
+            b.log_since_start().contains(says),
+            "{name}: {}",
+            b.log_since_start()
+        );
+        eprintln!("node {name} refused in {:?}", t.elapsed());
+        b.faed = None;
+    }
+    let st = a.status().unwrap();
+    assert_eq!(st.members.len(), 1, "{}", brief(&st));
+    assert!(st.refused_connections >= 2, "{st:?}");
+    // `fae cluster status` without the secret is refused; with it, it answers.
+    let fae = env!("CARGO_BIN_EXE_fae");
+    let out = std::process::Command::new(fae)
+        .args(["cluster", "status", &a.raft_addr()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = std::process::Command::new(fae)
+        .args(["cluster", "status", &a.raft_addr(), "--secret-file"])
+        .arg(a.secret_file.as_ref().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut p = a.peer();
+    assert!(p.zk_create("/after/refusals", "ok").unwrap());
 }
 
 /// A zk_create far over `[registry]` limits (a 15 MiB path, 2 MiB of data, an invalid path) is refused at

@@ -144,54 +144,82 @@ enum ClusterCmd {
         addr: String,
         #[arg(long)]
         json: bool,
+        /// The cluster secret (the members' cluster.secret_file), if the cluster has one.
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
     },
     /// Removes a node from the cluster (its vbuckets move to the others). Without NODE_ID: the node at ADDR.
     Leave {
         /// A member's cluster address.
         addr: String,
         node_id: Option<u64>,
+        /// The cluster secret (the members' cluster.secret_file), if the cluster has one.
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
     },
+}
+
+fn read_secret(
+    path: Option<&std::path::Path>,
+) -> Result<Option<fae_cluster::ClusterSecret>, ExitCode> {
+    path.map(fae_cluster::ClusterSecret::from_file)
+        .transpose()
+        .map_err(|e| {
+            eprintln!("fae cluster: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 fn cluster_cmd(cmd: ClusterCmd) -> ExitCode {
     let timeout = Duration::from_secs(10);
+    let secret = match &cmd {
+        ClusterCmd::Status { secret_file, .. } | ClusterCmd::Leave { secret_file, .. } => {
+            match read_secret(secret_file.as_deref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            }
+        }
+    };
+    let secret = secret.as_ref();
     match cmd {
-        ClusterCmd::Status { addr, json } => match fae_cluster::remote_status(&addr, timeout) {
-            Ok(st) => {
-                if json {
-                    println!("{}", serde_json::to_string(&st).unwrap_or_default());
-                } else {
-                    let leader = st.leader_id.map_or("none".to_string(), |l| l.to_string());
-                    println!(
+        ClusterCmd::Status { addr, json, .. } => {
+            match fae_cluster::remote_status(&addr, secret, timeout) {
+                Ok(st) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&st).unwrap_or_default());
+                    } else {
+                        let leader = st.leader_id.map_or("none".to_string(), |l| l.to_string());
+                        println!(
                         "node {} ({:?}, {:?}) leader={} term={} commit={} applied={} epoch={} pending_moves={}",
                         st.my_id, st.role, st.my_state, leader, st.term, st.commit_index, st.applied_index,
                         st.epoch, st.pending_moves
                     );
-                    for m in &st.members {
-                        let me = &m.member;
-                        println!(
-                            "  {:>20} {:?} voter={} worker={} rpc={} cluster={} vbuckets={}",
-                            me.id,
-                            me.state,
-                            me.voter,
-                            me.worker_id,
-                            me.rpc_addr,
-                            me.raft_addr,
-                            m.vbuckets
-                        );
+                        for m in &st.members {
+                            let me = &m.member;
+                            println!(
+                                "  {:>20} {:?} voter={} worker={} rpc={} cluster={} vbuckets={}",
+                                me.id,
+                                me.state,
+                                me.voter,
+                                me.worker_id,
+                                me.rpc_addr,
+                                me.raft_addr,
+                                m.vbuckets
+                            );
+                        }
                     }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => {
+                    eprintln!("fae cluster status: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("fae cluster status: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        ClusterCmd::Leave { addr, node_id } => {
+        }
+        ClusterCmd::Leave { addr, node_id, .. } => {
             let id = match node_id {
                 Some(id) => id,
-                None => match fae_cluster::remote_status(&addr, timeout) {
+                None => match fae_cluster::remote_status(&addr, secret, timeout) {
                     Ok(st) => st.my_id,
                     Err(e) => {
                         eprintln!("fae cluster leave: {e}");
@@ -199,7 +227,7 @@ fn cluster_cmd(cmd: ClusterCmd) -> ExitCode {
                     }
                 },
             };
-            match fae_cluster::remote_leave(&addr, id, timeout) {
+            match fae_cluster::remote_leave(&addr, secret, id, timeout) {
                 Ok(()) => {
                     println!("node {id} left");
                     ExitCode::SUCCESS

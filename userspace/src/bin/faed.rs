@@ -54,8 +54,15 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.check_config {
-        // The token file too: a faed that could not read it would not start.
-        return match Config::load(path).and_then(|c| c.admin.resolved_token().map(drop)) {
+        // The token and secret files too: a faed that could not read them would not start.
+        let checked = Config::load(path).and_then(|c| {
+            c.admin.resolved_token()?;
+            if c.cluster.enabled {
+                c.cluster.secret()?;
+            }
+            Ok(())
+        });
+        return match checked {
             Ok(()) => {
                 println!("{}: ok", path.display());
                 ExitCode::SUCCESS

@@ -69,8 +69,9 @@ impl Locks {
         self.shard(key).held.remove(key);
     }
 
-    /// The keys of held (unexpired) locks whose key matches (a vbucket being handed over).
-    pub fn copy_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    /// The held (unexpired) locks whose key matches (a vbucket being handed over), each with the time it
+    /// has left: the new owner holds it exactly that long, not a fresh TTL.
+    pub fn copy_matching(&self, matches: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, Duration)> {
         let now = Instant::now();
         let mut out = Vec::new();
         for shard in self.shards.iter() {
@@ -79,10 +80,19 @@ impl Locks {
                 s.held
                     .iter()
                     .filter(|(k, e)| matches(k) && **e > now)
-                    .map(|(k, _)| k.to_vec()),
+                    .map(|(k, e)| (k.to_vec(), e.duration_since(now))),
             );
         }
         out
+    }
+
+    /// Holds `key` for `left` (a lock handed over with the time it had left); a lock already held here
+    /// keeps the later expiry.
+    pub fn hold(&self, key: &[u8], left: Duration) {
+        let until = Instant::now() + left.min(self.ttl);
+        let mut s = self.shard(key);
+        let e = s.held.entry(key.into()).or_insert(until);
+        *e = (*e).max(until);
     }
 
     /// Drops every lock whose key matches (a vbucket handed over).

@@ -2,15 +2,16 @@
 //! handoff of a vbucket's cache and lock entries when it moves. fae-cluster knows nothing of servants; this
 //! module is where the two meet.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fae_cluster::{Cluster, ClusterConfig, ClusterError, ClusterEvent, Handoff};
+use fae_cluster::{Cluster, ClusterConfig, ClusterError, Handoff};
 
-use crate::client::{self, TFunServantSyncClient};
+mod handoff;
+pub use handoff::spawn_handoff;
+
 use crate::config::Config;
 use crate::proxy::{RegistryBackend, Route, Router};
-use crate::servant::Servants;
 
 /// Starts (bootstraps, joins or rejoins) this node's membership.
 pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
@@ -25,6 +26,9 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
         cc.admin_addr = cfg.admin.listen.to_string();
     }
     cc.seeds = c.seeds.clone();
+    cc.secret = c
+        .secret()
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
     cc.failover_timeout = Duration::from_millis(c.failover_timeout_ms);
     cc.handoff = Handoff::Manual;
     // A lock granted by a failed owner expires within its TTL: a vbucket taken over without a handoff (or
@@ -166,119 +170,4 @@ impl RegistryBackend for ClusterRegistry {
             .registry_delete(path)
             .map_err(|e| e.to_string())
     }
-}
-
-/// Hands moving vbuckets over: on `MoveStarted` from this node, sends the vbucket's cache entries and held
-/// locks to the new owner (sticky calls, which the pending owner accepts), drops them here, and tells the
-/// cluster the move is done. Runs on a thread of its own until the cluster goes away.
-pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
-    let Some(events) = cluster.events() else {
-        return;
-    };
-    let weak: Weak<Cluster> = Arc::downgrade(cluster);
-    let spawned = std::thread::Builder::new()
-        .name("fae-handoff".into())
-        .spawn(move || {
-            // Moves this node still has to hand over, by new owner: retried until handed over (the new owner
-            // may not have applied the move yet and refuse), or until the map no longer shows them pending.
-            let mut todo: std::collections::BTreeMap<u64, std::collections::BTreeSet<u16>> =
-                Default::default();
-            loop {
-                // A rebalance starts hundreds of moves at once: take them together and complete them in one
-                // proposal rather than one raft entry per vbucket.
-                let wait = if todo.is_empty() {
-                    Duration::from_secs(3600)
-                } else {
-                    Duration::from_millis(200)
-                };
-                let mut batch = Vec::new();
-                match events.recv_timeout(wait) {
-                    Ok(ev) => batch.push(ev),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-                batch.extend(events.try_iter());
-                let Some(cluster) = weak.upgrade() else {
-                    return;
-                };
-                for ev in batch {
-                    if let ClusterEvent::MoveStarted { vbucket, from, to } = ev {
-                        if from == cluster.view().my_id {
-                            todo.entry(to).or_default().insert(vbucket);
-                        }
-                    }
-                }
-                let view = cluster.view();
-                for (&to, vbuckets) in todo.iter_mut() {
-                    // Events are replayed when a node re-applies its log: act only on moves still pending.
-                    vbuckets.retain(|&vb| view.map.get(vb).pending == Some(to));
-                    if vbuckets.is_empty() {
-                        continue;
-                    }
-                    let Some(target) = view.members.get(&to).map(|m| m.rpc_addr.clone()) else {
-                        continue;
-                    };
-                    let vbs: Vec<u16> = vbuckets.iter().copied().collect();
-                    match hand_over(&servants, &vbs, &target) {
-                        Ok((entries, locks)) => {
-                            tracing::info!(
-                                vbuckets = vbs.len(),
-                                to,
-                                entries,
-                                locks,
-                                "vbuckets handed over"
-                            );
-                            match cluster.move_done(&vbs, view.my_id, to) {
-                                Ok(()) => vbuckets.clear(),
-                                Err(e) => {
-                                    tracing::warn!(to, error = %e, "cannot complete the moves yet")
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(to, error = %e, "vbucket handoff refused; retrying")
-                        }
-                    }
-                }
-                todo.retain(|_, v| !v.is_empty());
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the handoff thread");
-    }
-}
-
-/// Copies the vbuckets' entries and held locks to `target`, then drops them here. On any failure nothing is
-/// dropped and the caller retries (the new owner refuses until it has applied the move); calls for a moving
-/// vbucket are refused, so the entries cannot change meanwhile.
-fn hand_over(
-    servants: &Servants,
-    vbuckets: &[u16],
-    target: &str,
-) -> Result<(usize, usize), String> {
-    let in_vb = |k: &[u8]| vbuckets.contains(&fae_cluster::vbucket_of(k));
-    let entries = servants.lcache.copy_matching(in_vb);
-    let locks = servants.lock.copy_matching(in_vb);
-    if entries.is_empty() && locks.is_empty() {
-        return Ok((0, 0));
-    }
-    let mut c = client::connect(target, client::Transport::Framed, Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
-    let ctx = || {
-        let mut x = client::context("vbucket-handoff");
-        x.sticky = Some(true);
-        x
-    };
-    for (k, v) in &entries {
-        let key = String::from_utf8_lossy(k).into_owned();
-        c.lc_set(ctx(), key, v.clone()).map_err(|e| e.to_string())?;
-    }
-    for k in &locks {
-        let key = String::from_utf8_lossy(k).into_owned();
-        c.lock(ctx(), "vbucket-handoff".into(), key)
-            .map_err(|e| e.to_string())?;
-    }
-    servants.lcache.remove_matching(in_vb);
-    servants.lock.remove_matching(in_vb);
-    Ok((entries.len(), locks.len()))
 }
