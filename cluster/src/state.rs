@@ -320,13 +320,18 @@ impl StateMachine {
         self.members.get(&id).is_some_and(Member::is_live)
     }
 
-    /// Moves away from `id` finish now; used when `id` can no longer hand anything over.
+    /// Moves away from `id` finish now; used when `id` can no longer hand anything over. The new owners
+    /// take the vbuckets without (or with part of) a handoff: `TakenOver` fences their locks.
     fn force_moves_from(&mut self, id: u64, events: &mut Vec<ClusterEvent>) {
         for vb in 0..VBUCKETS as u16 {
             let e = self.map.get_mut(vb);
             if e.owner == id {
                 if let Some(to) = e.pending.take() {
                     e.owner = to;
+                    events.push(ClusterEvent::TakenOver {
+                        vbucket: vb,
+                        owner: to,
+                    });
                     events.push(ClusterEvent::MoveFinished {
                         vbucket: vb,
                         owner: to,
@@ -353,6 +358,17 @@ impl StateMachine {
                     self.map.get_mut(vb).pending = None;
                 }
             }
+        }
+        // Moves away from owners that cannot hand over any more (failed mid-move) finish at once: the plan
+        // below counts a pending move as done, so nothing else would ever finish them.
+        let dead: Vec<u64> = self
+            .members
+            .values()
+            .filter(|m| !m.is_live())
+            .map(|m| m.id)
+            .collect();
+        for id in dead {
+            self.force_moves_from(id, events);
         }
         for m in rebalance::plan(&self.map, &voters) {
             let e: Vbucket = self.map.get(m.vbucket);
@@ -548,6 +564,55 @@ mod tests {
         assert_eq!(sm.members.len(), 2);
         assert!(sm.add_learner(&info(4), &mut ev));
         assert_eq!(sm.members[&4].worker_id, 1, "the freed worker id is reused");
+    }
+
+    /// An owner that fails while its vbuckets move to a joining node can hand nothing over any more: the
+    /// moves finish at once, fenced (`TakenOver`), and nothing stays pending.
+    #[test]
+    fn an_owner_failing_mid_move_leaves_nothing_pending() {
+        let mut sm = StateMachine::bootstrap(info(1));
+        let mut ev = Vec::new();
+        for id in [2, 3] {
+            assert!(sm.add_learner(&info(id), &mut ev));
+            sm.promote(id, &mut ev);
+        }
+        finish_moves(&mut sm, &mut ev);
+        assert!(sm.add_learner(&info(4), &mut ev));
+        sm.promote(4, &mut ev);
+        let from_2: Vec<u16> = sm
+            .map
+            .pending()
+            .filter(|(vb, _)| sm.map.get(*vb).owner == 2)
+            .map(|(vb, _)| vb)
+            .collect();
+        assert!(!from_2.is_empty(), "node 2 gives vbuckets to node 4");
+        ev.clear();
+        sm.apply(&Command::MarkFailed { id: 2 }, &mut ev);
+        assert_eq!(
+            sm.map
+                .pending()
+                .filter(|(vb, _)| sm.map.get(*vb).owner == 2)
+                .count(),
+            0
+        );
+        assert!(
+            !sm.map.counts().contains_key(&2),
+            "the failed node owns nothing"
+        );
+        for vb in from_2 {
+            assert_eq!(
+                sm.map.get(vb).owner,
+                4,
+                "vbucket {vb} went where it was moving"
+            );
+            assert!(ev.contains(&ClusterEvent::TakenOver {
+                vbucket: vb,
+                owner: 4
+            }));
+        }
+        // The moves of the live owners still wait for their handoffs, then the map is even.
+        finish_moves(&mut sm, &mut ev);
+        assert_eq!(counts(&sm), vec![341, 341, 342]);
     }
 
     #[test]

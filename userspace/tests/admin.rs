@@ -29,37 +29,6 @@ fn ctx() -> fae::client::Context {
     fae::client::Context::new(7, "admin-test".into(), 1, None)
 }
 
-/// One request to the admin port: (status, body).
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin port");
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read the answer");
-    parse_response(&out)
-}
-
-fn parse_response(out: &str) -> (u16, String) {
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {out:?}"));
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
-}
-
 /// An action with the token.
 fn act(port: u16, path: &str, body: &str) -> (u16, String) {
     let auth = format!("Bearer {TOKEN}");
