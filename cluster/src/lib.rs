@@ -16,7 +16,7 @@
 //! cluster.view() -> Arc<ClusterView>        lock-free: members, map, epoch, leader, term, commit, role
 //! cluster.status() -> ClusterStatus         serialisable, for `fae cluster status`
 //! cluster.events() -> Option<Receiver<ClusterEvent>>   MoveStarted / MoveFinished / MapChanged, once
-//! cluster.registry_create(path, data) -> Result<bool>  linearizable write (resolves when applied)
+//! cluster.registry_create(path, data, &limits) -> Result<bool>  linearizable write (resolves when applied)
 //! cluster.registry_delete(path) -> Result<bool>
 //! cluster.registry_children(path) -> Result<Vec<String>> linearizable read (raft ReadIndex)
 //! cluster.leave(node_id) -> Result<()>      hand over, then removal from the raft group
@@ -59,11 +59,13 @@
 #![deny(unsafe_code)]
 
 mod auth;
+mod codec;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod node;
 pub mod rebalance;
+pub mod registry;
 pub mod state;
 mod storage;
 mod transport;
@@ -75,6 +77,7 @@ pub use node::{
     Handoff, MemberStatus, RaftWatch, Role,
 };
 pub use rebalance::{vbucket_of, Move, Vbucket, VbucketMap, VBUCKETS};
+pub use registry::RegistryLimits;
 pub use state::{ClusterEvent, Member, MemberInfo, MemberState, MAX_MEMBERS};
 pub use storage::DiskStorage;
 pub use transport::MAX_APP_REQUEST;

@@ -16,7 +16,9 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::ClusterSecret;
+use crate::codec;
 use crate::rebalance::{VbucketMap, VBUCKETS};
+use crate::registry::RegistryLimits;
 use crate::state::{
     valid_path, ClusterEvent, Command, Member, MemberInfo, MemberState, Outcome, StateMachine,
     MAX_MEMBERS,
@@ -250,6 +252,10 @@ impl ClusterStatus {
 fn incarnation() -> u64 {
     crate::random_u64().max(1)
 }
+
+/// The largest entry proposed: well below the cluster port's 64 MiB frame, which an append carrying it (and
+/// a snapshot) must fit in.
+pub const MAX_PROPOSAL: usize = 8 << 20;
 
 /// A normal entry's payload.
 #[derive(Serialize, Deserialize)]
@@ -650,7 +656,7 @@ impl Cluster {
         if !initialized && cfg.bootstrap {
             let sm = StateMachine::bootstrap(me.clone());
             let mut snap = Snapshot::default();
-            snap.set_data(serde_json::to_vec(&sm).expect("state encodes").into());
+            snap.set_data(codec::encode(&sm).into());
             let meta = snap.mut_metadata();
             meta.index = 1;
             meta.term = 1;
@@ -855,11 +861,19 @@ impl Cluster {
     }
 
     /// `zk_create`: true if created, false if the path existed. Linearizable: returns once applied here.
-    pub fn registry_create(&self, path: &str, data: &[u8]) -> Result<bool, ClusterError> {
-        check_path(path)?;
+    /// `limits` are checked here, before anything is proposed, and again when the entry is applied.
+    pub fn registry_create(
+        &self,
+        path: &str,
+        data: &[u8],
+        limits: &RegistryLimits,
+    ) -> Result<bool, ClusterError> {
+        crate::registry::check(path.as_bytes(), Some(data), limits)
+            .map_err(|e| ClusterError::Refused(e.0))?;
         let cmd = Command::RegistryCreate {
             path: path.to_owned(),
             data: data.to_vec(),
+            limits: Some(*limits),
         };
         Ok(matches!(
             self.propose("registry create", cmd)?,
@@ -1090,7 +1104,7 @@ impl Node {
         let sm: StateMachine = if snap.data.is_empty() {
             StateMachine::default()
         } else {
-            serde_json::from_slice(&snap.data)
+            codec::decode(&snap.data)
                 .map_err(|e| ClusterError::Corrupt(format!("snapshot state: {e}")))?
         };
         let config = raft::Config {
@@ -1262,13 +1276,19 @@ impl Node {
                     return;
                 }
                 let seq = self.seq();
-                let data = serde_json::to_vec(&Proposal {
+                let data = codec::encode(&Proposal {
                     origin: self.id,
                     inc: self.incarnation,
                     seq,
                     cmd,
-                })
-                .expect("commands encode");
+                });
+                if data.len() > MAX_PROPOSAL {
+                    let _ = reply.try_send(Err(ClusterError::Refused(format!(
+                        "a proposal of {} bytes exceeds {MAX_PROPOSAL}",
+                        data.len()
+                    ))));
+                    return;
+                }
                 match self.raw.propose(vec![], data) {
                     Ok(()) => {
                         self.pending
@@ -1334,7 +1354,7 @@ impl Node {
             seq,
             member: Some(info),
         };
-        cc.context = serde_json::to_vec(&ctx).expect("context encodes").into();
+        cc.context = codec::encode(&ctx).into();
         match self.raw.propose_conf_change(vec![], cc) {
             Ok(()) => {
                 self.pending
@@ -1375,13 +1395,12 @@ impl Node {
 
     fn propose_internal(&mut self, cmd: Command) {
         let seq = self.seq();
-        let data = serde_json::to_vec(&Proposal {
+        let data = codec::encode(&Proposal {
             origin: self.id,
             inc: self.incarnation,
             seq,
             cmd,
-        })
-        .expect("commands encode");
+        });
         if let Err(e) = self.raw.propose(vec![], data) {
             tracing::debug!(node = self.id, error = %e, "housekeeping proposal dropped");
         }
@@ -1558,7 +1577,7 @@ impl Node {
     }
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), ClusterError> {
-        let sm: StateMachine = serde_json::from_slice(&snap.data)
+        let sm: StateMachine = codec::decode(&snap.data)
             .map_err(|e| ClusterError::Corrupt(format!("snapshot from the leader: {e}")))?;
         self.store.apply_snapshot(snap)?;
         // A snapshot may give this node vbuckets taken over in history it never applied: fence them.
@@ -1619,7 +1638,7 @@ impl Node {
                 continue;
             }
             match e.get_entry_type() {
-                EntryType::EntryNormal => match serde_json::from_slice::<Proposal>(&e.data) {
+                EntryType::EntryNormal => match codec::decode::<Proposal>(&e.data) {
                     Ok(p) => {
                         let out = self.sm.apply(&p.cmd, &mut events);
                         self.resolve(p.origin, p.inc, p.seq, Ok(out));
@@ -1634,7 +1653,7 @@ impl Node {
                     })?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.store.set_conf_state(&cs)?;
-                    let ctx: Option<ConfContext> = serde_json::from_slice(&cc.context).ok();
+                    let ctx: Option<ConfContext> = codec::decode(&cc.context).ok();
                     match cc.get_change_type() {
                         ConfChangeType::AddLearnerNode => {
                             let added = ctx
@@ -1752,7 +1771,7 @@ impl Node {
         if !wanted && self.applied < self.snap_index + self.cfg.snapshot_every.max(1) {
             return Ok(());
         }
-        let data = serde_json::to_vec(&self.sm).expect("state encodes");
+        let data = codec::encode(&self.sm);
         let cs = self.store.conf_state();
         self.store.compact(self.applied, &cs, data)?;
         self.snap_index = self.applied;
@@ -1804,7 +1823,7 @@ mod incarnation_tests {
     #[test]
     fn entries_carry_their_incarnation() {
         let old = br#"{"origin":1,"seq":1,"cmd":{"Leave":{"id":2}}}"#;
-        let p: Proposal = serde_json::from_slice(old).unwrap();
+        let p: Proposal = codec::decode(old).unwrap();
         assert_eq!((p.origin, p.inc, p.seq), (1, 0, 1));
         let (a, b) = (incarnation(), incarnation());
         assert!(a != 0 && b != 0 && a != b);

@@ -5,11 +5,11 @@
 //! the state, so every node computes the same moves without shipping them in the log.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
 
 use crate::rebalance::{self, Vbucket, VbucketMap, VBUCKETS};
+use crate::registry::{RegistryLimits, Tree};
 
 /// Idgen worker ids are 5 bits (API.md's snowflake layout): at most 32 members.
 pub const MAX_MEMBERS: usize = 32;
@@ -73,6 +73,10 @@ pub enum Command {
     RegistryCreate {
         path: String,
         data: Vec<u8>,
+        /// The proposer's `[registry]` limits, checked again at apply (every node decides alike). `None` in
+        /// entries written before limits travelled with them.
+        #[serde(default)]
+        limits: Option<RegistryLimits>,
     },
     RegistryDelete {
         path: String,
@@ -126,15 +130,13 @@ pub enum ClusterEvent {
 pub struct StateMachine {
     pub members: BTreeMap<u64, Member>,
     pub map: VbucketMap,
-    pub registry: BTreeMap<String, Vec<u8>>,
+    pub registry: Tree,
     /// Bumped on every change of the map or the members.
     pub epoch: u64,
 }
 
 /// Absolute, no empty component, no trailing slash (the servant's `zk_*` rules).
-pub fn valid_path(p: &str) -> bool {
-    p.starts_with('/') && p.len() >= 2 && !p.ends_with('/') && !p.contains("//")
-}
+pub use crate::registry::valid_path;
 
 impl StateMachine {
     /// The state of a new cluster: `first` is its only member, a voter owning every vbucket.
@@ -156,24 +158,24 @@ impl StateMachine {
         StateMachine {
             members,
             map: VbucketMap::owned_by(id),
-            registry: BTreeMap::new(),
+            registry: Tree::default(),
             epoch: 1,
         }
     }
 
     pub fn apply(&mut self, cmd: &Command, events: &mut Vec<ClusterEvent>) -> Outcome {
         match cmd {
-            Command::RegistryCreate { path, data } => {
-                if !valid_path(path) {
-                    return Outcome::Refused(format!("invalid registry path {path:?}"));
+            Command::RegistryCreate { path, data, limits } => {
+                match self.registry.create(path, data, limits.as_ref()) {
+                    Ok(created) => Outcome::Bool(created),
+                    Err(why) => Outcome::Refused(why.0),
                 }
-                Outcome::Bool(self.registry_create(path, data))
             }
             Command::RegistryDelete { path } => {
                 if !valid_path(path) {
                     return Outcome::Refused(format!("invalid registry path {path:?}"));
                 }
-                Outcome::Bool(self.registry_delete(path))
+                Outcome::Bool(self.registry.delete(path))
             }
             Command::MoveDone { vbuckets, from, to } => {
                 let mut changed = false;
@@ -400,53 +402,13 @@ impl StateMachine {
         }
     }
 
-    /// True if created; false if the node existed. Missing parents are created with empty data.
-    pub fn registry_create(&mut self, path: &str, data: &[u8]) -> bool {
-        if self.registry.contains_key(path) {
-            return false;
-        }
-        for (i, _) in path.match_indices('/').skip(1) {
-            self.registry.entry(path[..i].to_owned()).or_default();
-        }
-        self.registry.insert(path.to_owned(), data.to_vec());
-        true
-    }
-
     /// The sorted names of the node's children (none for a missing node).
     pub fn registry_children(&self, path: &str) -> Vec<String> {
-        let prefix = if path == "/" {
-            "/".to_owned()
-        } else {
-            format!("{path}/")
-        };
-        self.registry
-            .range::<str, _>((Bound::Excluded(prefix.as_str()), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, _)| !k[prefix.len()..].contains('/'))
-            .map(|(k, _)| k[prefix.len()..].to_owned())
-            .collect()
+        self.registry.children(path)
     }
 
     pub fn registry_get(&self, path: &str) -> Option<&[u8]> {
-        self.registry.get(path).map(Vec::as_slice)
-    }
-
-    /// True if the node existed; its subtree goes with it.
-    pub fn registry_delete(&mut self, path: &str) -> bool {
-        if self.registry.remove(path).is_none() {
-            return false;
-        }
-        let prefix = format!("{path}/");
-        let below: Vec<String> = self
-            .registry
-            .range::<str, _>((Bound::Excluded(prefix.as_str()), Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in below {
-            self.registry.remove(&k);
-        }
-        true
+        self.registry.get(path)
     }
 
     /// The ids and cluster addresses of the members, for the transport.
@@ -496,6 +458,7 @@ mod tests {
         let create = |p: &str| Command::RegistryCreate {
             path: p.into(),
             data: b"d".to_vec(),
+            limits: Some(RegistryLimits::default()),
         };
         assert_eq!(sm.apply(&create("/a/b/c"), &mut ev), Outcome::Bool(true));
         assert_eq!(sm.apply(&create("/a/b/c"), &mut ev), Outcome::Bool(false));

@@ -12,6 +12,10 @@ const PATIENCE: Duration = Duration::from_secs(90);
 /// Every test cluster but one proves this secret on its connections.
 const SECRET: &[u8] = b"test-cluster-secret-0123456789";
 
+fn limits() -> fae_cluster::RegistryLimits {
+    fae_cluster::RegistryLimits::default()
+}
+
 fn secret() -> fae_cluster::ClusterSecret {
     fae_cluster::ClusterSecret::new(SECRET).unwrap()
 }
@@ -139,9 +143,21 @@ fn three_nodes_fail_over_restart_and_grow() {
         nodes[1].as_ref().unwrap(),
         nodes[2].as_ref().unwrap(),
     );
-    assert!(retry("create via B", || b.registry_create("/svc/a", b"1")));
-    assert!(!retry("create via C", || c.registry_create("/svc/a", b"2")));
-    assert!(retry("create via A", || a.registry_create("/svc/b", b"")));
+    assert!(retry("create via B", || b.registry_create(
+        "/svc/a",
+        b"1",
+        &limits()
+    )));
+    assert!(!retry("create via C", || c.registry_create(
+        "/svc/a",
+        b"2",
+        &limits()
+    )));
+    assert!(retry("create via A", || a.registry_create(
+        "/svc/b",
+        b"",
+        &limits()
+    )));
     assert_eq!(
         retry("children via C", || c.registry_children("/svc")),
         vec!["a", "b"]
@@ -153,8 +169,11 @@ fn three_nodes_fail_over_restart_and_grow() {
     // Enough entries for several snapshots and compactions (snapshot_every = 16).
     for i in 0..40 {
         let node = nodes[i % 3].as_ref().unwrap();
-        assert!(retry("bulk create", || node
-            .registry_create(&format!("/bulk/{i:02}"), b"x")));
+        assert!(retry("bulk create", || node.registry_create(
+            &format!("/bulk/{i:02}"),
+            b"x",
+            &limits()
+        )));
     }
     assert!(retry("delete", || b.registry_delete("/bulk/00")));
     assert_eq!(
@@ -182,8 +201,11 @@ fn three_nodes_fail_over_restart_and_grow() {
         killed.elapsed()
     );
     let survivor = all(&nodes)[0];
-    assert!(retry("write after failover", || survivor
-        .registry_create("/after/kill", b"k")));
+    assert!(retry("write after failover", || survivor.registry_create(
+        "/after/kill",
+        b"k",
+        &limits()
+    )));
     wait_until("dead node failed over: 512/512", || {
         let n = all(&nodes);
         n.iter()
@@ -301,8 +323,11 @@ fn the_registry_survives_a_restart_of_every_node() {
     let nodes = [a, b, c];
     for i in 0..50 {
         let n = &nodes[i % 3];
-        assert!(retry("create", || n
-            .registry_create(&format!("/cfg/k{i:02}"), b"v")));
+        assert!(retry("create", || n.registry_create(
+            &format!("/cfg/k{i:02}"),
+            b"v",
+            &limits()
+        )));
     }
     let addrs: Vec<String> = nodes.iter().map(|n| n.raft_addr().to_owned()).collect();
     let epoch = nodes[0].view().epoch;
@@ -330,8 +355,11 @@ fn the_registry_survives_a_restart_of_every_node() {
     for n in &nodes {
         assert_eq!(retry("children", || n.registry_children("/cfg")).len(), 50);
     }
-    assert!(retry("write after restart", || nodes[2]
-        .registry_create("/cfg/new", b"")));
+    assert!(retry("write after restart", || nodes[2].registry_create(
+        "/cfg/new",
+        b"",
+        &limits()
+    )));
     for n in nodes {
         n.shutdown(false).unwrap();
     }
@@ -361,7 +389,7 @@ fn forged_raft_messages_are_dropped_not_stepped() {
     let b = open(dirs[1].path(), 2, false, &[a.raft_addr()]);
     wait_until("2 voters", || settled(&[&a, &b], &[512, 512]));
     retry("a first write", || {
-        a.registry_create("/forged/before", b"x")
+        a.registry_create("/forged/before", b"x", &limits())
     });
     let term = a.view().term;
     let send = |to: &Cluster, m: Message| {
@@ -399,7 +427,7 @@ fn forged_raft_messages_are_dropped_not_stepped() {
     assert_eq!(a.view().term, term, "a forged message changed the term");
     assert!(a.view().is_leader());
     retry("a write after the forged messages", || {
-        a.registry_create("/forged/after", b"y")
+        a.registry_create("/forged/after", b"y", &limits())
     });
     retry("the write read through the follower", || {
         b.registry_children("/forged")
@@ -428,7 +456,7 @@ fn only_holders_of_the_secret_speak_on_the_cluster_port() {
     let b = start(dirs[1].path(), Some(22), false, &[a.raft_addr()]);
     wait_until("2 voters", || settled(&[&a, &b], &[512, 512]));
     retry("a first write", || {
-        a.registry_create("/secret/before", b"x")
+        a.registry_create("/secret/before", b"x", &limits())
     });
     let term = a.view().term;
 
@@ -488,7 +516,7 @@ fn only_holders_of_the_secret_speak_on_the_cluster_port() {
     assert!(st.refused_connections >= 4, "{st:?}");
     assert_eq!(a.view().term, term, "the raw vote changed the term");
     retry("a write after the refusals", || {
-        a.registry_create("/secret/after", b"y")
+        a.registry_create("/secret/after", b"y", &limits())
     });
     retry("the write read through the follower", || {
         b.registry_children("/secret")

@@ -206,6 +206,17 @@ fn loopback_addr(addr: &str) -> bool {
         .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
+impl RegistryConfig {
+    pub fn limits(&self) -> fae_cluster::RegistryLimits {
+        fae_cluster::RegistryLimits {
+            max_nodes: self.max_nodes as u64,
+            max_path_bytes: self.max_path_bytes as u64,
+            max_data_bytes: self.max_data_bytes as u64,
+            max_total_bytes: self.max_total_bytes,
+        }
+    }
+}
+
 impl ClusterConfig {
     /// The cluster secret, read from `secret_file`; `None` when none is set.
     pub fn secret(&self) -> Result<Option<fae_cluster::ClusterSecret>, ConfigError> {
@@ -374,6 +385,9 @@ pub struct RegistryConfig {
     pub max_nodes: usize,
     pub max_data_bytes: usize,
     pub max_path_bytes: usize,
+    /// Paths, data and 48 bytes per node, all nodes together. In a cluster the whole registry travels in
+    /// every snapshot, so it must stay well below the cluster port's 64 MiB frame.
+    pub max_total_bytes: u64,
 }
 
 impl Default for RegistryConfig {
@@ -382,6 +396,7 @@ impl Default for RegistryConfig {
             max_nodes: 100_000,
             max_data_bytes: 1 << 20,
             max_path_bytes: 1024,
+            max_total_bytes: 32 << 20,
         }
     }
 }
@@ -882,6 +897,17 @@ impl Config {
         self.validate_backends()?;
         self.validate_mysql()?;
         self.validate_ops()?;
+        // A snapshot carries the whole registry in one frame of at most 64 MiB.
+        check(
+            !self.cluster.enabled || self.registry.max_total_bytes <= 48 << 20,
+            "registry.max_total_bytes",
+            "at most 48 MiB in a cluster (the registry travels in every snapshot)",
+        )?;
+        check(
+            !self.cluster.enabled || self.registry.max_data_bytes <= 4 << 20,
+            "registry.max_data_bytes",
+            "at most 4 MiB in a cluster (a raft entry is at most 8 MiB)",
+        )?;
         // Like the admin port's protected mode: a cluster port others can reach must not take anyone in.
         let c = &self.cluster;
         check(

@@ -1593,11 +1593,13 @@ fn a_node_without_the_secret_cannot_join() {
 }
 
 /// A zk_create far over `[registry]` limits (a 15 MiB path, 2 MiB of data, an invalid path) is refused at
-/// once, before raft sees it, and the next zk_create commits on every node.
+/// once, before raft sees it, and the next zk_create commits on every node. The node count (checked when
+/// the entry is applied, with the limits the entry carries) refuses the write that would pass it, through
+/// any node, and a delete makes room again.
 #[test]
 fn an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on() {
     let _serial = serial("an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on");
-    let cl = Cluster::start(3);
+    let cl = Cluster::start_with(3, "[registry]\nmax_nodes = 40\n");
     let mut p = cl.nodes[1].peer();
     let huge = format!("/{}", "x".repeat(15 << 20));
     let t = Instant::now();
@@ -1632,6 +1634,19 @@ fn an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on() {
         });
         assert_eq!(children, vec!["oversized".to_owned()]);
     }
+    // 2 nodes exist (/after, /after/oversized); /full plus 37 children make 40.
+    let mut through: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
+    for i in 0..37 {
+        assert!(through[i % 3].zk_create(&format!("/full/n{i}"), "x").unwrap());
+    }
+    for q in &mut through {
+        match q.zk_create("/full/one-too-many", "x") {
+            Err(Fail::App(m)) => assert!(m.contains("registry is full (40 nodes)"), "{m}"),
+            other => panic!("the 41st node: {other:?}"),
+        }
+    }
+    assert!(through[2].zk_del("/full/n0").unwrap());
+    assert!(through[0].zk_create("/full/one-too-many", "x").unwrap());
 }
 
 // ---- lock safety ------------------------------------------------------------------------------------------

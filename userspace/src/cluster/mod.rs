@@ -155,9 +155,14 @@ struct ClusterRegistry {
 }
 
 impl RegistryBackend for ClusterRegistry {
-    fn create(&self, path: &str, data: &[u8]) -> Result<bool, String> {
+    fn create(
+        &self,
+        path: &str,
+        data: &[u8],
+        limits: &fae_cluster::RegistryLimits,
+    ) -> Result<bool, String> {
         self.cluster
-            .registry_create(path, data)
+            .registry_create(path, data, limits)
             .map_err(|e| e.to_string())
     }
     fn children(&self, path: &str) -> Result<Vec<String>, String> {

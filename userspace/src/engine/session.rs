@@ -675,13 +675,14 @@ fn registry_call(
         Err(e) => return Some(Err(format!("{}: {}", method.name(), e.message))),
     };
     let data = data.map(<[u8]>::to_vec).unwrap_or_default();
+    let limits = env.servants.registry.limits();
     let (name, seqid) = (method.name(), c.header.seqid);
     let work = Work::Run(Box::new(move || {
         let mut out = Vec::new();
         let mut reply = Reply::begin(&mut out, Transport::Buffered, name.as_bytes(), seqid);
         let e = reply.enc();
         match method {
-            Method::ZkCreate => e.field_bool(0, reg.create(&path, &data)?),
+            Method::ZkCreate => e.field_bool(0, reg.create(&path, &data, &limits)?),
             Method::ZkDel => e.field_bool(0, reg.delete(&path)?),
             _ => crate::servant::registry::encode_children(e, &reg.children(&path)?),
         }

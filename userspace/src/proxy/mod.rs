@@ -49,7 +49,13 @@ pub trait Router: Send + Sync {
 
 /// The cluster's replicated registry (zk_* semantics).
 pub trait RegistryBackend: Send + Sync {
-    fn create(&self, path: &str, data: &[u8]) -> Result<bool, String>;
+    /// `limits`: the node's `[registry]` limits, checked before proposing and again at apply.
+    fn create(
+        &self,
+        path: &str,
+        data: &[u8],
+        limits: &fae_cluster::RegistryLimits,
+    ) -> Result<bool, String>;
     fn children(&self, path: &str) -> Result<Vec<String>, String>;
     fn delete(&self, path: &str) -> Result<bool, String>;
 }
