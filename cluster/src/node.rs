@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use protobuf::Message as PbMessage;
-use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot};
+use raft::prelude::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +65,10 @@ pub struct ClusterConfig {
     pub snapshot_every: u64,
     /// How long a proposal, a read or a join request may take.
     pub request_timeout: Duration,
+    /// A failed member silent this long is removed from the cluster (zero: never). Its vbuckets went to
+    /// the others when it failed; removal takes it out of the voters, so replacing it does not grow the
+    /// quorum. To come back it must join again with an empty data dir.
+    pub remove_after: Duration,
     /// How long `start` keeps trying to join through the seeds.
     pub join_timeout: Duration,
     pub handoff: Handoff,
@@ -99,6 +103,7 @@ impl ClusterConfig {
             heartbeat_ticks: 2,
             snapshot_every: 1000,
             request_timeout: Duration::from_secs(5),
+            remove_after: Duration::ZERO,
             join_timeout: Duration::from_secs(30),
             handoff: Handoff::Manual,
             lock_fence: Duration::ZERO,
@@ -1256,7 +1261,15 @@ impl Node {
                     }
                     return;
                 }
-                self.last_heard.insert(m.from, Instant::now());
+                // Liveness is two-way contact: only an answer to this node's own appends or heartbeats
+                // counts. A member that can send but not receive (its vote requests still arrive) is
+                // failed over like a silent one.
+                if matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgAppendResponse | MessageType::MsgHeartbeatResponse
+                ) {
+                    self.last_heard.insert(m.from, Instant::now());
+                }
                 if let Err(e) = self.raw.step(m) {
                     tracing::trace!(node = self.id, error = %e, "raft message not stepped");
                 }
@@ -1453,6 +1466,21 @@ impl Node {
                 MemberState::Failed if alive && self.once(format!("alive {}", m.id), now) => {
                     tracing::info!(node = self.id, peer = m.id, "a failed member is back");
                     self.propose_internal(Command::MarkAlive { id: m.id });
+                }
+                // Failed and silent for good: out of the voters, so that a replacement does not grow the
+                // quorum. (It owns nothing since it failed.)
+                MemberState::Failed
+                    if !self.cfg.remove_after.is_zero()
+                        && silent > self.cfg.remove_after
+                        && self.once(format!("remove {}", m.id), now) =>
+                {
+                    tracing::warn!(
+                        node = self.id,
+                        peer = m.id,
+                        ?silent,
+                        "removing a member failed for too long; it needs an empty data dir to join again"
+                    );
+                    self.conf_change(ConfChangeType::RemoveNode, m.id);
                 }
                 MemberState::Learner if alive => {
                     let matched = self.raw.raft.prs().get(m.id).map_or(0, |p| p.matched);

@@ -441,6 +441,44 @@ fn forged_raft_messages_are_dropped_not_stepped() {
     assert!(b.status().refused_messages >= 1, "{:?}", b.status());
 }
 
+/// A member failed for longer than `remove_after` is removed: the cluster goes back to two voters, and a
+/// replacement makes three again (not four, whose quorum would need three of them).
+#[test]
+fn a_member_failed_for_long_is_removed_and_a_replacement_does_not_grow_the_quorum() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let with_removal = |dir: &Path, id: u64, bootstrap: bool, seeds: &[&str]| {
+        let mut c = config(dir, Some(id), "127.0.0.1:0");
+        c.remove_after = Duration::from_secs(5);
+        c.bootstrap = bootstrap;
+        c.seeds = seeds.iter().map(|s| s.to_string()).collect();
+        Cluster::start(c).expect("node starts")
+    };
+    let a = with_removal(dirs[0].path(), 41, true, &[]);
+    wait_until("bootstrap leader", || a.view().is_leader());
+    let b = with_removal(dirs[1].path(), 42, false, &[a.raft_addr()]);
+    let c = with_removal(dirs[2].path(), 43, false, &[a.raft_addr()]);
+    wait_until("3 voters", || settled(&[&a, &b, &c], &[341, 341, 342]));
+    drop(c);
+    wait_until("C failed over", || {
+        a.view()
+            .members
+            .get(&43)
+            .is_some_and(|m| m.state == MemberState::Failed)
+    });
+    wait_until("C removed", || {
+        [&a, &b].iter().all(|n| n.view().members.len() == 2)
+    });
+    let d = with_removal(dirs[3].path(), 44, false, &[a.raft_addr()]);
+    wait_until("3 voters again", || {
+        settled(&[&a, &b, &d], &[341, 341, 342])
+    });
+    // Two of three make a quorum: with B gone too, A and D still commit.
+    drop(b);
+    retry("a write with one voter of three down", || {
+        a.registry_create("/removal/after", b"x", &limits())
+    });
+}
+
 /// With a cluster secret: a raw connection that skips the handshake is closed before anything it sends is
 /// read as raft, a node without the secret and a node with another one are refused at once when they try
 /// to join (not after the join timeout), a tool needs the secret for `status`, and the cluster carries on.

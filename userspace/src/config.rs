@@ -410,6 +410,8 @@ pub struct ClusterConfig {
     pub bootstrap: bool,
     pub seeds: Vec<String>,
     pub failover_timeout_ms: u64,
+    /// A failed member silent this long is removed from the cluster (0: never).
+    pub remove_after_ms: u64,
     pub forward_timeout_ms: u64,
     pub forward_workers: usize,
     pub leave_on_shutdown: bool,
@@ -427,6 +429,7 @@ impl Default for ClusterConfig {
             bootstrap: false,
             seeds: Vec::new(),
             failover_timeout_ms: 5_000,
+            remove_after_ms: 3_600_000,
             forward_timeout_ms: 2_000,
             forward_workers: 16,
             leave_on_shutdown: false,
@@ -897,6 +900,12 @@ impl Config {
         self.validate_backends()?;
         self.validate_mysql()?;
         self.validate_ops()?;
+        check(
+            self.cluster.remove_after_ms == 0
+                || self.cluster.remove_after_ms > self.cluster.failover_timeout_ms,
+            "cluster.remove_after_ms",
+            "0 (never) or more than cluster.failover_timeout_ms",
+        )?;
         // A snapshot carries the whole registry in one frame of at most 64 MiB.
         check(
             !self.cluster.enabled || self.registry.max_total_bytes <= 48 << 20,

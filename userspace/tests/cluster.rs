@@ -1637,7 +1637,9 @@ fn an_oversized_registry_call_is_refused_at_once_and_the_log_carries_on() {
     // 2 nodes exist (/after, /after/oversized); /full plus 37 children make 40.
     let mut through: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
     for i in 0..37 {
-        assert!(through[i % 3].zk_create(&format!("/full/n{i}"), "x").unwrap());
+        assert!(through[i % 3]
+            .zk_create(&format!("/full/n{i}"), "x")
+            .unwrap());
     }
     for q in &mut through {
         match q.zk_create("/full/one-too-many", "x") {

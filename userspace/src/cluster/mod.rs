@@ -30,6 +30,7 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
         .secret()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
     cc.failover_timeout = Duration::from_millis(c.failover_timeout_ms);
+    cc.remove_after = Duration::from_millis(c.remove_after_ms);
     cc.handoff = Handoff::Manual;
     // A lock granted by a failed owner expires within its TTL: a vbucket taken over without a handoff (or
     // held across a restart) grants no lock before then.
