@@ -49,9 +49,21 @@ fn logs() {
 }
 
 fn start(dir: &Path, id: Option<u64>, bootstrap: bool, seeds: &[&str]) -> Cluster {
+    start_with(dir, id, bootstrap, seeds, |_| ())
+}
+
+/// As [`start`], `tweak` changing the config first.
+fn start_with(
+    dir: &Path,
+    id: Option<u64>,
+    bootstrap: bool,
+    seeds: &[&str],
+    tweak: impl FnOnce(&mut ClusterConfig),
+) -> Cluster {
     let mut c = config(dir, id, "127.0.0.1:0");
     c.bootstrap = bootstrap;
     c.seeds = seeds.iter().map(|s| s.to_string()).collect();
+    tweak(&mut c);
     Cluster::start(c).expect("node starts")
 }
 
@@ -378,11 +390,7 @@ fn forged_raft_messages_are_dropped_not_stepped() {
 
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let open = |dir: &Path, id: u64, bootstrap: bool, seeds: &[&str]| {
-        let mut c = config(dir, Some(id), "127.0.0.1:0");
-        c.secret = None;
-        c.bootstrap = bootstrap;
-        c.seeds = seeds.iter().map(|s| s.to_string()).collect();
-        Cluster::start(c).expect("node starts")
+        start_with(dir, Some(id), bootstrap, seeds, |c| c.secret = None)
     };
     let a = open(dirs[0].path(), 1, true, &[]);
     wait_until("bootstrap leader", || a.view().is_leader());
@@ -447,11 +455,9 @@ fn forged_raft_messages_are_dropped_not_stepped() {
 fn a_member_failed_for_long_is_removed_and_a_replacement_does_not_grow_the_quorum() {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let with_removal = |dir: &Path, id: u64, bootstrap: bool, seeds: &[&str]| {
-        let mut c = config(dir, Some(id), "127.0.0.1:0");
-        c.remove_after = Duration::from_secs(5);
-        c.bootstrap = bootstrap;
-        c.seeds = seeds.iter().map(|s| s.to_string()).collect();
-        Cluster::start(c).expect("node starts")
+        start_with(dir, Some(id), bootstrap, seeds, |c| {
+            c.remove_after = Duration::from_secs(5)
+        })
     };
     let a = with_removal(dirs[0].path(), 41, true, &[]);
     wait_until("bootstrap leader", || a.view().is_leader());
