@@ -278,11 +278,11 @@ impl Node {
     }
 
     fn raft_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.raft_port)
+        format!("{}:{}", self.spec.ip, self.raft_port)
     }
 
     fn rpc_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.spec.port)
+        format!("{}:{}", self.spec.ip, self.spec.port)
     }
 
     fn sock_addr(&self) -> SocketAddr {
@@ -432,9 +432,18 @@ impl Cluster {
 
     /// As [`Cluster::start`], every node's config also holding `sections`.
     fn start_with(n: usize, sections: &str) -> Cluster {
+        Self::start_as(n, sections, |_, _| ())
+    }
+
+    /// As [`Cluster::start_with`], `tweak(i, node)` changing each node before it starts.
+    fn start_as(n: usize, sections: &str, tweak: impl Fn(usize, &mut Node)) -> Cluster {
         let root = TempDir::new();
         let mut nodes: Vec<Node> = (0..n)
-            .map(|i| Node::new(root.path(), (b'A' + i as u8) as char, sections))
+            .map(|i| {
+                let mut node = Node::new(root.path(), (b'A' + i as u8) as char, sections);
+                tweak(i, &mut node);
+                node
+            })
             .collect();
         let t = Instant::now();
         nodes[0].spawn(&["--bootstrap".into()]);
@@ -2128,4 +2137,305 @@ fn kill9_of_a_source_during_a_move_of_100k_binary_entries_and_1000_locks() {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
+}
+
+// ---- a partition between network namespaces ------------------------------------------------------------
+
+/// Runs a command, panicking with its output if it fails.
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One network namespace per node, each joined by a veth pair to a bridge in the test's own namespace
+/// (10.213.S.254), so the test reaches every node; a partition is cut and healed with blackhole routes
+/// inside the namespaces (the test still reaches both sides). Dropping it deletes the namespaces (their
+/// veth pairs go with them) and the bridge, the test passing or not.
+struct Net {
+    tag: String,
+    subnet: u8,
+    nodes: usize,
+}
+
+impl Net {
+    fn new(nodes: usize) -> Net {
+        let pid = std::process::id();
+        let net = Net {
+            tag: format!("{}", pid % 100_000),
+            subnet: (20 + pid % 200) as u8,
+            nodes,
+        };
+        let br = net.bridge();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &br])
+            .output();
+        sh(&["ip", "link", "add", &br, "type", "bridge"]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.213.{}.254/24", net.subnet),
+            "dev",
+            &br,
+        ]);
+        sh(&["ip", "link", "set", &br, "up"]);
+        for i in 0..nodes {
+            let (ns, outer, inner) = (net.ns(i), net.outer(i), format!("fi{}n{i}", net.tag));
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &ns])
+                .output();
+            sh(&["ip", "netns", "add", &ns]);
+            sh(&[
+                "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ]);
+            sh(&["ip", "link", "set", &inner, "netns", &ns]);
+            sh(&["ip", "link", "set", &outer, "master", &br]);
+            sh(&["ip", "link", "set", &outer, "up"]);
+            let ip = format!("{}/24", net.ip(i));
+            sh(&["ip", "-n", &ns, "addr", "add", &ip, "dev", &inner]);
+            sh(&["ip", "-n", &ns, "link", "set", &inner, "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn bridge(&self) -> String {
+        format!("fbr{}", self.tag)
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("fae-part-{}-{i}", self.tag)
+    }
+
+    fn outer(&self, i: usize) -> String {
+        format!("fo{}n{i}", self.tag)
+    }
+
+    fn ip(&self, i: usize) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 213, self.subnet, i as u8 + 1)
+    }
+
+    /// Cuts (or heals) every path between node `i` and the other nodes; the test's own address stays
+    /// reachable from all.
+    fn isolate(&self, i: usize, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        for j in (0..self.nodes).filter(|&j| j != i) {
+            for (from, to) in [(i, j), (j, i)] {
+                sh(&[
+                    "ip",
+                    "-n",
+                    &self.ns(from),
+                    "route",
+                    verb,
+                    "blackhole",
+                    &format!("{}/32", self.ip(to)),
+                ]);
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 0..self.nodes {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .output();
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge()])
+            .output();
+    }
+}
+
+/// A lock grant through `peer`, recorded; `None` when refused (a fence, no lease, unreachable).
+fn try_lock(
+    peer: &mut Peer,
+    key: &str,
+    history: &mut BTreeMap<String, Vec<Grant>>,
+) -> Option<bool> {
+    let sent = Instant::now();
+    match peer.lock(key) {
+        Ok(true) => {
+            history.entry(key.to_owned()).or_default().push(Grant {
+                sent,
+                answered: Instant::now(),
+            });
+            Some(true)
+        }
+        Ok(false) => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// Three nodes, each in its own network namespace on a bridge. Node C is cut off from A and B (the test
+/// still reaches it) while clients keep asking for the same locks through every node and keep writing to
+/// the registry: the minority side grants nothing it lost (its lease runs out), the majority fails C over
+/// and grants only once the fence ran out, and after the heal C rejoins, the map is even again, no lock was
+/// held twice and every acknowledged registry write is there on every node.
+#[test]
+fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
+    let _serial = serial("a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice");
+    const TTL: Duration = Duration::from_millis(3000);
+    let net = Net::new(3);
+    let sections = format!("[lock]\nttl_ms = {}\n", TTL.as_millis());
+    let cl = Cluster::start_as(3, &sections, |i, n| {
+        n.spec.ip = net.ip(i);
+        n.spec.netns = Some(net.ns(i));
+        n.spec.admin_keys = "token = \"partition-test-token-0123456789\"\n".into();
+    });
+
+    let keys: Vec<String> = (0..90).map(|i| format!("part-lock:{i}")).collect();
+    let mut history: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+    let mut peers: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let got = try_lock(&mut peers[i % 3], k, &mut history);
+        assert_eq!(got, Some(true), "{k} before the partition");
+    }
+    let mut acked: Vec<String> = Vec::new();
+    let write = |peers: &mut Vec<Peer>, n: usize, tag: &str, acked: &mut Vec<String>| {
+        let path = format!("/part/{tag}-{n}");
+        if let Ok(true) = peers[n % 3].zk_create(&path, "w") {
+            acked.push(path);
+        }
+    };
+    for n in 0..6 {
+        write(&mut peers, n, "before", &mut acked);
+    }
+
+    net.isolate(2, true);
+    let cut = Instant::now();
+    let mut granted_by = [0usize; 3];
+    let mut n = 0;
+    while cut.elapsed() < Duration::from_millis(FAILOVER_MS) + TTL + Duration::from_secs(3) {
+        for (i, k) in keys.iter().enumerate() {
+            // Every key through the minority node and through one majority node.
+            for via in [2, i % 2] {
+                if try_lock(&mut peers[via], k, &mut history) == Some(true) {
+                    granted_by[via] += 1;
+                }
+            }
+        }
+        write(&mut peers, n, "during", &mut acked);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("grants during the partition by node: {granted_by:?}");
+    assert_eq!(granted_by[2], 0, "the cut-off node granted locks");
+    assert!(
+        granted_by[0] + granted_by[1] > 0,
+        "the majority never granted the locks again after the fence"
+    );
+    net.isolate(2, false);
+    cl.wait_settled(&[0, 1, 2], &[0, 1, 2], &[], &even(3));
+    for (i, k) in keys.iter().enumerate() {
+        try_lock(&mut peers[i % 3], k, &mut history);
+    }
+    let bad = check_locks(&history, TTL);
+    assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+    for n in 0..3 {
+        write(&mut peers, n, "after", &mut acked);
+    }
+    for (i, p) in peers.iter_mut().enumerate() {
+        let children = p.zk_children("/part").expect("zk_children after the heal");
+        for path in &acked {
+            let name = path.trim_start_matches("/part/");
+            assert!(
+                children.iter().any(|c| c == name),
+                "{path} was acknowledged but node {i} does not have it"
+            );
+        }
+    }
+    eprintln!("{} acknowledged registry writes all there", acked.len());
+}
+
+/// Every node killed at once (SIGKILL, one after the other without waiting), a torn record appended to one
+/// node's raft log (a header promising more than was written, as a crash mid-append leaves), then all
+/// restarted from their data dirs: the torn tail is truncated, the cluster comes back with an even map and
+/// nothing pending, every acknowledged registry write is there on every node, and no lock granted before the
+/// crash is granted again within its TTL (every vbucket is fenced after a restart).
+#[test]
+fn every_node_killed_at_once_with_a_torn_log_tail_comes_back_whole() {
+    use std::io::Write as _;
+    let _serial = serial("every_node_killed_at_once_with_a_torn_log_tail_comes_back_whole");
+    const TTL: Duration = Duration::from_millis(4000);
+    let mut cl = Cluster::start_with(3, &format!("[lock]\nttl_ms = {}\n", TTL.as_millis()));
+    let mut peers: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
+    let mut acked = Vec::new();
+    for n in 0..30 {
+        let path = format!("/crash/w{n}");
+        assert!(peers[n % 3].zk_create(&path, "v").unwrap(), "{path}");
+        acked.push(path);
+    }
+    let keys: Vec<String> = (0..60).map(|i| format!("crash-lock:{i}")).collect();
+    let mut history: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(
+            try_lock(&mut peers[i % 3], k, &mut history),
+            Some(true),
+            "{k}"
+        );
+    }
+    drop(peers);
+    for node in &mut cl.nodes {
+        node.faed().signal(libc::SIGKILL);
+    }
+    for node in &mut cl.nodes {
+        node.kill9();
+    }
+    // A torn record: a header for 4 KiB of payload, and 100 bytes of it.
+    let log = cl.nodes[1].data_dir.join("raft.log");
+    let before = std::fs::metadata(&log).expect("B's raft log").len();
+    let mut torn = 4096u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&0xdead_beefu32.to_le_bytes());
+    torn.extend_from_slice(&[7u8; 100]);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(&torn)
+        .unwrap();
+    for node in &mut cl.nodes {
+        node.spawn(&[]);
+    }
+    for node in &mut cl.nodes {
+        node.wait_ready();
+    }
+    cl.wait_settled(&[0, 1, 2], &[0, 1, 2], &[], &even(3));
+    assert!(
+        cl.nodes[1].log_since_start().contains("torn or corrupt"),
+        "{}",
+        cl.nodes[1].log_since_start()
+    );
+    assert!(std::fs::metadata(&log).unwrap().len() >= before);
+    let mut peers: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
+    // Locks: asked again through every node until past the TTL; the fence refuses them until then.
+    let t = Instant::now();
+    while t.elapsed() < TTL + Duration::from_secs(2) {
+        for (i, k) in keys.iter().enumerate() {
+            try_lock(&mut peers[(i + 1) % 3], k, &mut history);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bad = check_locks(&history, TTL);
+    assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+    let regranted = keys.iter().filter(|k| history[*k].len() > 1).count();
+    assert_eq!(
+        regranted,
+        keys.len(),
+        "locks never granted again after the fence"
+    );
+    for (i, p) in peers.iter_mut().enumerate() {
+        let children = p
+            .zk_children("/crash")
+            .expect("zk_children after the restart");
+        assert_eq!(children.len(), acked.len(), "node {i}: {children:?}");
+    }
 }

@@ -103,7 +103,7 @@ enum Cmd {
         warmup_secs: f64,
         /// Calls and weights, e.g. `noop` or `noop:3,lc_get:1`: noop, ping, id_next, lc_get, lc_set, mc_get,
         /// mc_set, rd_get, rd_set (rd_call GET/SET), my_get, my_get_cached (my_query of one `kv` row by key,
-        /// without and with a cacheKey).
+        /// without and with a cacheKey), lock (granted while free, false while held).
         #[arg(short = 'm', long, default_value = "noop")]
         mix: String,
         /// The pool of mc_* and rd_call calls.

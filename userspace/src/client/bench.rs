@@ -42,13 +42,15 @@ pub enum Op {
     MyGet,
     /// The same with a cacheKey (the row's key): answered from fae's result cache once cached.
     MyGetCached,
+    /// `lock` of a key (granted while free, false while held; nobody unlocks).
+    Lock,
 }
 
 /// The statement of `my_get`: a point read by primary key (tests/mysql/schema.sql's `kv`).
 pub const MY_GET_SQL: &str = "SELECT k, v FROM kv WHERE k = ?";
 
 impl Op {
-    const ALL: [Op; 11] = [
+    const ALL: [Op; 12] = [
         Op::Noop,
         Op::Ping,
         Op::IdNext,
@@ -60,6 +62,7 @@ impl Op {
         Op::RdSet,
         Op::MyGet,
         Op::MyGetCached,
+        Op::Lock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Op {
             Op::RdSet => "rd_set",
             Op::MyGet => "my_get",
             Op::MyGetCached => "my_get_cached",
+            Op::Lock => "lock",
         }
     }
 
@@ -90,6 +94,7 @@ impl Op {
             Op::McSet => Method::McSet,
             Op::RdGet | Op::RdSet => Method::RdCall,
             Op::MyGet | Op::MyGetCached => Method::MyQuery,
+            Op::Lock => Method::Lock,
         }
     }
 
@@ -311,6 +316,10 @@ fn encode_call(out: &mut Vec<u8>, cfg: &BenchConfig, op: Op, seq: i32, key: &[u8
                 if op == Op::LcSet {
                     e.field_bytes(3, value);
                 }
+            }
+            Op::Lock => {
+                e.field_bytes(2, b"bench");
+                e.field_bytes(3, key);
             }
             Op::McGet | Op::McSet => {
                 e.field_bytes(2, cfg.pool.as_bytes());

@@ -119,6 +119,8 @@ pub fn raise_nofile(want: libc::rlim_t) -> libc::rlim_t {
 /// A running faed. Dropping it stops it: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`], then reaps it.
 pub struct Faed {
     child: Child,
+    /// The address faed listens on (loopback unless it runs in a network namespace).
+    pub ip: std::net::Ipv4Addr,
     pub port: u16,
     pub admin_port: u16,
     pub dir: PathBuf,
@@ -146,6 +148,11 @@ pub struct FaedSpec {
     pub args: Vec<String>,
     /// `--log-level` (an EnvFilter string).
     pub log_level: String,
+    /// The address of the RPC and admin listeners (127.0.0.1 unless in a network namespace; anything else
+    /// needs an admin token in `admin_keys`).
+    pub ip: std::net::Ipv4Addr,
+    /// Run faed in this network namespace (`ip netns exec`, which execs it: the pid is faed's).
+    pub netns: Option<String>,
 }
 
 impl FaedSpec {
@@ -162,11 +169,13 @@ impl FaedSpec {
             sections: String::new(),
             args: Vec::new(),
             log_level: "warn".into(),
+            ip: std::net::Ipv4Addr::LOCALHOST,
+            netns: None,
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.ip, self.port))
     }
 }
 
@@ -178,8 +187,27 @@ pub fn config_text(
     admin_keys: &str,
     sections: &str,
 ) -> String {
+    config_text_on(
+        std::net::Ipv4Addr::LOCALHOST,
+        port,
+        admin_port,
+        server_keys,
+        admin_keys,
+        sections,
+    )
+}
+
+/// As [`config_text`], the listeners on `ip`.
+pub fn config_text_on(
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    admin_port: u16,
+    server_keys: &str,
+    admin_keys: &str,
+    sections: &str,
+) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_keys}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{admin_keys}\n\n[log]\nlevel = \"warn\"\n\n{sections}\n"
+        "[server]\nlisten = \"{ip}:{port}\"\n{server_keys}\n\n[admin]\nlisten = \"{ip}:{admin_port}\"\n{admin_keys}\n\n[log]\nlevel = \"warn\"\n\n{sections}\n"
     )
 }
 
@@ -229,6 +257,7 @@ impl Faed {
             .expect("spawn faed");
         let mut f = Faed {
             child,
+            ip: std::net::Ipv4Addr::LOCALHOST,
             port,
             admin_port,
             dir,
@@ -245,7 +274,8 @@ impl Faed {
     pub fn spawn(spec: &FaedSpec) -> Faed {
         std::fs::create_dir_all(&spec.dir).expect("create faed dir");
         let config = spec.dir.join("faed.toml");
-        let text = config_text(
+        let text = config_text_on(
+            spec.ip,
             spec.port,
             spec.admin_port,
             &spec.server_keys,
@@ -265,7 +295,15 @@ impl Faed {
             .open(&log)
             .expect("open log");
         let _ = writeln!(stderr, "==== faed {} ====", spec.args.join(" "));
-        let child = Command::new(FAED)
+        let mut cmd = match &spec.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, FAED]);
+                c
+            }
+            None => Command::new(FAED),
+        };
+        let child = cmd
             .arg("-c")
             .arg(config)
             .args(["--log-level", &spec.log_level])
@@ -277,6 +315,7 @@ impl Faed {
             .expect("spawn faed");
         Faed {
             child,
+            ip: spec.ip,
             port: spec.port,
             admin_port: spec.admin_port,
             dir: spec.dir.clone(),
@@ -288,7 +327,7 @@ impl Faed {
     /// Waits up to `within` until both the RPC and the admin port accept connections (and faed is still
     /// running); `Err` with faed's log if it exits or does not get there in time.
     pub fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
-        let (port, admin_port) = (self.port, self.admin_port);
+        let (ip, port, admin_port) = (self.ip, self.port, self.admin_port);
         let deadline = Instant::now() + within;
         let mut ready = [false, false];
         while Instant::now() < deadline {
@@ -300,7 +339,7 @@ impl Faed {
             }
             for (i, p) in [port, admin_port].into_iter().enumerate() {
                 if !ready[i] {
-                    let addr = SocketAddr::from(([127, 0, 0, 1], p));
+                    let addr = SocketAddr::from((ip, p));
                     ready[i] =
                         TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
                 }
@@ -319,7 +358,7 @@ impl Faed {
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(format!(
-            "faed did not accept on 127.0.0.1:{port} within {within:?}:\n{}",
+            "faed did not accept on {ip}:{port} within {within:?}:\n{}",
             self.log()
         ))
     }
@@ -329,7 +368,7 @@ impl Faed {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.ip, self.port))
     }
 
     /// faed's stderr so far.
@@ -866,19 +905,7 @@ pub mod stores;
 
 /// The body of `GET path` on faed's admin port.
 pub fn admin_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin port");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("set timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read the answer");
-    match out.find("\r\n\r\n") {
-        Some(at) => out[at + 4..].to_owned(),
-        None => out,
-    }
+    http(port, "GET", path, &[], "").1
 }
 
 // ---- admin HTTP -------------------------------------------------------------------------------------------
