@@ -247,16 +247,19 @@ def main():
             times = recovery(nodes)
             print(f"recovery after kill -9 of an owner: median {statistics.median(times):.2f} s "
                   f"(min {min(times):.2f}, max {max(times):.2f}) over {len(times)} rounds")
-            after = lock_rate(nodes[0])
         finally:
             for n in nodes:
                 n.stop()
-    rows = [("this tree", after)]
-    if BEFORE_FAED:
+    # Lock calls/s on fresh clusters: after a restart or a failover the vbuckets concerned grant no lock
+    # for lock.ttl_ms (the fence), which would be measured instead.
+    rows = []
+    for name, faed in [("before issue 10", BEFORE_FAED), ("this tree", FAED)]:
+        if not faed:
+            continue
         with tempfile.TemporaryDirectory() as work:
-            nodes = start_cluster(work, faed=BEFORE_FAED)
+            nodes = start_cluster(work, faed=faed)
             try:
-                rows.insert(0, ("before issue 10", lock_rate(nodes[0])))
+                rows.append((name, lock_rate(nodes[0])))
             finally:
                 for n in nodes:
                     n.stop()

@@ -428,7 +428,7 @@ impl Default for ClusterConfig {
             data_dir: "/var/lib/fae".into(),
             bootstrap: false,
             seeds: Vec::new(),
-            failover_timeout_ms: 5_000,
+            failover_timeout_ms: 2_500,
             remove_after_ms: 3_600_000,
             forward_timeout_ms: 2_000,
             forward_workers: 16,

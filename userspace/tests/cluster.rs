@@ -22,7 +22,7 @@ use common::{Faed, FaedSpec, TempDir, Val};
 use fae::client::{self, fun_rpc::TCacheMissed, Client, TFunServantSyncClient, Transport};
 use fae_cluster::{ClusterStatus, MemberState};
 
-/// `cluster.failover_timeout_ms` of every node (the default is 5000; shorter keeps the tests quick).
+/// `cluster.failover_timeout_ms` of every node (the default is 2500; shorter keeps the tests quick).
 const FAILOVER_MS: u64 = 2000;
 /// `cluster.forward_timeout_ms` of every node (the default).
 const FORWARD_MS: u64 = 2000;
