@@ -4,7 +4,9 @@
 //!
 //! Layers, each importing only those before it: [`rebalance`] (the map and move planning, pure), [`state`]
 //! (the replicated state machine, deterministic), `storage` (the raft log, hard state and snapshots on disk),
-//! `transport` (frames on the cluster port), `node` (the raft loop and the public [`Cluster`] handle).
+//! `auth` (the cluster secret's handshake), `transport` (frames on the cluster port), `node` (the raft loop
+//! and the public [`Cluster`] handle; its submodules: `config`, `view`, `rpc`, `membership` (the leader's
+//! failover, promotion and removal duties), `lease`, `logging`).
 //!
 //! # Public API
 //! ```text
