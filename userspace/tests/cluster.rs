@@ -796,6 +796,20 @@ fn three_nodes_share_keys_locks_ids_and_the_registry() {
         "keys per owner {per:?}"
     );
     eprintln!("keys per owner (A, B, C): {per:?}");
+    // A sticky call at a node that does not own the key is refused with the owner its map names, which
+    // the sending node follows once (its map was stale).
+    let (k0, o0) = (&keys[0], owners[0]);
+    let other = (o0 + 1) % 3;
+    match cl.nodes[other]
+        .peer()
+        .with(|x| x.lc_get(sticky_ctx(), k0.clone()))
+    {
+        Err(Fail::App(m)) => assert!(
+            m.contains(&format!("[owner {}]", cl.nodes[o0].rpc_addr())),
+            "{m}"
+        ),
+        other => panic!("a sticky call at a non-owner: {other:?}"),
+    }
     // And the other way round: written through C, read through A and B.
     let mut pc = cl.nodes[c].peer();
     for k in keys.iter().step_by(3) {

@@ -615,9 +615,19 @@ fn route(
                 .refuse_local(method, key)
                 .map(|why| Err(format!("{}: {why}", method.name())))
         } else {
+            // The sender re-routes once to the owner this node's map names (it never forwards again).
+            let hint = match router.route(key) {
+                Route::Remote { node, addr } => {
+                    format!(
+                        " node {node} owns it here {}{addr}]",
+                        crate::proxy::OWNER_HINT
+                    )
+                }
+                _ => String::new(),
+            };
             Some(Err(format!(
                 "{}: forwarded here, but this node does not own the key's vbucket (the sender's map is \
-                 stale); retry",
+                 stale);{hint} retry",
                 method.name()
             )))
         };

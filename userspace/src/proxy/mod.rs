@@ -181,10 +181,11 @@ fn worker(rx: Receiver<ForwardJob>, returns: Returns, timeout: Duration) {
                 pool.remove(&addr);
                 replies = exchange(&mut pool, &addr, &requests, timeout);
             }
-            let (got, err) = replies;
+            let (mut got, err) = replies;
             if err.is_some() {
                 pool.remove(&addr);
             }
+            follow_redirects(&mut pool, &addr, &requests, &mut got, timeout);
             let why = err.map(|e| format!("forwarding to node {node} at {addr} failed: {e}"));
             let mut got = got.into_iter();
             for (ticket, submitted, _) in items {
@@ -200,6 +201,49 @@ fn worker(rx: Receiver<ForwardJob>, returns: Returns, timeout: Duration) {
                         submitted,
                     },
                 );
+            }
+        }
+    }
+}
+
+/// The marker a node puts in its refusal of a forwarded call for a vbucket it does not own: the owner's
+/// address by its own (newer) map.
+pub const OWNER_HINT: &str = "[owner ";
+
+/// The address a refusal names with [`OWNER_HINT`], if `reply` is such a refusal (a TApplicationException).
+fn redirect_target(reply: &[u8]) -> Option<&str> {
+    // Strict binary protocol, message type EXCEPTION.
+    if reply.get(..4) != Some(&[0x80, 0x01, 0x00, 0x03][..]) {
+        return None;
+    }
+    let hint = OWNER_HINT.as_bytes();
+    let at = reply.windows(hint.len()).rposition(|w| w == hint)? + hint.len();
+    let len = reply[at..].iter().position(|&b| b == b']')?;
+    std::str::from_utf8(&reply[at..at + len]).ok()
+}
+
+/// A forwarded call refused because the sender's map was stale is sent once more, to the owner the
+/// receiver named by its newer map (DESIGN: "re-routed once with the receiver's newer map"). The receiver
+/// itself never forwards a sticky call again (API.md): the sender re-routes. A second refusal stands.
+fn follow_redirects(
+    pool: &mut HashMap<String, BufReader<TcpStream>>,
+    addr: &str,
+    requests: &[&[u8]],
+    got: &mut [Vec<u8>],
+    timeout: Duration,
+) {
+    for (reply, request) in got.iter_mut().zip(requests) {
+        let Some(to) = redirect_target(reply)
+            .filter(|to| *to != addr)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        match exchange(pool, &to, &[request], timeout) {
+            (mut r, _) if !r.is_empty() => *reply = r.swap_remove(0),
+            (_, err) => {
+                pool.remove(&to);
+                tracing::debug!(to, error = ?err, "re-routing a forwarded call failed");
             }
         }
     }
@@ -264,4 +308,80 @@ pub fn sticky_request(message: &[u8], ctx_bytes: &[u8], ctx: &Context<'_>) -> Ve
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A peer that answers every frame it reads with `reply(request)` (a frame each), until closed.
+    fn peer(reply: impl Fn(&[u8]) -> Vec<u8> + Send + 'static) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut len = [0u8; 4];
+                while s.read_exact(&mut len).is_ok() {
+                    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                    if s.read_exact(&mut body).is_err() {
+                        break;
+                    }
+                    let out = reply(&body);
+                    let mut frame = (out.len() as u32).to_be_bytes().to_vec();
+                    frame.extend_from_slice(&out);
+                    if s.write_all(&frame).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    fn refusal(text: &str) -> Vec<u8> {
+        let mut m = vec![0x80, 0x01, 0x00, 0x03, 0, 0, 0, 1, b'x', 0, 0, 0, 1];
+        m.extend_from_slice(&[11, 0, 1]);
+        m.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        m.extend_from_slice(text.as_bytes());
+        m.extend_from_slice(&[8, 0, 2, 0, 0, 0, 1, 0]);
+        m
+    }
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn a_refusal_naming_the_owner_is_re_routed_once() {
+        let owner = peer(|req| [b"served:", req].concat());
+        let hint = format!("not mine; retry {OWNER_HINT}{owner}]");
+        let stale = peer(move |_| refusal(&hint));
+        // The owner itself refuses, naming the stale node: the second refusal stands (no ping-pong).
+        let looping_owner = {
+            let stale = stale.clone();
+            peer(move |_| refusal(&format!("not mine either {OWNER_HINT}{stale}]")))
+        };
+        let t = Duration::from_secs(5);
+        let mut pool = HashMap::new();
+        let reqs = [frame(b"a"), frame(b"b")];
+        let requests: Vec<&[u8]> = reqs.iter().map(Vec::as_slice).collect();
+        let (mut got, err) = exchange(&mut pool, &stale, &requests, t);
+        assert!(err.is_none());
+        assert_eq!(redirect_target(&got[0]), Some(owner.as_str()));
+        follow_redirects(&mut pool, &stale, &requests, &mut got, t);
+        assert_eq!(got, vec![b"served:a".to_vec(), b"served:b".to_vec()]);
+
+        let hint = format!("retry {OWNER_HINT}{looping_owner}]");
+        let stale2 = peer(move |_| refusal(&hint));
+        let (mut got, _) = exchange(&mut pool, &stale2, &requests[..1], t);
+        follow_redirects(&mut pool, &stale2, &requests[..1], &mut got, t);
+        assert!(String::from_utf8_lossy(&got[0]).contains("not mine either"));
+        // A normal reply, or an error without the hint, is left alone.
+        assert_eq!(redirect_target(b"\x80\x01\x00\x02..."), None);
+        assert_eq!(redirect_target(&refusal("moving; retry")), None);
+    }
 }
