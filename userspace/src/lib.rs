@@ -14,7 +14,6 @@ pub mod config;
 pub mod engine;
 pub mod filter;
 pub mod fuzzing;
-pub mod proxy;
 pub mod reload;
 pub mod servant;
 pub mod wire;

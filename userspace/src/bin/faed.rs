@@ -289,7 +289,8 @@ fn run(
     let servants = Arc::new(fae::servant::Servants::new(cfg)?);
     let router = cluster.as_ref().map(|c| {
         fae::cluster::spawn_handoff(c, servants.clone());
-        Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() }) as Arc<dyn fae::proxy::Router>
+        Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() })
+            as Arc<dyn fae::cluster::forward::Router>
     });
     let server = Server::start_with(cfg, servants, router, first_listener)?;
     let state = Arc::new(RwLock::new((cfg.clone(), 1u64)));

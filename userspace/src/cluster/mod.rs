@@ -1,17 +1,25 @@
 //! The daemon's side of the cluster: routing keyed calls by the vbucket map, the registry in raft, and the
 //! handoff of a vbucket's cache and lock entries when it moves. fae-cluster knows nothing of servants; this
-//! module is where the two meet.
+//! module is where the two meet, and the engine knows nothing of the cluster but one outcome per call.
+//!
+//! - `route`: where a call runs (local, deferred to a worker, refused), asked once per call by the engine.
+//! - `forward`: the forwarding workers and the `Router` trait the map implements (here, `ClusterRouter`).
+//! - `registry`: `zk_*` on raft, run on a worker.
+//! - `handoff`: a moving vbucket's entries and locks, and the sweep of lost ones.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fae_cluster::{Cluster, ClusterConfig, ClusterError, Handoff};
 
+pub mod forward;
 mod handoff;
+mod registry;
+pub mod route;
 pub use handoff::spawn_handoff;
 
+use crate::cluster::forward::{RegistryBackend, Route, Router};
 use crate::config::Config;
-use crate::proxy::{RegistryBackend, Route, Router};
 
 /// Starts (bootstraps, joins or rejoins) this node's membership.
 pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
@@ -145,35 +153,8 @@ impl Router for ClusterRouter {
     }
 
     fn registry(&self) -> Option<Arc<dyn RegistryBackend>> {
-        Some(Arc::new(ClusterRegistry {
+        Some(Arc::new(registry::ClusterRegistry {
             cluster: self.cluster.clone(),
         }))
-    }
-}
-
-struct ClusterRegistry {
-    cluster: Arc<Cluster>,
-}
-
-impl RegistryBackend for ClusterRegistry {
-    fn create(
-        &self,
-        path: &str,
-        data: &[u8],
-        limits: &fae_cluster::RegistryLimits,
-    ) -> Result<bool, String> {
-        self.cluster
-            .registry_create(path, data, limits)
-            .map_err(|e| e.to_string())
-    }
-    fn children(&self, path: &str) -> Result<Vec<String>, String> {
-        self.cluster
-            .registry_children(path)
-            .map_err(|e| e.to_string())
-    }
-    fn delete(&self, path: &str) -> Result<bool, String> {
-        self.cluster
-            .registry_delete(path)
-            .map_err(|e| e.to_string())
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use crate::backend::{self, Doorbell};
+use crate::cluster::forward::{ForwardDone, Forwarder, Router};
 use crate::config::{Config, ListenerMode};
-use crate::proxy::{ForwardDone, Forwarder, Router};
 use crate::servant::Servants;
 use kernel::{Gate, KernelLoop};
 use metrics::LoopMetrics;

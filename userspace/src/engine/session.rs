@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use super::metrics::{LoopMetrics, UNKNOWN_SLOT};
 use super::Completion;
 use crate::backend::{SessionId, Ticket};
+use crate::cluster::forward::{Forwarder, Router};
+use crate::cluster::route::Routed;
 use crate::filter::{CallInfo, Chain, Ending};
-use crate::proxy::{ForwardJob, Forwarder, RegistryBackend, Route, Router, Work};
 use crate::servant::{CallEnv, Method, Outcome, Servants};
 use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Progress, Reply, Transport};
 use std::net::IpAddr;
@@ -559,17 +560,6 @@ fn serve(
     }
 }
 
-/// The argument holding the key that routes a call to its vbucket's owner (API.md, Routing): `my_query`
-/// routes by its cacheKey when it has one (so that the cached copy and its evictions meet on one node).
-fn routed_key(m: Method) -> Option<i16> {
-    match m {
-        Method::LcSet | Method::LcGet | Method::LcDel | Method::MyEvict => Some(2),
-        Method::Lock | Method::Unlock => Some(3),
-        Method::MyQuery => Some(7),
-        _ => None,
-    }
-}
-
 /// How a call left: answered here, or deferred (a barrier or not; admitted by the filters or not).
 enum Left {
     Answered,
@@ -577,139 +567,6 @@ enum Left {
         barrier: bool,
         admitted: Option<CallInfo>,
     },
-}
-
-/// Routes a keyed call: `None` to run it here; `Some(Ok)` when it was forwarded to its owner;
-/// `Some(Err)` when it must be refused.
-fn route(
-    c: &Call<'_>,
-    args: &Args<'_>,
-    method: Method,
-    router: &dyn Router,
-    ticket: Ticket,
-    env: &Env,
-) -> Option<Result<(), String>> {
-    // (Asked only for zk_* calls: `registry()` hands out a new handle.)
-    if matches!(
-        method,
-        Method::ZkCreate | Method::ZkChildren | Method::ZkDel
-    ) {
-        if let Some(reg) = router.registry() {
-            return registry_call(c, args, method, reg, ticket, env);
-        }
-    }
-    let key_id = routed_key(method)?;
-    // Malformed arguments and invalid contexts are refused by the local call, as for any other call.
-    let key = args.bytes(key_id, "key").ok()?;
-    if method == Method::MyQuery && key.is_empty() {
-        return None; // no cacheKey: runs where the client reached
-    }
-    let ctx = args.context().ok()?;
-    if ctx.rid == 0 || ctx.reason.is_empty() {
-        return None;
-    }
-    if ctx.sticky {
-        // Forwarded here by a peer: run here, never forward again; refuse if the sender's map is stale.
-        return if router.accepts_forwarded(key) {
-            router
-                .refuse_local(method, key)
-                .map(|why| Err(format!("{}: {why}", method.name())))
-        } else {
-            // The sender re-routes once to the owner this node's map names (it never forwards again).
-            let hint = match router.route(key) {
-                Route::Remote { node, addr } => {
-                    format!(
-                        " node {node} owns it here {}{addr}]",
-                        crate::proxy::OWNER_HINT
-                    )
-                }
-                _ => String::new(),
-            };
-            Some(Err(format!(
-                "{}: forwarded here, but this node does not own the key's vbucket (the sender's map is \
-                 stale);{hint} retry",
-                method.name()
-            )))
-        };
-    }
-    match router.route(key) {
-        Route::Local => router
-            .refuse_local(method, key)
-            .map(|why| Err(format!("{}: {why}", method.name()))),
-        Route::Unavailable(why) => Some(Err(format!("{}: {why}", method.name()))),
-        Route::Remote { node, addr } => {
-            let Some(fwd) = &env.forwarder else {
-                return Some(Err(format!(
-                    "{}: owned by node {node}, and forwarding is off",
-                    method.name()
-                )));
-            };
-            let ctx_bytes = args.structure(1, "ctx").ok()?;
-            let request = crate::proxy::sticky_request(c.message, ctx_bytes, &ctx);
-            let work = Work::Forward {
-                node,
-                addr,
-                request,
-            };
-            defer(fwd, ticket, work);
-            Some(Ok(()))
-        }
-    }
-}
-
-/// A zk_* call on the cluster's registry: validated here, run on a worker (it waits on raft), answered in
-/// its place in the stream.
-fn registry_call(
-    c: &Call<'_>,
-    args: &Args<'_>,
-    method: Method,
-    reg: Arc<dyn RegistryBackend>,
-    ticket: Ticket,
-    env: &Env,
-) -> Option<Result<(), String>> {
-    let ctx = args.context().ok()?;
-    if ctx.rid == 0 || ctx.reason.is_empty() {
-        return None; // the local call refuses it with the usual message
-    }
-    let fwd = env.forwarder.as_ref()?;
-    let path = args.bytes(2, "path").ok()?;
-    let data = if method == Method::ZkCreate {
-        Some(args.bytes(3, "data").ok()?)
-    } else {
-        None
-    };
-    // The node's own [registry] limits and path rules, before anything reaches raft: an oversized or
-    // invalid call is refused at once.
-    let path = match env.servants.registry.check(path, data) {
-        Ok(p) => p.to_owned(),
-        Err(e) => return Some(Err(format!("{}: {}", method.name(), e.message))),
-    };
-    let data = data.map(<[u8]>::to_vec).unwrap_or_default();
-    let limits = env.servants.registry.limits();
-    let (name, seqid) = (method.name(), c.header.seqid);
-    let work = Work::Run(Box::new(move || {
-        let mut out = Vec::new();
-        let mut reply = Reply::begin(&mut out, Transport::Buffered, name.as_bytes(), seqid);
-        let e = reply.enc();
-        match method {
-            Method::ZkCreate => e.field_bool(0, reg.create(&path, &data, &limits)?),
-            Method::ZkDel => e.field_bool(0, reg.delete(&path)?),
-            _ => crate::servant::registry::encode_children(e, &reg.children(&path)?),
-        }
-        reply.finish();
-        Ok(out)
-    }));
-    defer(fwd, ticket, work);
-    Some(Ok(()))
-}
-
-/// Hands a call's work to a forwarding worker.
-fn defer(fwd: &Forwarder, ticket: Ticket, work: Work) {
-    fwd.submit(ForwardJob {
-        ticket,
-        work,
-        submitted: Instant::now(),
-    });
 }
 
 /// Runs one whole message and answers it in its place (or defers it); returns the time it finished (the
@@ -815,19 +672,18 @@ fn run(
         }
         (started, Left::Answered)
     };
-    if let Some(router) = &env.router {
-        if let Some(forwarded) = route(c, args, method, router.as_ref(), ticket, env) {
-            return match forwarded {
-                Ok(()) => (
-                    started,
-                    Left::Deferred {
-                        barrier: true,
-                        admitted,
-                    },
-                ),
-                Err(why) => refused(out, &why),
-            };
+    match crate::cluster::route::route(c, args, method, ticket, env) {
+        Routed::Local => {}
+        Routed::Deferred => {
+            return (
+                started,
+                Left::Deferred {
+                    barrier: true,
+                    admitted,
+                },
+            )
         }
+        Routed::Refused(why) => return refused(out, &why),
     }
     if started.saturating_duration_since(received) > env.call_timeout {
         metrics.add(&metrics.deadline_exceeded, 1);
