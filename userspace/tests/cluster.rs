@@ -110,6 +110,11 @@ impl Peer {
     }
 
     /// `lc_get`: `Ok(None)` when the key is not cached.
+    /// `lc_del`.
+    fn del(&mut self, key: &str) -> Result<(), Fail> {
+        self.with(|c| c.lc_del(ctx(), key.to_owned()))
+    }
+
     fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>, Fail> {
         match self.with(|c| c.lc_get(ctx(), key.to_owned())) {
             Ok(v) => Ok(Some(v)),
@@ -1710,6 +1715,128 @@ fn check_locks(history: &BTreeMap<String, Vec<Grant>>, ttl: Duration) -> Vec<Str
     bad
 }
 
+/// One register operation as a client saw it (a cache key: lc_set, lc_del, lc_get), with its time window;
+/// `ok` false when the call failed (a failed write may or may not have happened).
+#[derive(Debug, Clone)]
+struct RegOp {
+    key: String,
+    kind: RegKind,
+    sent: Instant,
+    answered: Instant,
+    ok: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum RegKind {
+    Set(Vec<u8>),
+    Del,
+    Get(Option<Vec<u8>>),
+}
+
+/// The register checker: a successful read of a value must come from a write of that value (values are
+/// unique), and no successful delete or overwrite may have begun after that write was acknowledged and
+/// finished before the read began (then the read saw a value deleted or replaced before it started). A
+/// cache may lose values (a read of nothing is always allowed); it must never bring one back.
+fn check_registers(ops: &[RegOp]) -> Vec<String> {
+    let mut bad = Vec::new();
+    for r in ops {
+        let RegKind::Get(Some(v)) = &r.kind else {
+            continue;
+        };
+        if !r.ok {
+            continue;
+        }
+        let same_key = || ops.iter().filter(|o| o.key == r.key);
+        let Some(w) = same_key().find(|o| o.kind == RegKind::Set(v.clone())) else {
+            bad.push(format!(
+                "{}: read {:?}, which nobody wrote",
+                r.key,
+                String::from_utf8_lossy(v)
+            ));
+            continue;
+        };
+        if !w.ok {
+            continue; // the write's outcome is unknown: its value may show up whenever
+        }
+        let gone = same_key().find(|o| {
+            o.ok && matches!(&o.kind, RegKind::Del | RegKind::Set(_))
+                && o.kind != w.kind
+                && o.sent > w.answered
+                && o.answered < r.sent
+        });
+        if let Some(g) = gone {
+            bad.push(format!(
+                "{}: read {:?} {:?} after a {:?} that ended before the read began",
+                r.key,
+                String::from_utf8_lossy(v),
+                r.sent.duration_since(g.answered),
+                g.kind
+            ));
+        }
+    }
+    bad
+}
+
+/// Runs one register operation through `peer` and records it.
+fn reg_op(peer: &mut Peer, key: &str, kind: RegKind, ops: &mut Vec<RegOp>) {
+    let sent = Instant::now();
+    let (kind, ok) = match kind {
+        RegKind::Set(v) => {
+            let ok = peer.set(key, &v).is_ok();
+            (RegKind::Set(v), ok)
+        }
+        RegKind::Del => (RegKind::Del, peer.del(key).is_ok()),
+        RegKind::Get(_) => match peer.get(key) {
+            Ok(v) => (RegKind::Get(v), true),
+            Err(_) => (RegKind::Get(None), false),
+        },
+    };
+    ops.push(RegOp {
+        key: key.to_owned(),
+        kind,
+        sent,
+        answered: Instant::now(),
+        ok,
+    });
+}
+
+#[test]
+fn the_register_checker_finds_a_stale_read() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let op = |kind: RegKind, sent: u64, answered: u64| RegOp {
+        key: "k".into(),
+        kind,
+        sent: at(sent),
+        answered: at(answered),
+        ok: true,
+    };
+    let v = |s: &str| s.as_bytes().to_vec();
+    let good = [
+        op(RegKind::Set(v("a")), 0, 1),
+        op(RegKind::Get(Some(v("a"))), 2, 3),
+        op(RegKind::Del, 4, 5),
+        op(RegKind::Get(None), 6, 7),
+        // Concurrent with the delete: either answer is fine.
+        op(RegKind::Get(Some(v("a"))), 4, 6),
+    ];
+    assert!(check_registers(&good).is_empty());
+    let stale = [
+        op(RegKind::Set(v("a")), 0, 1),
+        op(RegKind::Del, 2, 3),
+        op(RegKind::Get(Some(v("a"))), 4, 5),
+    ];
+    assert_eq!(check_registers(&stale).len(), 1);
+    let never = [op(RegKind::Get(Some(v("z"))), 0, 1)];
+    assert_eq!(check_registers(&never).len(), 1);
+    let overwritten = [
+        op(RegKind::Set(v("a")), 0, 1),
+        op(RegKind::Set(v("b")), 2, 3),
+        op(RegKind::Get(Some(v("a"))), 4, 5),
+    ];
+    assert_eq!(check_registers(&overwritten).len(), 1);
+}
+
 /// kill -9 of an owner while clients hold its locks and keep asking for them through the survivors: after
 /// the failover no lock is granted again before its TTL has run out, and after that the locks are granted
 /// again (the fence ends).
@@ -2313,6 +2440,28 @@ fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
         let got = try_lock(&mut peers[i % 3], k, &mut history);
         assert_eq!(got, Some(true), "{k} before the partition");
     }
+    // Registers: cache keys written, deleted and read through every node, before, during and after.
+    let regs: Vec<String> = (0..30).map(|i| format!("part-reg:{i}")).collect();
+    let mut reg_ops: Vec<RegOp> = Vec::new();
+    let mut version = 0u32;
+    let mut reg_round = |peers: &mut Vec<Peer>, reg_ops: &mut Vec<RegOp>, round: usize| {
+        for (i, k) in regs.iter().enumerate() {
+            let via = (i + round) % 3;
+            let kind = match (i + round) % 4 {
+                0 | 1 => {
+                    version += 1;
+                    RegKind::Set(format!("{k}=v{version}").into_bytes())
+                }
+                2 => RegKind::Del,
+                _ => RegKind::Get(None),
+            };
+            reg_op(&mut peers[via], k, kind, reg_ops);
+            reg_op(&mut peers[(via + 1) % 3], k, RegKind::Get(None), reg_ops);
+        }
+    };
+    for round in 0..4 {
+        reg_round(&mut peers, &mut reg_ops, round);
+    }
     let mut acked: Vec<String> = Vec::new();
     let write = |peers: &mut Vec<Peer>, n: usize, tag: &str, acked: &mut Vec<String>| {
         let path = format!("/part/{tag}-{n}");
@@ -2338,6 +2487,7 @@ fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
             }
         }
         write(&mut peers, n, "during", &mut acked);
+        reg_round(&mut peers, &mut reg_ops, n);
         n += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -2354,6 +2504,19 @@ fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
     }
     let bad = check_locks(&history, TTL);
     assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+    for round in 0..4 {
+        reg_round(&mut peers, &mut reg_ops, round);
+    }
+    let stale = check_registers(&reg_ops);
+    let reads = reg_ops
+        .iter()
+        .filter(|o| o.ok && matches!(o.kind, RegKind::Get(Some(_))))
+        .count();
+    eprintln!(
+        "{} register operations, {reads} reads of a value",
+        reg_ops.len()
+    );
+    assert!(stale.is_empty(), "stale reads:\n{}", stale.join("\n"));
     for n in 0..3 {
         write(&mut peers, n, "after", &mut acked);
     }
