@@ -231,6 +231,8 @@ struct Node {
     /// The cluster secret file (every node of a test root shares one), if the node has one.
     secret_file: Option<PathBuf>,
     sections: String,
+    /// The address of the cluster listener, when not `spec.ip` (a second address in its namespace).
+    raft_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// The secret shared by the nodes under `root` (written once).
@@ -258,6 +260,7 @@ impl Node {
             id: 0,
             secret_file: None,
             sections: sections.to_owned(),
+            raft_ip: None,
         };
         node.set_secret(Some(secret_file(root)));
         node
@@ -283,7 +286,11 @@ impl Node {
     }
 
     fn raft_addr(&self) -> String {
-        format!("{}:{}", self.spec.ip, self.raft_port)
+        format!(
+            "{}:{}",
+            self.raft_ip.unwrap_or(self.spec.ip),
+            self.raft_port
+        )
     }
 
     fn rpc_addr(&self) -> String {
@@ -2363,6 +2370,39 @@ impl Net {
         std::net::Ipv4Addr::new(10, 213, self.subnet, i as u8 + 1)
     }
 
+    /// A second address for node `i` (10.213.S.101 + i), e.g. for its cluster listener alone.
+    fn second_ip(&self, i: usize) -> std::net::Ipv4Addr {
+        let ip = std::net::Ipv4Addr::new(10, 213, self.subnet, 101 + i as u8);
+        let dev = format!("fi{}n{i}", self.tag);
+        sh(&[
+            "ip",
+            "-n",
+            &self.ns(i),
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &dev,
+        ]);
+        ip
+    }
+
+    /// Makes (or unmakes) `to` unreachable from every node but `except`.
+    fn blackhole(&self, to: std::net::Ipv4Addr, except: usize, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        for j in (0..self.nodes).filter(|&j| j != except) {
+            sh(&[
+                "ip",
+                "-n",
+                &self.ns(j),
+                "route",
+                verb,
+                "blackhole",
+                &format!("{to}/32"),
+            ]);
+        }
+    }
+
     /// Cuts (or heals) every path between node `i` and the other nodes; the test's own address stays
     /// reachable from all.
     fn isolate(&self, i: usize, cut: bool) {
@@ -2615,4 +2655,41 @@ fn every_node_killed_at_once_with_a_torn_log_tail_comes_back_whole() {
             .expect("zk_children after the restart");
         assert_eq!(children.len(), acked.len(), "node {i}: {children:?}");
     }
+}
+
+/// Node C listens for raft on an address of its own, and the other nodes lose their route to it: C can
+/// still send to them (its vote requests, its read-index requests arrive) but hears nothing back. The
+/// leader counts only answers to its own appends and heartbeats as contact, so C is failed over like a
+/// silent node, and C, which no quorum confirms any more, gives up its lease. Healed, it comes back.
+#[test]
+fn a_node_that_can_send_but_not_receive_is_failed_over() {
+    let _serial = serial("a_node_that_can_send_but_not_receive_is_failed_over");
+    let net = Net::new(3);
+    let deaf = net.second_ip(2);
+    let cl = Cluster::start_as(3, "", |i, n| {
+        n.spec.ip = net.ip(i);
+        n.spec.netns = Some(net.ns(i));
+        n.spec.admin_keys = "token = \"partition-test-token-0123456789\"\n".into();
+        if i == 2 {
+            n.raft_ip = Some(deaf);
+        }
+    });
+    let t = Instant::now();
+    net.blackhole(deaf, 2, true);
+    cl.wait_settled(&[0, 1], &[0, 1], &[2], &even(2));
+    eprintln!("the deaf node was failed over after {:?}", t.elapsed());
+    let st = cl.nodes[2].status().expect("the deaf node's status");
+    assert!(
+        !st.lease,
+        "the deaf node still holds a lease: {}",
+        brief(&st)
+    );
+    let mut p = cl.nodes[2].peer();
+    match p.set("deaf:key", b"v") {
+        // No lease, or no leader heard: either way it serves nothing by its stale map.
+        Err(Fail::App(m)) => assert!(m.contains("lease") || m.contains("catching up"), "{m}"),
+        other => panic!("a keyed call at the deaf node: {other:?}"),
+    }
+    net.blackhole(deaf, 2, false);
+    cl.wait_settled(&[0, 1, 2], &[0, 1, 2], &[], &even(3));
 }
