@@ -2693,3 +2693,47 @@ fn a_node_that_can_send_but_not_receive_is_failed_over() {
     net.blackhole(deaf, 2, false);
     cl.wait_settled(&[0, 1, 2], &[0, 1, 2], &[], &even(3));
 }
+
+/// A node failed for longer than `cluster.remove_after_ms` is removed; restarted later with its old data dir
+/// it is no member any more (the others drop its messages), so instead of waiting for a leader for ever it
+/// exits non-zero saying to start it with an empty data dir. The two others carry on as a cluster of two.
+#[test]
+fn a_removed_node_restarted_with_its_old_data_dir_exits_saying_so() {
+    let _serial = serial("a_removed_node_restarted_with_its_old_data_dir_exits_saying_so");
+    let mut cl = Cluster::start_as(3, "", |_, n| {
+        n.spec.sections =
+            n.spec
+                .sections
+                .replacen("[cluster]\n", "[cluster]\nremove_after_ms = 3000\n", 1);
+    });
+    cl.nodes[2].kill9();
+    let (a, b) = (0, 1);
+    wait_for("C removed", SETTLE, || {
+        let st = cl.nodes[a].status()?;
+        if st.members.len() == 2 && st.pending_moves == 0 {
+            Ok(())
+        } else {
+            Err(brief(&st))
+        }
+    });
+    cl.wait_settled(&[a, b], &[a, b], &[], &even(2));
+    cl.nodes[2].spawn(&[]);
+    let status = cl.nodes[2]
+        .faed()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| {
+            panic!(
+                "the removed node kept running:\n{}",
+                cl.nodes[2].log_since_start()
+            )
+        });
+    assert!(!status.success());
+    let log = cl.nodes[2].log_since_start();
+    assert!(
+        log.contains("not a member of the cluster any more") && log.contains("empty data dir"),
+        "{log}"
+    );
+    cl.nodes[2].faed = None;
+    let mut p = cl.nodes[a].peer();
+    assert!(p.zk_create("/removed/after", "x").unwrap());
+}

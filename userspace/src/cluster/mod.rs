@@ -37,6 +37,7 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
     cc.secret = c
         .secret()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
+    let cc_secret = cc.secret.clone();
     cc.failover_timeout = Duration::from_millis(c.failover_timeout_ms);
     cc.remove_after = Duration::from_millis(c.remove_after_ms);
     cc.handoff = Handoff::Manual;
@@ -65,9 +66,34 @@ pub fn start(cfg: &Config) -> Result<Cluster, ClusterError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     if !cluster.has_lease() {
+        if let Some(why) = removed(&cluster, cc_secret.as_ref()) {
+            return Err(ClusterError::Config(why));
+        }
         tracing::warn!("no quorum confirmed this node yet: keyed calls are refused until one does");
     }
     Ok(cluster)
+}
+
+/// Why this node will never be heard again, if the members it knows say it is not one of them any more
+/// (removed after failing for `cluster.remove_after_ms`, or made to leave while it was down): the members
+/// drop its messages, so it would wait for a leader for ever.
+fn removed(cluster: &Cluster, secret: Option<&fae_cluster::ClusterSecret>) -> Option<String> {
+    let view = cluster.view();
+    for m in view.members.values().filter(|m| m.id != view.my_id) {
+        let Ok(st) = fae_cluster::remote_status(&m.raft_addr, secret, Duration::from_secs(2))
+        else {
+            continue;
+        };
+        if st.leader_id.is_some() && !st.members.iter().any(|x| x.member.id == view.my_id) {
+            return Some(format!(
+                "node {} at {} says this node ({}) is not a member of the cluster any more (removed after \
+                 failing for cluster.remove_after_ms, or made to leave while it was down): start it with an \
+                 empty data dir to join again",
+                m.id, m.raft_addr, view.my_id
+            ));
+        }
+    }
+    None
 }
 
 /// Whether this node's map can be trusted: it has heard from a leader and applied all it knows committed.
