@@ -22,7 +22,7 @@
 //! cluster.registry_delete(path) -> Result<bool>
 //! cluster.registry_children(path) -> Result<Vec<String>> linearizable read (raft ReadIndex)
 //! cluster.leave(node_id) -> Result<()>      hand over, then removal from the raft group
-//! cluster.move_done(&[vbucket], from, to) -> Result<()>  after a handoff (Handoff::Manual)
+//! cluster.move_done(&[vbucket], from, to, since) -> Result<()>  after a handoff (Handoff::Manual)
 //! cluster.shutdown(leave: bool) -> Result<()>  (dropping = stop without leaving)
 //! cluster.set_app_handler(Fn(peer, &[u8]) -> Result<Vec<u8>, String>)   the daemon's member-to-member calls
 //! cluster.app_call(node, &[u8], timeout) -> Result<Vec<u8>>            (a handoff batch), ≤ MAX_APP_REQUEST

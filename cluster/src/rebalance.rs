@@ -21,6 +21,10 @@ pub fn vbucket_of(key: &[u8]) -> u16 {
 pub struct Vbucket {
     pub owner: u64,
     pub pending: Option<u64>,
+    /// The map epoch at which the pending move began (0 without one): a `MoveDone` names it, so that a
+    /// completion sent for an earlier move of the vbucket (re-targeted since) cannot complete this one.
+    #[serde(default)]
+    pub since: u64,
 }
 
 impl Vbucket {
@@ -48,7 +52,8 @@ impl VbucketMap {
             entries: vec![
                 Vbucket {
                     owner: node,
-                    pending: None
+                    pending: None,
+                    since: 0,
                 };
                 VBUCKETS
             ],
@@ -177,6 +182,7 @@ mod tests {
             *map.get_mut(m.vbucket) = Vbucket {
                 owner: m.to,
                 pending: None,
+                since: 0,
             };
         }
     }

@@ -90,6 +90,9 @@ pub enum Command {
         from: Option<u64>,
         #[serde(default)]
         to: Option<u64>,
+        /// The `since` of the moves completed (see `Vbucket::since`); `None`: any.
+        #[serde(default)]
+        since: Option<u64>,
     },
     MarkFailed {
         id: u64,
@@ -177,7 +180,12 @@ impl StateMachine {
                 }
                 Outcome::Bool(self.registry.delete(path))
             }
-            Command::MoveDone { vbuckets, from, to } => {
+            Command::MoveDone {
+                vbuckets,
+                from,
+                to,
+                since,
+            } => {
                 let mut changed = false;
                 for &vb in vbuckets {
                     if vb as usize >= VBUCKETS {
@@ -185,12 +193,14 @@ impl StateMachine {
                     }
                     let e = self.map.get_mut(vb);
                     let this_move = from.is_none_or(|f| e.owner == f)
-                        && to.is_none_or(|t| e.pending == Some(t));
+                        && to.is_none_or(|t| e.pending == Some(t))
+                        && since.is_none_or(|s| e.since == s);
                     if !this_move {
                         continue;
                     }
                     if let Some(to) = e.pending.take() {
                         e.owner = to;
+                        e.since = 0;
                         changed = true;
                         events.push(ClusterEvent::MoveFinished {
                             vbucket: vb,
@@ -330,6 +340,7 @@ impl StateMachine {
             if e.owner == id {
                 if let Some(to) = e.pending.take() {
                     e.owner = to;
+                    e.since = 0;
                     events.push(ClusterEvent::TakenOver {
                         vbucket: vb,
                         owner: to,
@@ -357,7 +368,9 @@ impl StateMachine {
             let e = self.map.get(vb);
             if let Some(p) = e.pending {
                 if !voters.contains(&p) {
-                    self.map.get_mut(vb).pending = None;
+                    let slot = self.map.get_mut(vb);
+                    slot.pending = None;
+                    slot.since = 0;
                 }
             }
         }
@@ -378,8 +391,10 @@ impl StateMachine {
             let slot = self.map.get_mut(m.vbucket);
             if e.owner == m.to {
                 slot.pending = None;
+                slot.since = 0;
             } else if owner_live {
                 slot.pending = Some(m.to);
+                slot.since = self.epoch;
                 events.push(ClusterEvent::MoveStarted {
                     vbucket: m.vbucket,
                     from: e.owner,
@@ -389,6 +404,7 @@ impl StateMachine {
                 *slot = Vbucket {
                     owner: m.to,
                     pending: None,
+                    since: 0,
                 };
                 events.push(ClusterEvent::TakenOver {
                     vbucket: m.vbucket,
@@ -446,6 +462,7 @@ mod tests {
                 vbuckets,
                 from: None,
                 to: None,
+                since: None,
             },
             ev,
         );
@@ -576,6 +593,43 @@ mod tests {
         // The moves of the live owners still wait for their handoffs, then the map is even.
         finish_moves(&mut sm, &mut ev);
         assert_eq!(counts(&sm), vec![341, 341, 342]);
+    }
+
+    /// A move cancelled and begun again (its target failed and came back) has a new `since`: a completion
+    /// sent for the first one (whose handoff the target may since have dropped) completes nothing.
+    #[test]
+    fn a_completion_of_an_earlier_move_does_not_complete_a_later_one() {
+        let mut sm = StateMachine::bootstrap(info(1));
+        let mut ev = Vec::new();
+        assert!(sm.add_learner(&info(2), &mut ev));
+        sm.promote(2, &mut ev);
+        let (vb, first) = sm.map.pending().next().expect("a move to node 2");
+        assert_eq!(first.pending, Some(2));
+        let old_since = sm.map.get(vb).since;
+        sm.apply(&Command::MarkFailed { id: 2 }, &mut ev);
+        assert_eq!(
+            sm.map.get(vb).pending,
+            None,
+            "the move to a failed node is cancelled"
+        );
+        sm.apply(&Command::MarkAlive { id: 2 }, &mut ev);
+        let e = sm.map.get(vb);
+        assert_eq!(e.pending, Some(2));
+        assert_ne!(e.since, old_since);
+        let done = |since| Command::MoveDone {
+            vbuckets: vec![vb],
+            from: Some(1),
+            to: Some(2),
+            since: Some(since),
+        };
+        sm.apply(&done(old_since), &mut ev);
+        assert_eq!(
+            sm.map.get(vb).owner,
+            1,
+            "completed by the earlier move's MoveDone"
+        );
+        sm.apply(&done(e.since), &mut ev);
+        assert_eq!(sm.map.get(vb).owner, 2);
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl Node {
                     vbuckets,
                     from: None,
                     to: None,
+                    since: None,
                 });
             }
         }

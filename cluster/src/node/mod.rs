@@ -675,14 +675,23 @@ impl Cluster {
             .map(drop)
     }
 
-    /// Reports that this node has handed the given vbuckets over (`Handoff::Manual`).
-    pub fn move_done(&self, vbuckets: &[u16], from: u64, to: u64) -> Result<(), ClusterError> {
+    /// Reports that this node has handed the given vbuckets over (`Handoff::Manual`): the moves from `from`
+    /// to `to` that began at map epoch `since` (`Vbucket::since`, as the handoff saw it). A move re-targeted
+    /// or begun again since is not completed.
+    pub fn move_done(
+        &self,
+        vbuckets: &[u16],
+        from: u64,
+        to: u64,
+        since: u64,
+    ) -> Result<(), ClusterError> {
         self.propose(
             "move done",
             Command::MoveDone {
                 vbuckets: vbuckets.to_vec(),
                 from: Some(from),
                 to: Some(to),
+                since: Some(since),
             },
         )
         .map(drop)

@@ -340,15 +340,16 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
                     swept_epoch = Some(view.epoch);
                 }
                 let me = view.my_id;
-                let mut moves: BTreeMap<u64, Vec<u16>> = BTreeMap::new();
+                // By new owner and by the epoch each move began at (a completion names both).
+                let mut moves: BTreeMap<(u64, u64), Vec<u16>> = BTreeMap::new();
                 for vb in 0..VBUCKETS as u16 {
                     let e = view.map.get(vb);
                     if let (true, Some(to)) = (e.owner == me, e.pending) {
-                        moves.entry(to).or_default().push(vb);
+                        moves.entry((to, e.since)).or_default().push(vb);
                     }
                 }
                 due = !moves.is_empty();
-                for (to, vbs) in moves {
+                for ((to, since), vbs) in moves {
                     match hand_over(&cluster, &servants, me, to, &vbs) {
                         Ok((entries, locks)) => {
                             tracing::info!(
@@ -358,7 +359,7 @@ pub fn spawn_handoff(cluster: &Arc<Cluster>, servants: Arc<Servants>) {
                                 locks,
                                 "vbuckets handed over"
                             );
-                            if let Err(e) = cluster.move_done(&vbs, me, to) {
+                            if let Err(e) = cluster.move_done(&vbs, me, to, since) {
                                 tracing::warn!(to, error = %e, "cannot complete the moves yet");
                             }
                         }
