@@ -113,6 +113,7 @@ fn fill(
     buf: &mut [u8],
     stop: &AtomicBool,
     deadline: &mut Option<Instant>,
+    within: Duration,
 ) -> io::Result<bool> {
     let mut at = 0;
     while at < buf.len() {
@@ -122,7 +123,7 @@ fn fill(
         if deadline.is_some_and(|d| Instant::now() > d) {
             return Err(io::Error::new(
                 ErrorKind::TimedOut,
-                format!("a frame took longer than {FRAME_DEADLINE:?} to arrive"),
+                format!("a frame took longer than {within:?} to arrive"),
             ));
         }
         match r.read(&mut buf[at..]) {
@@ -130,7 +131,7 @@ fn fill(
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 at += n;
-                deadline.get_or_insert_with(|| Instant::now() + FRAME_DEADLINE);
+                deadline.get_or_insert_with(|| Instant::now() + within);
             }
             Err(e)
                 if matches!(
@@ -173,14 +174,22 @@ pub(crate) fn read_frame(
     r: &mut TcpStream,
     stop: &AtomicBool,
 ) -> io::Result<Option<(u8, Vec<u8>)>> {
+    read_frame_within(r, stop, FRAME_DEADLINE)
+}
+
+fn read_frame_within(
+    r: &mut TcpStream,
+    stop: &AtomicBool,
+    within: Duration,
+) -> io::Result<Option<(u8, Vec<u8>)>> {
     let mut head = [0u8; 5];
     let mut deadline = None;
-    if !fill(r, &mut head, stop, &mut deadline)? {
+    if !fill(r, &mut head, stop, &mut deadline, within)? {
         return Ok(None);
     }
     let (kind, len) = frame_head(&head)?;
     let mut body = vec![0u8; len];
-    if !fill(r, &mut body, stop, &mut deadline)? {
+    if !fill(r, &mut body, stop, &mut deadline, within)? {
         return Err(ErrorKind::UnexpectedEof.into());
     }
     Ok(Some((kind, body)))
@@ -618,6 +627,7 @@ fn peer_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
     use std::sync::atomic::AtomicU64;
 
     #[derive(Default)]
@@ -676,6 +686,21 @@ mod tests {
         assert_eq!(*rec.from.lock().unwrap(), vec![5]);
         assert_eq!(rec.refused_messages.load(Ordering::Relaxed), 1);
         t.shutdown();
+    }
+
+    #[test]
+    fn a_frame_begun_must_arrive_whole_within_the_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let stop = AtomicBool::new(false);
+        // Two bytes of a head, then nothing: the frame is late, the connection is dropped.
+        c.write_all(&[0, 0]).unwrap();
+        let t = Instant::now();
+        let e = read_frame_within(&mut s, &stop, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     }
 
     #[test]

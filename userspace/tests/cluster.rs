@@ -718,6 +718,47 @@ fn registry_writes(cl: &Cluster, through: &[usize], prefix: &str, conns: usize, 
     });
 }
 
+/// Registry writes during a fault: a zk_create of `{prefix}/{tag}-{n}` through `peer`, its path kept when
+/// acknowledged (an unacknowledged one may or may not have happened).
+struct Acked {
+    prefix: String,
+    paths: Vec<String>,
+}
+
+impl Acked {
+    fn new(prefix: &str) -> Acked {
+        Acked {
+            prefix: prefix.to_owned(),
+            paths: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, peer: &mut Peer, tag: &str, n: usize) {
+        let path = format!("{}/{tag}-{n}", self.prefix);
+        if let Ok(true) = peer.zk_create(&path, "w") {
+            self.paths.push(path);
+        }
+    }
+
+    /// Every acknowledged write is there, read through each of `peers`.
+    fn check(&self, peers: &mut [Peer]) {
+        for (i, p) in peers.iter_mut().enumerate() {
+            let children = p.zk_children(&self.prefix).expect("zk_children");
+            for path in &self.paths {
+                let name = &path[self.prefix.len() + 1..];
+                assert!(
+                    children.iter().any(|c| c == name),
+                    "{path} was acknowledged but peer {i} does not have it"
+                );
+            }
+        }
+        eprintln!(
+            "{} acknowledged registry writes all there",
+            self.paths.len()
+        );
+    }
+}
+
 // ---- ids ------------------------------------------------------------------------------------------------
 
 /// `n` ids from `addr` on one connection, pipelined 500 at a time.
@@ -1884,11 +1925,16 @@ fn kill9_of_an_owner_never_grants_a_held_lock_twice() {
         "the victim owns {} of the keys",
         theirs.len()
     );
+    let mut acked = Acked::new("/kill");
+    for n in 0..3 {
+        acked.write(&mut through, "before", n);
+    }
     let killed = Instant::now();
     cl.nodes[victim].kill9();
     // Keep asking for the victim's locks through both survivors until well past failover + TTL.
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
     let mut peers: Vec<Peer> = survivors.iter().map(|&i| cl.nodes[i].peer()).collect();
+    let mut round = 0;
     let until = killed + Duration::from_millis(FAILOVER_MS) + TTL + Duration::from_secs(6);
     let mut refusals = BTreeMap::<String, usize>::new();
     while Instant::now() < until {
@@ -1909,6 +1955,8 @@ fn kill9_of_an_owner_never_grants_a_held_lock_twice() {
                 Err(e) => panic!("{k}: {e:?}"),
             }
         }
+        acked.write(&mut peers[round % 2], "during", round);
+        round += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("refusals by reason: {refusals:?}");
@@ -1921,6 +1969,8 @@ fn kill9_of_an_owner_never_grants_a_held_lock_twice() {
         theirs.len(),
         "locks never granted again after the TTL"
     );
+    acked.check(&mut peers);
+    cl.wait_settled(&survivors, &survivors, &[victim], &even(2));
 }
 
 /// SIGSTOP of an owner: it is failed over, its locks are granted again through the survivors once the fence
@@ -1954,11 +2004,16 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
         Err(Fail::App(_)) | Err(Fail::Io(_)) => *refused += 1,
         Err(e) => panic!("{k}: {e:?}"),
     };
+    let mut acked = Acked::new("/stop");
+    for n in 0..3 {
+        acked.write(&mut p, "before", n);
+    }
     cl.nodes[victim].signal(libc::SIGSTOP);
     let stopped = Instant::now();
     // Through the survivors: refused while the owner is silent, then fenced, then granted.
     let mut survivors = [cl.nodes[0].peer(), cl.nodes[1].peer()];
     let mut refused = 0;
+    let mut round = 0;
     let until = stopped + Duration::from_millis(FAILOVER_MS) + TTL + Duration::from_secs(3);
     let mut granted: HashSet<String> = HashSet::new();
     while Instant::now() < until && granted.len() < theirs.len() {
@@ -1973,6 +2028,8 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
             }
             record(k, sent, r, &mut refused);
         }
+        acked.write(&mut survivors[round % 2], "during", round);
+        round += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
@@ -1997,6 +2054,9 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
     );
     let bad = check_locks(&history, TTL);
     assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+    cl.wait_settled(&[0, 1, 2], &[0, 1, 2], &[], &even(3));
+    let mut all: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
+    acked.check(&mut all);
 }
 
 /// Unmounts a tmpfs when dropped (the test passing or not).
@@ -2040,6 +2100,11 @@ fn a_full_disk_ends_the_lease_and_faed_exits_non_zero() {
     });
     p.set("disk:key", b"v")
         .expect("lc_set before the disk fills");
+    let mut acked = vec!["first".to_owned()];
+    for i in 0..20 {
+        assert!(p.zk_create(&format!("/disk/b{i}"), "x").unwrap());
+        acked.push(format!("b{i}"));
+    }
     // Fill the file system, leaving nothing for the log.
     let filler = a.data_dir.join("filler");
     let _ = std::process::Command::new("dd")
@@ -2052,8 +2117,10 @@ fn a_full_disk_ends_the_lease_and_faed_exits_non_zero() {
     let mut last = Ok(true);
     for i in 0..200 {
         last = p.zk_create(&format!("/disk/n{i}"), &"d".repeat(4096));
-        if last.is_err() {
-            break;
+        match last {
+            Ok(true) => acked.push(format!("n{i}")),
+            Ok(false) => {}
+            Err(_) => break,
         }
     }
     assert!(last.is_err(), "the registry kept committing on a full disk");
@@ -2077,6 +2144,26 @@ fn a_full_disk_ends_the_lease_and_faed_exits_non_zero() {
         a.log_since_start()
     );
     a.faed = None;
+    // Room again, and a restart: every write acknowledged before the disk filled is there.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    a.spawn(&[]);
+    a.wait_ready();
+    let mut p = a.peer();
+    let (children, _) = wait_for(
+        "the registry after the restart",
+        Duration::from_secs(20),
+        || p.zk_children("/disk").map_err(|e| format!("{e:?}")),
+    );
+    for name in &acked {
+        assert!(
+            children.contains(name),
+            "/disk/{name} was acknowledged, then lost"
+        );
+    }
+    eprintln!(
+        "{} acknowledged writes there after the restart",
+        acked.len()
+    );
 }
 
 // ---- a source killed during a move -----------------------------------------------------------------------
@@ -2206,6 +2293,11 @@ fn kill9_of_a_source_during_a_move_of_100k_binary_entries_and_1000_locks() {
         });
     }
 
+    let mut acked = Acked::new("/move");
+    let mut via = cl.nodes[0].peer();
+    for n in 0..3 {
+        acked.write(&mut via, "before", n);
+    }
     // D joins: vbuckets move from A, B and C to it. B is killed as soon as a move is pending.
     let (b, victim_id) = (1, cl.nodes[1].id);
     let mut d = Node::new(cl.root.path(), 'D', &sections);
@@ -2224,6 +2316,10 @@ fn kill9_of_a_source_during_a_move_of_100k_binary_entries_and_1000_locks() {
     cl.nodes.push(d);
     let (a, c, d) = (0, 2, 3);
     cl.wait_settled(&[a, c, d], &[a, c, d], &[b], &even(3));
+    for n in 0..3 {
+        acked.write(&mut via, "after", n);
+    }
+    acked.check(&mut [a, c, d].map(|i| cl.nodes[i].peer()));
 
     // Locks: asked again through every survivor; none may be granted within its TTL.
     let survivors = [a, c, d];
@@ -2502,15 +2598,9 @@ fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
     for round in 0..4 {
         reg_round(&mut peers, &mut reg_ops, round);
     }
-    let mut acked: Vec<String> = Vec::new();
-    let write = |peers: &mut Vec<Peer>, n: usize, tag: &str, acked: &mut Vec<String>| {
-        let path = format!("/part/{tag}-{n}");
-        if let Ok(true) = peers[n % 3].zk_create(&path, "w") {
-            acked.push(path);
-        }
-    };
+    let mut acked = Acked::new("/part");
     for n in 0..6 {
-        write(&mut peers, n, "before", &mut acked);
+        acked.write(&mut peers[n % 3], "before", n);
     }
 
     net.isolate(2, true);
@@ -2526,7 +2616,7 @@ fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
                 }
             }
         }
-        write(&mut peers, n, "during", &mut acked);
+        acked.write(&mut peers[n % 3], "during", n);
         reg_round(&mut peers, &mut reg_ops, n);
         n += 1;
         std::thread::sleep(Duration::from_millis(100));
@@ -2558,19 +2648,9 @@ fn a_partition_with_lock_contention_on_both_sides_grants_no_lock_twice() {
     );
     assert!(stale.is_empty(), "stale reads:\n{}", stale.join("\n"));
     for n in 0..3 {
-        write(&mut peers, n, "after", &mut acked);
+        acked.write(&mut peers[n % 3], "after", n);
     }
-    for (i, p) in peers.iter_mut().enumerate() {
-        let children = p.zk_children("/part").expect("zk_children after the heal");
-        for path in &acked {
-            let name = path.trim_start_matches("/part/");
-            assert!(
-                children.iter().any(|c| c == name),
-                "{path} was acknowledged but node {i} does not have it"
-            );
-        }
-    }
-    eprintln!("{} acknowledged registry writes all there", acked.len());
+    acked.check(&mut peers);
 }
 
 /// Every node killed at once (SIGKILL, one after the other without waiting), a torn record appended to one
@@ -2585,12 +2665,11 @@ fn every_node_killed_at_once_with_a_torn_log_tail_comes_back_whole() {
     const TTL: Duration = Duration::from_millis(4000);
     let mut cl = Cluster::start_with(3, &format!("[lock]\nttl_ms = {}\n", TTL.as_millis()));
     let mut peers: Vec<Peer> = cl.nodes.iter().map(Node::peer).collect();
-    let mut acked = Vec::new();
+    let mut acked = Acked::new("/crash");
     for n in 0..30 {
-        let path = format!("/crash/w{n}");
-        assert!(peers[n % 3].zk_create(&path, "v").unwrap(), "{path}");
-        acked.push(path);
+        acked.write(&mut peers[n % 3], "w", n);
     }
+    assert_eq!(acked.paths.len(), 30, "writes before the crash");
     let keys: Vec<String> = (0..60).map(|i| format!("crash-lock:{i}")).collect();
     let mut history: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
     for (i, k) in keys.iter().enumerate() {
@@ -2649,12 +2728,7 @@ fn every_node_killed_at_once_with_a_torn_log_tail_comes_back_whole() {
         keys.len(),
         "locks never granted again after the fence"
     );
-    for (i, p) in peers.iter_mut().enumerate() {
-        let children = p
-            .zk_children("/crash")
-            .expect("zk_children after the restart");
-        assert_eq!(children.len(), acked.len(), "node {i}: {children:?}");
-    }
+    acked.check(&mut peers);
 }
 
 /// Node C listens for raft on an address of its own, and the other nodes lose their route to it: C can
