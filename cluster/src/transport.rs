@@ -42,6 +42,11 @@ const MAX_RPC_REQUEST: usize = 1 << 20;
 pub const MAX_APP_REQUEST: usize = 16 << 20;
 /// Inbound connections at once: two per possible member, and room for tools.
 pub(crate) const MAX_INBOUND: usize = 2 * crate::MAX_MEMBERS + 16;
+/// Of those, connections still in their handshake (with a secret): from one address, and in all. Someone
+/// who reaches the port without the secret holds at most these (each for at most the handshake's 2 s), so
+/// members' connections always find room.
+const MAX_HANDSHAKING_PER_IP: usize = 8;
+const MAX_HANDSHAKING: usize = 32;
 /// A frame whose first byte has arrived must be whole within this (64 MiB at 2 MiB/s).
 pub(crate) const FRAME_DEADLINE: Duration = Duration::from_secs(30);
 /// How often blocked threads look at the stop flag.
@@ -396,6 +401,37 @@ impl Drop for Slot {
     }
 }
 
+/// Connections in their handshake, by peer address.
+type Handshaking = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
+
+/// A handshake slot: taken at accept, given back when the handshake ends (or the connection does).
+struct HandshakeSlot(Handshaking, std::net::IpAddr);
+
+impl HandshakeSlot {
+    fn take(all: &Handshaking, ip: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut m = all.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = m.values().sum();
+        let mine = m.entry(ip).or_insert(0);
+        if *mine >= MAX_HANDSHAKING_PER_IP || total >= MAX_HANDSHAKING {
+            return None;
+        }
+        *mine += 1;
+        Some(HandshakeSlot(all.clone(), ip))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
 fn accept_loop(
     listener: TcpListener,
     handler: Arc<dyn Handler>,
@@ -403,10 +439,25 @@ fn accept_loop(
     auth: Auth,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
+    let handshaking: Handshaking = Arc::default();
     let mut over_cap = 0u64;
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, from)) => {
+                let hs = match &auth.secret {
+                    Some(_) => match HandshakeSlot::take(&handshaking, from.ip()) {
+                        Some(hs) => Some(hs),
+                        None => {
+                            handler.refused(Refused::Connection);
+                            over_cap += 1;
+                            if over_cap.is_power_of_two() {
+                                tracing::warn!(%from, refused = over_cap, "cluster connection closed at accept: too many in their handshake");
+                            }
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 if open.fetch_add(1, Ordering::AcqRel) >= MAX_INBOUND {
                     open.fetch_sub(1, Ordering::AcqRel);
                     handler.refused(Refused::Connection);
@@ -424,7 +475,7 @@ fn accept_loop(
                         .name("cluster-inbound".into())
                         .spawn(move || {
                             let _slot = slot;
-                            if let Err(e) = serve(stream, &*handler, &stop, &auth) {
+                            if let Err(e) = serve(stream, &*handler, &stop, &auth, hs) {
                                 tracing::debug!(%from, error = %e, "cluster connection closed");
                             }
                         });
@@ -446,6 +497,7 @@ fn serve(
     handler: &dyn Handler,
     stop: &AtomicBool,
     auth: &Auth,
+    handshake: Option<HandshakeSlot>,
 ) -> io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_nodelay(true)?;
@@ -467,6 +519,7 @@ fn serve(
         },
         None => None,
     };
+    drop(handshake);
     s.set_read_timeout(Some(POLL))?;
     let result = serve_frames(&mut s, handler, stop, peer);
     if let Err(e) = &result {
@@ -715,6 +768,25 @@ mod tests {
         let mut buf = [0u8; 1];
         assert_eq!(s.read(&mut buf).map_err(|e| e.kind()), Ok(0));
         wait(|| rec.refused_connections.load(Ordering::Relaxed) == 1);
+        t.shutdown();
+    }
+
+    #[test]
+    fn a_stranger_holds_few_handshake_slots_and_members_still_get_in() {
+        let secret = ClusterSecret::new(*b"0123456789abcdef").unwrap();
+        let rec = Arc::new(Recorder::default());
+        let t = Transport::start(1, "127.0.0.1:0", rec.clone(), 16, Some(secret.clone())).unwrap();
+        // Silent connections from one address: past the per-address cap they are closed at once.
+        let silent: Vec<TcpStream> = (0..MAX_HANDSHAKING_PER_IP + 4)
+            .map(|_| TcpStream::connect(t.local_addr()).unwrap())
+            .collect();
+        wait(|| rec.refused_connections.load(Ordering::Relaxed) >= 4);
+        drop(silent);
+        // Once they are gone a member authenticates at once.
+        wait(|| {
+            let mut s = TcpStream::connect(t.local_addr()).unwrap();
+            auth::client(&mut s, &secret, 5).is_ok()
+        });
         t.shutdown();
     }
 

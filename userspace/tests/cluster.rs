@@ -2811,3 +2811,71 @@ fn a_removed_node_restarted_with_its_old_data_dir_exits_saying_so() {
     let mut p = cl.nodes[a].peer();
     assert!(p.zk_create("/removed/after", "x").unwrap());
 }
+
+/// kill -9 of an owner, then a replacement joins while the survivors still fence the dead owner's
+/// vbuckets: the vbuckets handed to the newcomer arrive with the fence's time left, so it grants none of
+/// the dead owner's locks before their TTL has run out either.
+#[test]
+fn a_replacement_joining_within_the_ttl_grants_no_lock_the_dead_owner_held() {
+    let _serial = serial("a_replacement_joining_within_the_ttl_grants_no_lock_the_dead_owner_held");
+    const TTL: Duration = Duration::from_millis(8000);
+    let sections = format!("[lock]\nttl_ms = {}\n", TTL.as_millis());
+    let mut cl = Cluster::start_with(3, &sections);
+    let keys: Vec<String> = (0..120).map(|i| format!("replace-lock:{i}")).collect();
+    let mut history: BTreeMap<String, Vec<Grant>> = BTreeMap::new();
+    let mut through = cl.nodes[0].peer();
+    for k in &keys {
+        assert_eq!(try_lock(&mut through, k, &mut history), Some(true), "{k}");
+    }
+    let victim = 2;
+    let mut at_victim = cl.nodes[victim].peer();
+    let theirs: HashSet<String> = keys
+        .iter()
+        .filter(|k| at_victim.owns(k).expect("owns"))
+        .cloned()
+        .collect();
+    drop(at_victim);
+    let killed = Instant::now();
+    cl.nodes[victim].kill9();
+    cl.wait_settled(&[0, 1], &[0, 1], &[victim], &even(2));
+    let mut d = Node::new(cl.root.path(), 'D', &sections);
+    d.spawn(&["--join".into(), cl.nodes[0].raft_addr()]);
+    d.wait_ready();
+    cl.nodes.push(d);
+    cl.wait_settled(&[0, 1, 3], &[0, 1, 3], &[victim], &even(3));
+    let joined = killed.elapsed();
+    assert!(
+        joined < TTL,
+        "the replacement took {joined:?} to settle; the test needs it within the TTL"
+    );
+    let mut at_d = cl.nodes[3].peer();
+    let moved: Vec<&String> = theirs
+        .iter()
+        .filter(|k| at_d.owns(k).expect("owns"))
+        .collect();
+    eprintln!(
+        "{} of the dead owner's {} keys moved on to the replacement, {joined:?} after the kill",
+        moved.len(),
+        theirs.len()
+    );
+    assert!(
+        !moved.is_empty(),
+        "no key of the dead owner moved to the replacement"
+    );
+    let mut peers: Vec<Peer> = [0, 1, 3].iter().map(|&i| cl.nodes[i].peer()).collect();
+    // The fence runs from the failover (a failover timeout after the kill) for a TTL.
+    while killed.elapsed() < Duration::from_millis(FAILOVER_MS) + TTL + Duration::from_secs(3) {
+        for (i, k) in keys.iter().enumerate() {
+            try_lock(&mut peers[i % 3], k, &mut history);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bad = check_locks(&history, TTL);
+    assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
+    let regranted = moved.iter().filter(|k| history[**k].len() > 1).count();
+    assert_eq!(
+        regranted,
+        moved.len(),
+        "the moved locks were never granted again after the TTL"
+    );
+}

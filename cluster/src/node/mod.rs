@@ -550,6 +550,12 @@ impl Cluster {
         RaftWatch(self.shared.clone())
     }
 
+    /// Refuses lock grants on `vbucket` for `for_` from now (never shortens a fence): a vbucket handed
+    /// over by a node that had it fenced stays fenced here as long.
+    pub fn fence_locks(&self, vbucket: u16, for_: Duration) {
+        self.shared.fence(vbucket, for_);
+    }
+
     /// How long lock grants stay refused on `vbucket` (taken over without a handoff, or a restart), if they
     /// are.
     pub fn lock_fence(&self, vbucket: u16) -> Option<Duration> {

@@ -32,8 +32,8 @@ pub enum Route {
 /// Maps keys to owners; the daemon implements it over the cluster's vbucket map.
 pub trait Router: Send + Sync {
     fn route(&self, key: &[u8]) -> Route;
-    /// Whether a call forwarded here (sticky) may run here: this node owns the key's vbucket, or is taking
-    /// it over (the old owner hands its entries over with sticky calls).
+    /// Whether a call forwarded here (sticky) may run here: this node owns the key's vbucket and no move
+    /// of it has begun (a pending owner receives the vbucket's entries on the cluster port, not as calls).
     fn accepts_forwarded(&self, key: &[u8]) -> bool;
     /// Why a keyed call this node would run itself must be refused, if it must (no lease; a lock grant on a
     /// fenced vbucket).

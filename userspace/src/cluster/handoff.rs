@@ -5,9 +5,12 @@
 //!   `MoveDone` is proposed. A restart, a snapshot install or a dropped event only delays a move until the
 //!   next look; a move re-targeted mid-flight is handed to whoever is pending now (the state machine ignores
 //!   a `MoveDone` for an owner no longer pending).
-//! - **Raw bytes, remaining TTLs.** Batches travel on the authenticated cluster port
+//! - **Raw bytes, remaining TTLs, fences.** Batches travel on the authenticated cluster port
 //!   (`Cluster::app_call`), in the binary layout below, keys and values as bytes: a binary key lands on the
 //!   vbucket it hashes to. A lock carries the time it had left, and the new owner holds it exactly that long.
+//!   A vbucket the source had fenced (it took it over without its locks, or restarted) carries the fence's
+//!   time left, and the new owner refuses lock grants as long: it has no more idea of the locks than the
+//!   source had.
 //! - **Whole or nothing, and fresh.** The receiver checks every vbucket of a batch is pending to it and every
 //!   key is in one of them, or refuses the batch. The first batch of a handoff (a random id per attempt)
 //!   clears what the receiver held for its vbuckets, so entries left from an earlier ownership (a node failed
@@ -16,7 +19,7 @@
 //!   (owner or pending): then they are dropped, as are the entries of any vbucket lost to failover.
 //!
 //! ```text
-//! batch = "FAEH" | version 1 | handoff id u64 | from u64 | vbuckets u16 × (count u16)
+//! batch = "FAEH" | version 2 | handoff id u64 | from u64 | (vbucket u16, fence ms left u64) × (count u16)
 //!         | entries (count u32) × (key len u32, key, value len u32, value)
 //!         | locks (count u32) × (key len u32, key, ms left u64)          all big-endian
 //! ```
@@ -31,7 +34,7 @@ use super::caught_up;
 use crate::servant::Servants;
 
 const MAGIC: &[u8; 4] = b"FAEH";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// A batch's size before it is sent (the cluster port takes `MAX_APP_REQUEST`).
 const BATCH_BYTES: usize = 4 << 20;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +45,8 @@ pub struct Batch {
     pub id: u64,
     pub from: u64,
     pub vbuckets: Vec<u16>,
+    /// Per vbucket (same order): how long its source still refuses lock grants on it, in ms (0: not).
+    pub fences: Vec<u64>,
     pub entries: Vec<(Vec<u8>, Vec<u8>)>,
     pub locks: Vec<(Vec<u8>, u64)>,
 }
@@ -51,7 +56,7 @@ impl Batch {
         4 + 1
             + 16
             + 2
-            + 2 * self.vbuckets.len()
+            + 10 * self.vbuckets.len()
             + 4
             + self
                 .entries
@@ -69,8 +74,9 @@ impl Batch {
         b.extend_from_slice(&self.id.to_be_bytes());
         b.extend_from_slice(&self.from.to_be_bytes());
         b.extend_from_slice(&(self.vbuckets.len() as u16).to_be_bytes());
-        for vb in &self.vbuckets {
+        for (vb, fence) in self.vbuckets.iter().zip(&self.fences) {
             b.extend_from_slice(&vb.to_be_bytes());
+            b.extend_from_slice(&fence.to_be_bytes());
         }
         b.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
         for (k, v) in &self.entries {
@@ -93,7 +99,7 @@ impl Batch {
     pub fn decode(b: &[u8]) -> Result<Batch, String> {
         let mut r = Cursor(b);
         if r.take(4)? != MAGIC || r.take(1)? != [VERSION] {
-            return Err("not a handoff batch of version 1".into());
+            return Err(format!("not a handoff batch of version {VERSION}"));
         }
         let id = r.u64()?;
         let from = r.u64()?;
@@ -101,7 +107,11 @@ impl Batch {
         if n > VBUCKETS {
             return Err(format!("{n} vbuckets"));
         }
-        let vbuckets = (0..n).map(|_| r.u16()).collect::<Result<Vec<_>, _>>()?;
+        let (mut vbuckets, mut fences) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            vbuckets.push(r.u16()?);
+            fences.push(r.u64()?);
+        }
         let n = r.u32()? as usize;
         let mut entries = Vec::with_capacity(n.min(r.0.len() / 8));
         for _ in 0..n {
@@ -122,6 +132,7 @@ impl Batch {
             id,
             from,
             vbuckets,
+            fences,
             entries,
             locks,
         })
@@ -216,6 +227,11 @@ impl Receiver {
             self.servants.lcache.remove_matching(stale);
             self.servants.lock.remove_matching(stale);
         }
+        for (&vb, &ms) in batch.vbuckets.iter().zip(&batch.fences) {
+            if ms > 0 {
+                cluster.fence_locks(vb, Duration::from_millis(ms));
+            }
+        }
         for (k, v) in &batch.entries {
             self.servants.lcache.set(k, v);
         }
@@ -239,10 +255,19 @@ fn hand_over(
     let locks = servants.lock.copy_matching(in_vb);
     let counts = (entries.len(), locks.len());
     let id = fae_cluster::random_u64();
+    let fences: Vec<u64> = vbuckets
+        .iter()
+        .map(|&vb| {
+            cluster
+                .lock_fence(vb)
+                .map_or(0, |d| d.as_millis().max(1) as u64)
+        })
+        .collect();
     let new_batch = || Batch {
         id,
         from: me,
         vbuckets: vbuckets.to_vec(),
+        fences: fences.clone(),
         ..Batch::default()
     };
     let mut batch = new_batch();
@@ -255,7 +280,7 @@ fn hand_over(
     };
     for (k, v) in entries {
         let n = 8 + k.len() + v.len();
-        if n + 64 + 2 * VBUCKETS > fae_cluster::MAX_APP_REQUEST {
+        if n + 64 + 10 * VBUCKETS > fae_cluster::MAX_APP_REQUEST {
             tracing::warn!(
                 key_bytes = k.len(),
                 value_bytes = v.len(),
@@ -272,6 +297,13 @@ fn hand_over(
         batch.entries.push((k, v));
     }
     for (k, left) in locks {
+        let n = 12 + k.len();
+        if size + n > BATCH_BYTES && !(batch.entries.is_empty() && batch.locks.is_empty()) {
+            send(&batch)?;
+            batch = new_batch();
+            size = 0;
+        }
+        size += n;
         batch.locks.push((k, left.as_millis().max(1) as u64));
     }
     // The last batch goes even when empty: it clears what the receiver may hold from an earlier ownership.
@@ -385,6 +417,7 @@ mod tests {
             id: 7,
             from: 3,
             vbuckets: vec![1, 1023],
+            fences: vec![0, 2500],
             entries: vec![(vec![0, 255, 10], vec![]), (b"k".to_vec(), vec![1; 300])],
             locks: vec![(vec![0xff, 0xfe], 1234)],
         };
@@ -395,7 +428,7 @@ mod tests {
             assert!(Batch::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         // An absurd count does not allocate: it runs out of input.
-        let mut absurd = bytes[..4 + 1 + 16 + 2 + 4].to_vec();
+        let mut absurd = bytes[..4 + 1 + 16 + 2 + 20].to_vec();
         absurd.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(Batch::decode(&absurd).is_err());
     }

@@ -84,7 +84,8 @@ fn removed(cluster: &Cluster, secret: Option<&fae_cluster::ClusterSecret>) -> Op
         else {
             continue;
         };
-        if st.leader_id.is_some() && !st.members.iter().any(|x| x.member.id == view.my_id) {
+        // Only the leader's word: a follower may not have applied this node's own join yet.
+        if st.leader_id == Some(st.my_id) && !st.members.iter().any(|x| x.member.id == view.my_id) {
             return Some(format!(
                 "node {} at {} says this node ({}) is not a member of the cluster any more (removed after \
                  failing for cluster.remove_after_ms, or made to leave while it was down): start it with an \
@@ -146,11 +147,7 @@ impl Router for ClusterRouter {
     }
 
     fn refuse_local(&self, method: crate::servant::Method, key: &[u8]) -> Option<String> {
-        let view = self.cluster.view();
         let vb = fae_cluster::vbucket_of(key);
-        if view.map.get(vb).pending == Some(view.my_id) {
-            return None; // the old owner handing its entries over
-        }
         if !self.cluster.has_lease() {
             return Some(
                 "this node has not been confirmed by a quorum of the cluster within its lease (half of \
@@ -161,8 +158,9 @@ impl Router for ClusterRouter {
         if method == crate::servant::Method::Lock {
             if let Some(left) = self.cluster.lock_fence(vb) {
                 return Some(format!(
-                    "vbucket {vb} came to this node without a handoff (a failover, or this node restarted): \
-                     locks granted before may still be held, so grants resume in {} ms; retry",
+                    "vbucket {vb} came to this node without its locks (a failover, a restart, or from a node \
+                     that had them fenced): locks granted before may still be held, so grants resume in {} \
+                     ms; retry",
                     left.as_millis()
                 ));
             }
@@ -173,9 +171,9 @@ impl Router for ClusterRouter {
     fn accepts_forwarded(&self, key: &[u8]) -> bool {
         let view = self.cluster.view();
         let e = view.map.get(fae_cluster::vbucket_of(key));
-        // The new owner takes the handoff; the old one takes nothing more once a move away has begun.
-        caught_up(&view)
-            && ((e.owner == view.my_id && e.pending.is_none()) || e.pending == Some(view.my_id))
+        // Only the owner, and not once a move away has begun: a pending owner takes the handoff on the
+        // cluster port, never as calls (a sticky call is anybody's to send).
+        caught_up(&view) && e.owner == view.my_id && e.pending.is_none()
     }
 
     fn registry(&self) -> Option<Arc<dyn RegistryBackend>> {
