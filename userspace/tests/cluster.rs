@@ -130,6 +130,14 @@ impl Peer {
         }
     }
 
+    /// The keys of `keys` this node owns.
+    fn owned(&mut self, keys: &[String]) -> Vec<String> {
+        keys.iter()
+            .filter(|k| self.owns(k).expect("owns"))
+            .cloned()
+            .collect()
+    }
+
     /// Whether this node owns `key` (serves a sticky call for it); `Err` on anything but a served call or a
     /// "does not own" refusal.
     fn owns(&mut self, key: &str) -> Result<bool, Fail> {
@@ -1984,11 +1992,7 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
     let keys: Vec<String> = (0..60).map(|i| format!("stop-lock:{i}")).collect();
     let victim = 2;
     let mut p = cl.nodes[victim].peer();
-    let theirs: Vec<String> = keys
-        .iter()
-        .filter(|k| p.owns(k).expect("owns"))
-        .cloned()
-        .collect();
+    let theirs = p.owned(&keys);
     assert!(
         theirs.len() >= 10,
         "the victim owns {} of the keys",
@@ -2828,13 +2832,7 @@ fn a_replacement_joining_within_the_ttl_grants_no_lock_the_dead_owner_held() {
         assert_eq!(try_lock(&mut through, k, &mut history), Some(true), "{k}");
     }
     let victim = 2;
-    let mut at_victim = cl.nodes[victim].peer();
-    let theirs: HashSet<String> = keys
-        .iter()
-        .filter(|k| at_victim.owns(k).expect("owns"))
-        .cloned()
-        .collect();
-    drop(at_victim);
+    let theirs = cl.nodes[victim].peer().owned(&keys);
     let killed = Instant::now();
     cl.nodes[victim].kill9();
     cl.wait_settled(&[0, 1], &[0, 1], &[victim], &even(2));
@@ -2849,10 +2847,7 @@ fn a_replacement_joining_within_the_ttl_grants_no_lock_the_dead_owner_held() {
         "the replacement took {joined:?} to settle; the test needs it within the TTL"
     );
     let mut at_d = cl.nodes[3].peer();
-    let moved: Vec<&String> = theirs
-        .iter()
-        .filter(|k| at_d.owns(k).expect("owns"))
-        .collect();
+    let moved = at_d.owned(&theirs);
     eprintln!(
         "{} of the dead owner's {} keys moved on to the replacement, {joined:?} after the kill",
         moved.len(),
@@ -2872,7 +2867,7 @@ fn a_replacement_joining_within_the_ttl_grants_no_lock_the_dead_owner_held() {
     }
     let bad = check_locks(&history, TTL);
     assert!(bad.is_empty(), "locks held twice:\n{}", bad.join("\n"));
-    let regranted = moved.iter().filter(|k| history[**k].len() > 1).count();
+    let regranted = moved.iter().filter(|k| history[*k].len() > 1).count();
     assert_eq!(
         regranted,
         moved.len(),
