@@ -2014,6 +2014,15 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
     }
     cl.nodes[victim].signal(libc::SIGSTOP);
     let stopped = Instant::now();
+    // Lock calls queued to the stopped owner: the kernel takes the connection and the bytes; the owner
+    // reads them only when it wakes, long after the survivors took its vbuckets over.
+    let mut queued = common::Conn::open(cl.nodes[victim].sock_addr(), Transport::Buffered);
+    let calls: Vec<u8> = theirs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, k)| lock_call(i as i32, k.as_bytes()))
+        .collect();
+    queued.send_raw(&calls);
     // Through the survivors: refused while the owner is silent, then fenced, then granted.
     let mut survivors = [cl.nodes[0].peer(), cl.nodes[1].peer()];
     let mut refused = 0;
@@ -2044,6 +2053,22 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
     // The owner wakes: its clients ask at once, on connections of their own.
     cl.nodes[victim].signal(libc::SIGCONT);
     let woke = Instant::now();
+    // Its queued calls are answered, and none is granted: it lost its lease while it slept.
+    queued.set_read_timeout(CALL_TIMEOUT);
+    let mut queued_refused = 0;
+    for k in &theirs {
+        let m = queued.recv().expect("an answer to a queued lock call");
+        assert_ne!(
+            m.field(0),
+            Some(&Val::Bool(true)),
+            "{k}: granted by the woken owner from its queue"
+        );
+        queued_refused += usize::from(m.app_error().is_some());
+    }
+    eprintln!(
+        "queued lock calls at the stopped owner: {queued_refused} of {} refused",
+        theirs.len()
+    );
     let mut at_victim = cl.nodes[victim].peer();
     let mut victim_refused = 0;
     while woke.elapsed() < Duration::from_secs(3) {
