@@ -107,6 +107,17 @@ fn cost(path: &str, data: &[u8]) -> u64 {
 }
 
 impl Tree {
+    /// Whether `create` would succeed now, without creating anything: a proposer's check before it
+    /// proposes (the entry is checked again when applied, against the state then).
+    pub fn would_create(
+        &self,
+        path: &str,
+        data: &[u8],
+        limits: &RegistryLimits,
+    ) -> Result<(), Refusal> {
+        self.plan(path, data, Some(limits)).map(drop)
+    }
+
     /// Creates `path` with `data` and its missing parents. `Ok(false)`: it existed. With `limits`, refuses
     /// what would pass them (nothing is created then).
     pub fn create(
@@ -115,13 +126,33 @@ impl Tree {
         data: &[u8],
         limits: Option<&RegistryLimits>,
     ) -> Result<bool, Refusal> {
+        let Some((missing, added)) = self.plan(path, data, limits)? else {
+            return Ok(false);
+        };
+        let missing: Vec<String> = missing.into_iter().map(str::to_owned).collect();
+        for a in missing {
+            let d = if a == path { data.to_vec() } else { Vec::new() };
+            self.nodes.insert(a, d);
+        }
+        self.bytes += added;
+        Ok(true)
+    }
+
+    /// The nodes a create would add and their bytes (`None`: the path exists), or why it is refused.
+    #[allow(clippy::type_complexity)]
+    fn plan<'p>(
+        &self,
+        path: &'p str,
+        data: &[u8],
+        limits: Option<&RegistryLimits>,
+    ) -> Result<Option<(Vec<&'p str>, u64)>, Refusal> {
         if let Some(l) = limits {
             check(path.as_bytes(), Some(data), l)?;
         } else if !valid_path(path) {
             return Err(Refusal(format!("invalid registry path {path:?}")));
         }
         if self.nodes.contains_key(path) {
-            return Ok(false);
+            return Ok(None);
         }
         let missing: Vec<&str> = path
             .match_indices('/')
@@ -145,12 +176,7 @@ impl Tree {
                 )));
             }
         }
-        for a in missing {
-            let d = if a == path { data.to_vec() } else { Vec::new() };
-            self.nodes.insert(a.to_owned(), d);
-        }
-        self.bytes += added;
-        Ok(true)
+        Ok(Some((missing, added)))
     }
 
     /// The sorted names of the node's children (none for a missing node); `/` lists the top level.
@@ -255,7 +281,13 @@ mod tests {
         assert!(check(&[b'/', 0xff], None, &l).is_err());
         assert_eq!(t.create("/1/2/3/4", b"", Some(&l)), Ok(true));
         let before = t.clone();
-        // Two more nodes would make 6 > 5.
+        // Two more nodes would make 6 > 5: the proposer's check says so too, and changes nothing.
+        assert!(t
+            .would_create("/5/6", b"", &l)
+            .unwrap_err()
+            .0
+            .contains("full"));
+        assert_eq!(t.would_create("/1/2", b"", &l), Ok(()));
         assert!(t
             .create("/5/6", b"", Some(&l))
             .unwrap_err()

@@ -978,6 +978,18 @@ impl Node {
                     let _ = reply.try_send(Err(ClusterError::NoLeader));
                     return;
                 }
+                // A registry write this node's state already refuses (full) is refused before raft.
+                if let Command::RegistryCreate {
+                    path,
+                    data,
+                    limits: Some(l),
+                } = &cmd
+                {
+                    if let Err(why) = self.sm.registry.would_create(path, data, l) {
+                        let _ = reply.try_send(Err(ClusterError::Refused(why.0)));
+                        return;
+                    }
+                }
                 let seq = self.seq();
                 let data = codec::encode(&Proposal {
                     origin: self.id,
