@@ -251,6 +251,9 @@ fn run(
         None
     };
     let first_listener = Server::bind_first(cfg)?;
+    // The servants (and their back-end pools) too: a node whose servants cannot start never joins. A
+    // cluster node's worker id and node id are set once it knows them.
+    let servants = Arc::new(fae::servant::Servants::new(cfg)?);
     let mut cfg = cfg.clone();
     let cluster = if cfg.cluster.enabled {
         let c = Arc::new(fae::cluster::start(&cfg)?);
@@ -260,6 +263,8 @@ fn run(
             .my_worker_id()
             .ok_or("the cluster assigned this node no worker id")?;
         cfg.node.id = view.my_id;
+        servants.idgen.set_worker(cfg.idgen.worker_id);
+        servants.misc.set_node_id(view.my_id);
         tracing::info!(
             node = view.my_id,
             worker_id = cfg.idgen.worker_id,
@@ -286,7 +291,6 @@ fn run(
         None
     };
     let cfg = &cfg;
-    let servants = Arc::new(fae::servant::Servants::new(cfg)?);
     let router = cluster.as_ref().map(|c| {
         fae::cluster::spawn_handoff(c, servants.clone());
         Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() })

@@ -30,7 +30,8 @@ fn system_clock() -> u64 {
 }
 
 pub struct IdGen {
-    worker: u64,
+    /// The worker id (a cluster node gets its own when it joins, after the servants exist).
+    worker: AtomicU64,
     /// `(ms since EPOCH_MS) << SEQ_BITS | seq` of the last id issued.
     last: AtomicU64,
     clock: Clock,
@@ -44,11 +45,16 @@ impl IdGen {
 
     pub fn with_clock(cfg: &IdgenConfig, clock: Clock) -> Self {
         IdGen {
-            worker: u64::from(cfg.worker_id),
+            worker: AtomicU64::new(u64::from(cfg.worker_id)),
             last: AtomicU64::new(0),
             clock,
             max_backwards: Duration::from_millis(cfg.max_clock_backwards_ms),
         }
+    }
+
+    /// Sets the worker id (0..31): a cluster node's, assigned when it joins.
+    pub fn set_worker(&self, worker: u8) {
+        self.worker.store(u64::from(worker), Ordering::Relaxed);
     }
 
     pub fn next_with_tag(&self, tag: i16) -> Result<i64, CallError> {
@@ -101,7 +107,8 @@ impl IdGen {
                 .is_ok()
             {
                 let (t, seq) = (next >> SEQ_BITS, next & SEQ_MAX);
-                return Ok((t << 22 | tag << 17 | self.worker << 12 | seq) as i64);
+                let worker = self.worker.load(Ordering::Relaxed);
+                return Ok((t << 22 | tag << 17 | worker << 12 | seq) as i64);
             }
         }
     }

@@ -9,16 +9,22 @@ pub const BUILD_ID: &str = env!("FAE_BUILD_ID_OR_DEV");
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub struct Misc {
-    node_id: u64,
+    /// Set once a cluster node knows its id (after it joined); `node.id` before.
+    node_id: std::sync::atomic::AtomicU64,
     started: Instant,
 }
 
 impl Misc {
     pub fn new(node_id: u64) -> Self {
         Misc {
-            node_id,
+            node_id: std::sync::atomic::AtomicU64::new(node_id),
             started: Instant::now(),
         }
+    }
+
+    /// The node id `ping` reports (a cluster node learns it when it joins).
+    pub fn set_node_id(&self, id: u64) {
+        self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn uptime_secs(&self) -> u64 {
@@ -31,7 +37,7 @@ impl Misc {
             0,
             format_args!(
                 "ver:{VERSION}, build:{BUILD_ID}, myid:{}, uptime:{}",
-                self.node_id,
+                self.node_id.load(std::sync::atomic::Ordering::Relaxed),
                 self.uptime_secs()
             ),
         );
