@@ -250,7 +250,7 @@ fn run(
     } else {
         None
     };
-    let first_listener = Server::bind_first(cfg)?;
+    let bound = Server::bind_first(cfg)?;
     // The servants (and their back-end pools) too: a node whose servants cannot start never joins. A
     // cluster node's worker id and node id are set once it knows them.
     let servants = Arc::new(fae::servant::Servants::new(cfg)?);
@@ -296,7 +296,7 @@ fn run(
         Arc::new(fae::cluster::ClusterRouter { cluster: c.clone() })
             as Arc<dyn fae::cluster::forward::Router>
     });
-    let server = Server::start_with(cfg, servants, router, first_listener)?;
+    let server = Server::start_with(cfg, servants, router, bound)?;
     let state = Arc::new(RwLock::new((cfg.clone(), 1u64)));
     let reloader = config_path.map(|path| {
         let o = overrides.clone();

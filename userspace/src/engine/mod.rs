@@ -102,37 +102,57 @@ pub struct Server {
     loops: Vec<JoinHandle<std::io::Result<()>>>,
 }
 
+/// What [`Server::bind_first`] binds before a node joins a cluster.
+#[derive(Default)]
+pub struct Bound {
+    first: Option<std::net::TcpListener>,
+    xdp: Option<xdp::XdpPath>,
+}
+
 impl Server {
     /// Binds every listener first (so that a taken port is reported before anything runs), then starts one
     /// loop thread per listener.
     pub fn start(cfg: &Config) -> Result<Server, EngineError> {
         let servants = Servants::new(cfg).map_err(EngineError::Backend)?;
-        Self::start_with(cfg, Arc::new(servants), None, None)
+        Self::start_with(cfg, Arc::new(servants), None, Bound::default())
     }
 
-    /// As [`Server::start`], with the node's servants and, in a cluster, the router of keyed calls.
-    /// Binds the first loop's RPC listener (kernel path), so that a taken address stops faed before it joins
-    /// a cluster; hand it to [`Server::start_with`].
-    pub fn bind_first(cfg: &Config) -> Result<Option<std::net::TcpListener>, EngineError> {
-        if cfg.listener.mode == ListenerMode::Xdp {
-            return Ok(None);
-        }
+    /// Binds the first loop's RPC listener (kernel path) and attaches the XDP path (program and AF_XDP
+    /// sockets), so that a taken address or an XDP path that cannot attach stops faed before it joins a
+    /// cluster; hand the result to [`Server::start_with`]. (Packets that arrive before the loops start wait
+    /// in the listener's backlog and the sockets' rings.)
+    pub fn bind_first(cfg: &Config) -> Result<Bound, EngineError> {
         let s = &cfg.server;
-        kernel::reuseport_listener(s.listen, s.backlog)
-            .map(Some)
-            .map_err(|source| EngineError::Listen {
-                addr: s.listen,
-                source,
-            })
+        let first = if cfg.listener.mode == ListenerMode::Xdp {
+            None
+        } else {
+            Some(
+                kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| {
+                    EngineError::Listen {
+                        addr: s.listen,
+                        source,
+                    }
+                })?,
+            )
+        };
+        // The XDP path: attaching fails early and clearly (no program, no interface, no rights).
+        let xdp = if cfg.listener.mode == ListenerMode::Kernel {
+            None
+        } else {
+            Some(xdp::prepare(cfg)?)
+        };
+        Ok(Bound { first, xdp })
     }
 
-    /// Starts the engine; `first` is the first loop's listener if [`Server::bind_first`] bound it.
+    /// As [`Server::start`], with the node's servants, in a cluster the router of keyed calls, and what
+    /// [`Server::bind_first`] bound (or `Bound::default()`: it binds here).
     pub fn start_with(
         cfg: &Config,
         servants: Arc<Servants>,
         router: Option<Arc<dyn Router>>,
-        mut first: Option<std::net::TcpListener>,
+        bound: Bound,
     ) -> Result<Server, EngineError> {
+        let Bound { mut first, xdp } = bound;
         let s = &cfg.server;
         let returns = Returns::default();
         let forwarder = router.as_ref().map(|_| {
@@ -155,11 +175,10 @@ impl Server {
         let gate = Arc::new(Gate::new(s.max_sessions));
         let stopping = Arc::new(AtomicBool::new(false));
         let kernel = cfg.listener.mode != ListenerMode::Xdp;
-        // The XDP path first: attaching fails early and clearly (no program, no interface, no rights).
-        let xdp_path = if cfg.listener.mode == ListenerMode::Kernel {
-            None
-        } else {
-            Some(xdp::prepare(cfg)?)
+        let xdp_path = match xdp {
+            Some(path) => Some(path),
+            None if cfg.listener.mode != ListenerMode::Kernel => Some(xdp::prepare(cfg)?),
+            None => None,
         };
         let n = if kernel { s.loops() } else { 0 };
         let mut built = Vec::with_capacity(n);
