@@ -193,6 +193,14 @@ fn read_frame_within(
         return Ok(None);
     }
     let (kind, len) = frame_head(&head)?;
+    // Only the other side of an RPC reads answers: on an inbound connection one is garbage, refused
+    // before its payload (up to 64 MiB for a status) is read.
+    if kind == KIND_RPC_RESPONSE {
+        return Err(io::Error::new(
+            ErrorKind::InvalidData,
+            "an answer frame on an inbound connection",
+        ));
+    }
     let mut body = vec![0u8; len];
     if !fill(r, &mut body, stop, &mut deadline, within)? {
         return Err(ErrorKind::UnexpectedEof.into());

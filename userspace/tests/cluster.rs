@@ -334,10 +334,18 @@ impl Node {
         if let Err(log) = f.wait_ready(READY) {
             panic!("node {} did not start:\n{log}", self.name);
         }
+        // Its ports open before it joins (or recovers): ready once its own view holds it.
         let (st, _) = wait_for(
-            &format!("node {}'s cluster status", self.name),
-            Duration::from_secs(10),
-            || self.status(),
+            &format!("node {} to be a member in its own view", self.name),
+            READY,
+            || {
+                let st = self.status()?;
+                if st.members.iter().any(|m| m.member.id == st.my_id) {
+                    Ok(st)
+                } else {
+                    Err(brief(&st))
+                }
+            },
         );
         if self.id == 0 {
             self.id = st.my_id;
