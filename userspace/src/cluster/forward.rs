@@ -32,6 +32,10 @@ pub enum Route {
 /// Maps keys to owners; the daemon implements it over the cluster's vbucket map.
 pub trait Router: Send + Sync {
     fn route(&self, key: &[u8]) -> Route;
+    /// Whether `addr` is a member's RPC address (where a forwarded call may be re-routed).
+    fn is_member_rpc_addr(&self, _addr: &str) -> bool {
+        false
+    }
     /// Whether a call forwarded here (sticky) may run here: this node owns the key's vbucket and no move
     /// of it has begun (a pending owner receives the vbucket's entries on the cluster port, not as calls).
     fn accepts_forwarded(&self, key: &[u8]) -> bool;
@@ -95,15 +99,22 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Starts `workers` threads; `timeout` bounds connect, send and receive of one forward. Replies go back
-    /// through `returns` (filled once the loops exist).
-    pub fn start(workers: usize, timeout: Duration, returns: Returns) -> Forwarder {
+    /// through `returns` (filled once the loops exist). `member` says whether an address is a member's RPC
+    /// address: a call is re-routed only to one.
+    pub fn start(
+        workers: usize,
+        timeout: Duration,
+        returns: Returns,
+        member: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    ) -> Forwarder {
         let (jobs, rx) = crossbeam_channel::unbounded::<ForwardJob>();
         for i in 0..workers.max(1) {
             let rx: Receiver<ForwardJob> = rx.clone();
             let returns = returns.clone();
+            let member = member.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("fae-fwd-{i}"))
-                .spawn(move || worker(rx, returns, timeout));
+                .spawn(move || worker(rx, returns, timeout, &*member));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a forwarding worker");
             }
@@ -137,7 +148,12 @@ type OwnerBatch = (u64, String, Vec<(Ticket, Instant, Vec<u8>)>);
 /// Forwards queued jobs. Jobs that arrive together for the same owner go out in one `write` and their
 /// replies are read back in order on the same connection (pipelined), which saves a system call and a
 /// wake-up per call under load.
-fn worker(rx: Receiver<ForwardJob>, returns: Returns, timeout: Duration) {
+fn worker(
+    rx: Receiver<ForwardJob>,
+    returns: Returns,
+    timeout: Duration,
+    member: &(dyn Fn(&str) -> bool + Send + Sync),
+) {
     // Each worker keeps its own connection per peer: no lock between workers.
     let mut pool: HashMap<String, BufReader<TcpStream>> = HashMap::new();
     const BATCH: usize = 64;
@@ -185,7 +201,7 @@ fn worker(rx: Receiver<ForwardJob>, returns: Returns, timeout: Duration) {
             if err.is_some() {
                 pool.remove(&addr);
             }
-            follow_redirects(&mut pool, &addr, &requests, &mut got, timeout);
+            follow_redirects(&mut pool, &addr, &requests, &mut got, timeout, member);
             let why = err.map(|e| format!("forwarding to node {node} at {addr} failed: {e}"));
             let mut got = got.into_iter();
             for (ticket, submitted, _) in items {
@@ -224,17 +240,19 @@ fn redirect_target(reply: &[u8]) -> Option<&str> {
 
 /// A forwarded call refused because the sender's map was stale is sent once more, to the owner the
 /// receiver named by its newer map (DESIGN: "re-routed once with the receiver's newer map"). The receiver
-/// itself never forwards a sticky call again (API.md): the sender re-routes. A second refusal stands.
+/// itself never forwards a sticky call again (API.md): the sender re-routes. A second refusal stands. Only
+/// to an address `member` knows: a refusal cannot send a call anywhere else.
 fn follow_redirects(
     pool: &mut HashMap<String, BufReader<TcpStream>>,
     addr: &str,
     requests: &[&[u8]],
     got: &mut [Vec<u8>],
     timeout: Duration,
+    member: &(dyn Fn(&str) -> bool + Send + Sync),
 ) {
     for (reply, request) in got.iter_mut().zip(requests) {
         let Some(to) = redirect_target(reply)
-            .filter(|to| *to != addr)
+            .filter(|to| *to != addr && member(to))
             .map(str::to_owned)
         else {
             continue;
@@ -372,14 +390,26 @@ mod tests {
         let (mut got, err) = exchange(&mut pool, &stale, &requests, t);
         assert!(err.is_none());
         assert_eq!(redirect_target(&got[0]), Some(owner.as_str()));
-        follow_redirects(&mut pool, &stale, &requests, &mut got, t);
+        let anyone = |_: &str| true;
+        follow_redirects(&mut pool, &stale, &requests, &mut got, t, &anyone);
         assert_eq!(got, vec![b"served:a".to_vec(), b"served:b".to_vec()]);
 
         let hint = format!("retry {OWNER_HINT}{looping_owner}]");
         let stale2 = peer(move |_| refusal(&hint));
         let (mut got, _) = exchange(&mut pool, &stale2, &requests[..1], t);
-        follow_redirects(&mut pool, &stale2, &requests[..1], &mut got, t);
+        follow_redirects(&mut pool, &stale2, &requests[..1], &mut got, t, &anyone);
         assert!(String::from_utf8_lossy(&got[0]).contains("not mine either"));
+        // An address that is no member's is not followed: the refusal stands.
+        let (mut got, _) = exchange(&mut pool, &stale, &requests[..1], t);
+        follow_redirects(
+            &mut pool,
+            &stale,
+            &requests[..1],
+            &mut got,
+            t,
+            &|_: &str| false,
+        );
+        assert!(String::from_utf8_lossy(&got[0]).contains("not mine; retry"));
         // A normal reply, or an error without the hint, is left alone.
         assert_eq!(redirect_target(b"\x80\x01\x00\x02..."), None);
         assert_eq!(redirect_target(&refusal("moving; retry")), None);

@@ -168,6 +168,14 @@ impl Router for ClusterRouter {
         None
     }
 
+    fn is_member_rpc_addr(&self, addr: &str) -> bool {
+        self.cluster
+            .view()
+            .members
+            .values()
+            .any(|m| m.rpc_addr == addr)
+    }
+
     fn accepts_forwarded(&self, key: &[u8]) -> bool {
         let view = self.cluster.view();
         let e = view.map.get(fae_cluster::vbucket_of(key));

@@ -155,11 +155,13 @@ impl Server {
         let Bound { mut first, xdp } = bound;
         let s = &cfg.server;
         let returns = Returns::default();
-        let forwarder = router.as_ref().map(|_| {
+        let forwarder = router.as_ref().map(|r| {
+            let r = r.clone();
             Arc::new(Forwarder::start(
                 cfg.cluster.forward_workers,
                 Duration::from_millis(cfg.cluster.forward_timeout_ms),
                 returns.clone(),
+                Arc::new(move |addr: &str| r.is_member_rpc_addr(addr)),
             ))
         });
         let filters = Arc::new(
