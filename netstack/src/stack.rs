@@ -16,6 +16,16 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 use crate::xsk::{PortStats, XskPort};
 use crate::NetError;
 
+/// TSval: milliseconds since the first connection of the process, the same clock for every connection
+/// (monotonic, as RFC 7323's PAWS on the client needs across a port's successive connections).
+fn tsval() -> u32 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u32
+}
+
 /// How the stack is set up.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
@@ -78,6 +88,11 @@ impl Stack {
         );
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
+        // TCP timestamps (RFC 7323), as the kernel sends them: without them a client cannot reuse its
+        // TIME-WAIT ports (`tcp_tw_reuse` needs timestamps on both sides) and a host opening a connection
+        // per request runs out of ports against the XDP path. smoltcp drops them for a peer that does not
+        // offer them.
+        s.set_tsval_generator(Some(tsval));
         s.listen(port)
             .map_err(|e| NetError::Program(format!("smoltcp listen on port {port}: {e}")))?;
         let h = self.sockets.add(s);

@@ -95,6 +95,42 @@ def test_kernel_keeps_icmp_and_other_ports(lab, served):
     assert xdp_attached(lab.srv, lab.srv_if)
 
 
+TCP_TIMESTAMP_CLIENT = r"""
+import socket, struct, sys
+# TCP_INFO's tcpi_options (byte 5): TCPI_OPT_TIMESTAMPS = 1, set when both sides sent the option.
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+local = None
+for i in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if local:
+        s.bind(local)  # the port of the connection before, now in TIME-WAIT
+    s.settimeout(5)
+    s.connect((addr, port))
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    if not info[5] & 1:
+        print("no timestamps on connection %d" % i)
+        sys.exit(1)
+    local = s.getsockname()
+    s.close()  # the client closes first: its port goes to TIME-WAIT
+print("ok")
+"""
+
+
+def test_xdp_syn_ack_carries_timestamps_and_time_wait_ports_are_reused(lab, served):
+    """The XDP path's SYN-ACK carries TCP timestamps (RFC 7323), as the kernel's does: a client with
+    `tcp_tw_reuse` can then connect again from a port still in TIME-WAIT, which a PHP host opening a
+    connection per request depends on."""
+    lab.cli_run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+    lab.cli_run("sysctl", "-qw", "net.ipv4.tcp_timestamps=1")
+    # tcp_tw_reuse waits a second after the last timestamp seen on the old connection.
+    p = lab.cli_run("/usr/bin/python3", "-c", TCP_TIMESTAMP_CLIENT, SRV_IP, str(XDP_PORT), "1", check=False)
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout, p.stderr)
+    script = TCP_TIMESTAMP_CLIENT.replace("    s.close()", "    s.close()\n    __import__('time').sleep(1.1)")
+    p = lab.cli_run("/usr/bin/python3", "-c", script, SRV_IP, str(XDP_PORT), "3", check=False, timeout=60)
+    assert p.returncode == 0 and "ok" in p.stdout, (p.stdout, p.stderr)
+
+
 def test_xdp_counters_move(lab, served):
     before = served.stats(lab.cli)["xdp"]
     lab.cli_run(FAE, "check", XDP_ADDR, "-c", "2", "-n", "50")
