@@ -622,12 +622,16 @@ fn run(
         Reply::app_error(out, transport, header.name, header.seqid, kind, msg)
     };
     let Some(method) = method else {
-        let name = String::from_utf8_lossy(header.name);
-        app_error(
-            out,
-            AppErrorKind::UnknownMethod,
-            &format!("unknown method {name:?}"),
-        );
+        // The name goes back in the reply's header (clients match on it); the text quotes at most 64
+        // bytes of it, escaped (an escaped control byte takes up to six).
+        const QUOTED: usize = 64;
+        let shown = String::from_utf8_lossy(&header.name[..header.name.len().min(QUOTED)]);
+        let msg = if header.name.len() > QUOTED {
+            format!("unknown method {shown:?}… ({} bytes)", header.name.len())
+        } else {
+            format!("unknown method {shown:?}")
+        };
+        app_error(out, AppErrorKind::UnknownMethod, &msg);
         metrics.call(UNKNOWN_SLOT, 0, true);
         return (started, Left::Answered);
     };
