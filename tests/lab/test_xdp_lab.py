@@ -96,9 +96,22 @@ def test_kernel_keeps_icmp_and_other_ports(lab, served):
 
 
 TCP_TIMESTAMP_CLIENT = r"""
-import socket, struct, sys
+import socket, struct, sys, time
 # TCP_INFO's tcpi_options (byte 5): TCPI_OPT_TIMESTAMPS = 1, set when both sides sent the option.
-addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+addr, port, n, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+
+def time_wait(local_port, within=10):
+    # Waits until the connection from local_port is in TIME-WAIT (state 06 in /proc/net/tcp).
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        for line in open("/proc/net/tcp").readlines()[1:]:
+            f = line.split()
+            if int(f[1].split(":")[1], 16) == local_port and f[3] == "06":
+                return
+        time.sleep(0.05)
+    print("port %d never reached TIME-WAIT" % local_port)
+    sys.exit(2)
+
 local = None
 for i in range(n):
     s = socket.socket()
@@ -113,6 +126,9 @@ for i in range(n):
         sys.exit(1)
     local = s.getsockname()
     s.close()  # the client closes first: its port goes to TIME-WAIT
+    if i + 1 < n:
+        time_wait(local[1])
+        time.sleep(pause)  # tcp_tw_reuse wants a second since the last timestamp seen
 print("ok")
 """
 
@@ -124,10 +140,11 @@ def test_xdp_syn_ack_carries_timestamps_and_time_wait_ports_are_reused(lab, serv
     lab.cli_run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
     lab.cli_run("sysctl", "-qw", "net.ipv4.tcp_timestamps=1")
     # tcp_tw_reuse waits a second after the last timestamp seen on the old connection.
-    p = lab.cli_run("/usr/bin/python3", "-c", TCP_TIMESTAMP_CLIENT, SRV_IP, str(XDP_PORT), "1", check=False)
+    p = lab.cli_run("/usr/bin/python3", "-c", TCP_TIMESTAMP_CLIENT, SRV_IP, str(XDP_PORT), "1", "0",
+                    check=False)
     assert p.returncode == 0 and "ok" in p.stdout, (p.stdout, p.stderr)
-    script = TCP_TIMESTAMP_CLIENT.replace("    s.close()", "    s.close()\n    __import__('time').sleep(1.1)")
-    p = lab.cli_run("/usr/bin/python3", "-c", script, SRV_IP, str(XDP_PORT), "3", check=False, timeout=60)
+    p = lab.cli_run("/usr/bin/python3", "-c", TCP_TIMESTAMP_CLIENT, SRV_IP, str(XDP_PORT), "3", "1.1",
+                    check=False, timeout=90)
     assert p.returncode == 0 and "ok" in p.stdout, (p.stdout, p.stderr)
 
 

@@ -2061,20 +2061,23 @@ fn an_owner_woken_from_sigstop_grants_no_lock_it_lost() {
     // The owner wakes: its clients ask at once, on connections of their own.
     cl.nodes[victim].signal(libc::SIGCONT);
     let woke = Instant::now();
-    // Its queued calls are answered, and none is granted: it lost its lease while it slept.
+    // Its queued calls are answered: refused (no lease, its map behind), or, once it has caught up,
+    // forwarded to the new owner, which may grant a lock whose TTL has run out since. Each grant goes into
+    // the history with the time the call was sent, before the stop: the checker judges it.
     queued.set_read_timeout(CALL_TIMEOUT);
-    let mut queued_refused = 0;
+    let (mut queued_refused, mut queued_granted) = (0, 0);
     for k in &theirs {
         let m = queued.recv().expect("an answer to a queued lock call");
-        assert_ne!(
-            m.field(0),
-            Some(&Val::Bool(true)),
-            "{k}: granted by the woken owner from its queue"
-        );
-        queued_refused += usize::from(m.app_error().is_some());
+        let r = match (m.field(0), m.app_error()) {
+            (Some(Val::Bool(b)), _) => Ok(*b),
+            (_, Some((text, _))) => Err(Fail::App(text)),
+            _ => panic!("{k}: {m:?}"),
+        };
+        queued_granted += usize::from(matches!(r, Ok(true)));
+        record(k, stopped, r, &mut queued_refused);
     }
     eprintln!(
-        "queued lock calls at the stopped owner: {queued_refused} of {} refused",
+        "queued lock calls at the stopped owner: {queued_refused} refused, {queued_granted} granted, of {}",
         theirs.len()
     );
     let mut at_victim = cl.nodes[victim].peer();
