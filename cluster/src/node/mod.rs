@@ -1138,9 +1138,12 @@ impl Node {
         let committed = light.take_committed_entries();
         self.apply(committed)?;
         self.raw.advance_apply();
+        // The view first, then the lease: a lease renewed while the published map is still the old one
+        // would let a node woken from a pause serve, for a moment, by the map it had before (a lock on a
+        // vbucket failed over while it slept).
+        self.publish(false);
         self.finish_reads();
         self.maybe_compact()?;
-        self.publish(false);
         Ok(())
     }
 

@@ -155,6 +155,17 @@ impl Router for ClusterRouter {
                     .into(),
             );
         }
+        // The map again, now that the lease holds: the node publishes its map before it renews its lease,
+        // so this one is at least as new as the read that renewed it, where the one the call was routed by
+        // may be from before a pause.
+        let view = self.cluster.view();
+        let e = view.map.get(vb);
+        if e.owner != view.my_id || e.pending.is_some() {
+            return Some(format!(
+                "vbucket {vb} changed hands while the call was routed (owner {}, pending {:?}); retry",
+                e.owner, e.pending
+            ));
+        }
         if method == crate::servant::Method::Lock {
             if let Some(left) = self.cluster.lock_fence(vb) {
                 return Some(format!(
