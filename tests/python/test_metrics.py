@@ -180,7 +180,11 @@ def test_every_declared_metric_parses_and_moves(own, rpc, stores):
     with pytest.raises(rpc.TApplicationException):
         c.id_next(rpc.ctx())
     post(server, "/api/restore", {})
-    time.sleep(1.6)  # the idle session times out; uptime and the sampler move on
+    time.sleep(1.6)  # uptime and the sampler move on
+    # The idle session is closed by the server (idle_timeout_ms = 1500), not by us: wait (bounded) for its
+    # end of stream rather than close it at a guessed moment, which under load raced the server's sweep.
+    idle.settimeout(10)
+    assert idle.recv(1) == b"", "the idle session was not timed out"
     idle.close()
     held_conn = conns[1]
     held_conn.close()
