@@ -15,13 +15,7 @@ impl Node {
     }
 
     pub(super) fn propose_internal(&mut self, cmd: Command) {
-        let seq = self.seq();
-        let data = codec::encode(&Proposal {
-            origin: self.id,
-            inc: self.incarnation,
-            seq,
-            cmd,
-        });
+        let (_, data) = self.proposal(cmd);
         if let Err(e) = self.raw.propose(vec![], data) {
             tracing::debug!(node = self.id, error = %e, "housekeeping proposal dropped");
         }

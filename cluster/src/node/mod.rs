@@ -114,6 +114,15 @@ struct Shared {
 pub type AppHandler = dyn Fn(Option<u64>, &[u8]) -> Result<Vec<u8>, String> + Send + Sync;
 
 impl Shared {
+    /// The published view as `fae cluster status` shows it, with the lease and the refusal counts.
+    fn status(&self) -> ClusterStatus {
+        let mut st = ClusterStatus::of(&self.view.load());
+        st.lease = self.has_lease();
+        st.refused_connections = self.refused_connections.load(Ordering::Relaxed);
+        st.refused_messages = self.refused_messages.load(Ordering::Relaxed);
+        st
+    }
+
     fn has_lease(&self) -> bool {
         !self.raft_dead.load(Ordering::Acquire)
             && self.now_ms() < self.lease_until.load(Ordering::Acquire)
@@ -225,13 +234,7 @@ impl Shared {
                     },
                 }
             }
-            RpcRequest::Status => {
-                let mut st = ClusterStatus::of(&self.view.load());
-                st.lease = self.has_lease();
-                st.refused_connections = self.refused_connections.load(Ordering::Relaxed);
-                st.refused_messages = self.refused_messages.load(Ordering::Relaxed);
-                RpcResponse::Status(Box::new(st))
-            }
+            RpcRequest::Status => RpcResponse::Status(Box::new(self.status())),
         }
     }
 }
@@ -569,11 +572,7 @@ impl Cluster {
     }
 
     pub fn status(&self) -> ClusterStatus {
-        let mut st = ClusterStatus::of(&self.shared.view.load());
-        st.lease = self.shared.has_lease();
-        st.refused_connections = self.shared.refused_connections.load(Ordering::Relaxed);
-        st.refused_messages = self.shared.refused_messages.load(Ordering::Relaxed);
-        st
+        self.shared.status()
     }
 
     /// Sets the handler of the daemon's requests from other members ([`Cluster::app_call`]).
@@ -769,7 +768,6 @@ struct Node {
     /// The ReadIndex asked for the lease: its sequence number and when it was asked.
     lease_probe: Option<(u64, Instant)>,
     /// Raft messages from the network dropped as malformed or foreign (see `refuse_message`).
-    refused_messages: u64,
     /// Random per start of the process (never 0): tells this run's proposals from an earlier run's.
     incarnation: u64,
     pending: HashMap<u64, (Instant, Pending)>,
@@ -839,7 +837,6 @@ impl Node {
             events_dropped: 0,
             next_seq: 1,
             lease_probe: None,
-            refused_messages: 0,
             incarnation: incarnation(),
             pending: HashMap::new(),
             reads: Vec::new(),
@@ -934,18 +931,30 @@ impl Node {
         self.raw.raft.leader_id != raft::INVALID_ID
     }
 
+    /// A proposal of `cmd` by this run: its sequence number and the entry's payload.
+    fn proposal(&mut self, cmd: Command) -> (u64, Vec<u8>) {
+        let seq = self.seq();
+        let data = codec::encode(&Proposal {
+            origin: self.id,
+            inc: self.incarnation,
+            seq,
+            cmd,
+        });
+        (seq, data)
+    }
+
     fn handle(&mut self, input: Input) {
         match input {
             Input::Raft(m) => {
                 if let Some(why) = self.refuse_message(&m) {
-                    self.refused_messages += 1;
-                    self.shared.refused_messages.fetch_add(1, Ordering::Relaxed);
-                    if self.refused_messages.is_power_of_two() {
+                    // One count, shared with the transport's refusals of the same kind.
+                    let refused = self.shared.refused_messages.fetch_add(1, Ordering::Relaxed) + 1;
+                    if refused.is_power_of_two() {
                         tracing::warn!(
                             node = self.id,
                             from = m.from,
                             kind = ?m.get_msg_type(),
-                            refused = self.refused_messages,
+                            refused,
                             "raft message dropped: {why}"
                         );
                     }
@@ -990,13 +999,7 @@ impl Node {
                         return;
                     }
                 }
-                let seq = self.seq();
-                let data = codec::encode(&Proposal {
-                    origin: self.id,
-                    inc: self.incarnation,
-                    seq,
-                    cmd,
-                });
+                let (seq, data) = self.proposal(cmd);
                 if data.len() > MAX_PROPOSAL {
                     let _ = reply.try_send(Err(ClusterError::Refused(format!(
                         "a proposal of {} bytes exceeds {MAX_PROPOSAL}",
