@@ -48,6 +48,9 @@ pub struct Stack {
     sockets: SocketSet<'static>,
     listening: Vec<(u16, SocketHandle)>,
     conns: Vec<SocketHandle>,
+    /// Sockets of closed connections, kept to listen again: a new socket's two buffers are allocated and
+    /// zeroed (half a megabyte by default), which took a quarter of the CPU with short-lived connections.
+    spare: Vec<tcp::Socket<'static>>,
     cfg: StackConfig,
     epoch: std::time::Instant,
 }
@@ -69,6 +72,7 @@ impl Stack {
             sockets: SocketSet::new(Vec::new()),
             listening: Vec::new(),
             conns: Vec::new(),
+            spare: Vec::new(),
             cfg,
             epoch,
         };
@@ -81,18 +85,25 @@ impl Stack {
     }
 
     fn listen(&mut self, port: u16) -> Result<(), NetError> {
-        let b = self.cfg.buffer;
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; b]),
-            tcp::SocketBuffer::new(vec![0; b]),
-        );
-        s.set_nagle_enabled(false);
-        s.set_ack_delay(None);
-        // TCP timestamps (RFC 7323), as the kernel sends them: without them a client cannot reuse its
-        // TIME-WAIT ports (`tcp_tw_reuse` needs timestamps on both sides) and a host opening a connection
-        // per request runs out of ports against the XDP path. smoltcp drops them for a peer that does not
-        // offer them.
-        s.set_tsval_generator(Some(tsval));
+        let mut s = match self.spare.pop() {
+            // listen() resets a closed socket (its state and buffers' positions), options kept.
+            Some(s) => s,
+            None => {
+                let b = self.cfg.buffer;
+                let mut s = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; b]),
+                    tcp::SocketBuffer::new(vec![0; b]),
+                );
+                s.set_nagle_enabled(false);
+                s.set_ack_delay(None);
+                // TCP timestamps (RFC 7323), as the kernel sends them: without them a client cannot reuse
+                // its TIME-WAIT ports (`tcp_tw_reuse` needs timestamps on both sides) and a host opening a
+                // connection per request runs out of ports against the XDP path. smoltcp drops them for
+                // a peer that does not offer them.
+                s.set_tsval_generator(Some(tsval));
+                s
+            }
+        };
         s.listen(port)
             .map_err(|e| NetError::Program(format!("smoltcp listen on port {port}: {e}")))?;
         let h = self.sockets.add(s);
@@ -206,10 +217,15 @@ impl Stack {
         self.sockets.get_mut::<tcp::Socket>(id).abort();
     }
 
-    /// Frees a connection that is closed.
+    /// Frees a connection that is closed; its socket is kept (up to the backlog) to listen again.
     pub fn release(&mut self, id: ConnId) {
         self.conns.retain(|h| *h != id);
-        self.sockets.remove(id);
+        let s = self.sockets.remove(id);
+        if self.spare.len() < self.cfg.backlog.max(1) {
+            let smoltcp::socket::Socket::Tcp(mut s) = s;
+            s.abort();
+            self.spare.push(s);
+        }
     }
 
     /// Open connections (not counting listening sockets).

@@ -130,6 +130,11 @@ enum Cmd {
         /// Connect from this local address (e.g. 127.0.0.2: a second client IP on loopback).
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
+        /// Short-lived connections: each makes this many calls, closes, and is replaced by a new one (as a
+        /// PHP-FPM worker connects per request). Reports connections/s and connect latency too. 0: the
+        /// connections live for the whole run.
+        #[arg(long = "calls-per-conn", default_value_t = 0)]
+        calls_per_conn: usize,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -305,6 +310,7 @@ fn main() -> ExitCode {
             threads,
             server_pid,
             bind,
+            calls_per_conn,
             json,
         } => {
             let target = match direct {
@@ -334,6 +340,7 @@ fn main() -> ExitCode {
                 threads,
                 server_pid,
                 bind,
+                calls_per_conn,
                 progress: !json,
             };
             match bench::run(&cfg) {

@@ -142,6 +142,9 @@ pub struct BenchConfig {
     pub server_pid: Option<u32>,
     /// The local address to connect from.
     pub bind: Option<std::net::IpAddr>,
+    /// Short-lived connections: each connection makes this many calls, closes, and a new one is opened in
+    /// its place (PHP-FPM's pattern: a connection per web request). 0: connections live for the whole run.
+    pub calls_per_conn: usize,
     pub progress: bool,
 }
 
@@ -194,6 +197,16 @@ pub struct BenchReport {
     pub error_p99_us: f64,
     /// Server CPU (user + system) per call, when the server's pid was given.
     pub server_cpu_us_per_call: Option<f64>,
+    /// Calls per connection (0: long-lived connections).
+    pub calls_per_conn: usize,
+    /// Connections completed (all their calls answered, then closed) while measuring, and their rate.
+    pub conns: u64,
+    pub conns_per_sec: f64,
+    /// Connection attempts that failed (refused, reset, timed out, no local port).
+    pub connect_errors: u64,
+    /// From connect(2) to the connection being writable (the handshake).
+    pub connect_p50_us: f64,
+    pub connect_p99_us: f64,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -222,6 +235,17 @@ impl std::fmt::Display for BenchReport {
                 self.ok_p99_us,
                 self.error_p50_us,
                 self.error_p99_us
+            )?;
+        }
+        if self.calls_per_conn > 0 {
+            write!(
+                f,
+                "; {} calls per connection: {:.0} connections/s, connect p50={:.1}us p99={:.1}us, connect errors={}",
+                self.calls_per_conn,
+                self.conns_per_sec,
+                self.connect_p50_us,
+                self.connect_p99_us,
+                self.connect_errors
             )?;
         }
         if let Some(cpu) = self.server_cpu_us_per_call {
@@ -259,6 +283,10 @@ fn clock_ticks_per_sec() -> u64 {
 
 struct Conn {
     stream: TcpStream,
+    /// When the connect(2) of a short-lived connection started, until it completes.
+    connecting: Option<Instant>,
+    /// Calls written on this connection.
+    sent: usize,
     out: Vec<u8>,
     inbuf: Vec<u8>,
     inflight: VecDeque<(Instant, i32, Op)>,
@@ -268,9 +296,14 @@ struct Conn {
     pick: usize,
 }
 
+#[derive(Default)]
 struct Shared {
     calls: AtomicU64,
     errors: AtomicU64,
+    conns: AtomicU64,
+    connect_errors: AtomicU64,
+    /// Client threads done opening their first connections.
+    ready: AtomicU64,
     measuring: AtomicBool,
     stop: AtomicBool,
 }
@@ -483,12 +516,7 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     for w in writers {
         populate(cfg, addr, w)?;
     }
-    let shared = Arc::new(Shared {
-        calls: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::default());
     let threads = cfg.threads.clamp(1, cfg.connections.max(1));
     let mut handles = Vec::new();
     let mut hists = Vec::new();
@@ -497,12 +525,22 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         let hist = Arc::new(Hists {
             ok: Arc::default(),
             err: Arc::default(),
+            connect: Arc::default(),
         });
         hists.push(hist.clone());
         let (cfg, shared) = (cfg.clone(), shared.clone());
         handles.push(std::thread::spawn(move || {
             drive(&cfg, addr, n, &shared, &hist)
         }));
+    }
+    // The warm-up starts once every connection is open (thousands of connects take a while), or a thread
+    // failed.
+    let opening = Instant::now();
+    while shared.ready.load(Ordering::Acquire) < threads as u64
+        && !handles.iter().any(|h| h.is_finished())
+        && opening.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(cfg.warmup);
     let cpu0 = cfg.server_pid.map(process_cpu_us).transpose()?;
@@ -552,8 +590,10 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     };
     let ok = Snapshot::merge(&hists.iter().map(|h| h.ok.clone()).collect::<Vec<_>>());
     let err = Snapshot::merge(&hists.iter().map(|h| h.err.clone()).collect::<Vec<_>>());
+    let connect = Snapshot::merge(&hists.iter().map(|h| h.connect.clone()).collect::<Vec<_>>());
     let all = sum(&[&ok, &err]);
-    let (ok, err) = (sum(&[&ok]), sum(&[&err]));
+    let (ok, err, connect) = (sum(&[&ok]), sum(&[&err]), sum(&[&connect]));
+    let conns = shared.conns.load(Ordering::Relaxed);
     let mix = cfg
         .mix
         .iter()
@@ -582,6 +622,12 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
             (Some(a), Some(b)) if calls > 0 => Some((b - a) as f64 / calls as f64),
             _ => None,
         },
+        calls_per_conn: cfg.calls_per_conn,
+        conns,
+        conns_per_sec: conns as f64 / secs,
+        connect_errors: shared.connect_errors.load(Ordering::Relaxed),
+        connect_p50_us: connect.quantile_us(0.5),
+        connect_p99_us: connect.quantile_us(0.99),
     })
 }
 
@@ -601,10 +647,31 @@ fn connect(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<std::
     Ok(s.into())
 }
 
-/// Latencies of the successful and of the failed calls, apart.
+/// A non-blocking connect to `addr` (from `bind` if given), under way.
+fn connect_nonblocking(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    if let Some(ip) = bind {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(s.into()))
+}
+
+/// Latencies of the successful and of the failed calls, apart, and of the connects.
 struct Hists {
     ok: Arc<LoopMetrics>,
     err: Arc<LoopMetrics>,
+    connect: Arc<LoopMetrics>,
 }
 
 fn drive(
@@ -626,18 +693,26 @@ fn drive(
         return Err(io::Error::other("empty method mix"));
     }
     let keys = cfg.keys.max(1);
+    let churn = cfg.calls_per_conn > 0;
+    // Short-lived connections whose connect(2) failed at once (e.g. no free local port): tried again on
+    // the next turn of the loop.
+    let mut retry: Vec<usize> = Vec::new();
     for i in 0..n {
-        let s = connect(addr, cfg.bind)?;
-        s.set_nodelay(true)?;
-        s.set_nonblocking(true)?;
-        let mut stream = TcpStream::from_std(s);
-        poll.registry().register(
-            &mut stream,
-            Token(i),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        let (stream, connecting) = if churn {
+            match connect_nonblocking(addr, cfg.bind) {
+                Ok(s) => (s, Some(Instant::now())),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("connect: {e}"))),
+            }
+        } else {
+            let s = connect(addr, cfg.bind)?;
+            s.set_nodelay(true)?;
+            s.set_nonblocking(true)?;
+            (TcpStream::from_std(s), None)
+        };
         let mut c = Conn {
             stream,
+            connecting,
+            sent: 0,
             out: Vec::new(),
             inbuf: Vec::new(),
             inflight: VecDeque::new(),
@@ -645,17 +720,50 @@ fn drive(
             seq: 0,
             pick: i,
         };
-        for _ in 0..cfg.depth {
-            send(&mut c, cfg, &weights, keys, &value);
+        poll.registry().register(
+            &mut c.stream,
+            Token(i),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        if !churn {
+            for _ in 0..cfg.depth {
+                send(&mut c, cfg, &weights, keys, &value);
+            }
         }
         conns.push(c);
     }
+    shared.ready.fetch_add(1, Ordering::AcqRel);
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 256 << 10];
     while !shared.stop.load(Ordering::Acquire) {
-        poll.poll(&mut events, Some(Duration::from_millis(50)))?;
+        for i in std::mem::take(&mut retry) {
+            reopen(&mut conns[i], i, cfg, addr, &poll, shared, &mut retry)?;
+        }
+        let wait = if retry.is_empty() { 50 } else { 1 };
+        poll.poll(&mut events, Some(Duration::from_millis(wait)))?;
         for ev in events.iter() {
-            let c = &mut conns[ev.token().0];
+            let i = ev.token().0;
+            let c = &mut conns[i];
+            if let Some(started) = c.connecting {
+                if ev.is_error() || c.stream.take_error()?.is_some() {
+                    shared.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    reopen(c, i, cfg, addr, &poll, shared, &mut retry)?;
+                    continue;
+                }
+                if !ev.is_writable() || c.stream.peer_addr().is_err() {
+                    continue;
+                }
+                c.connecting = None;
+                if shared.measuring.load(Ordering::Relaxed) {
+                    let ns = started.elapsed().as_nanos() as u64;
+                    hist.connect.call(Method::Ping as usize, ns, false);
+                }
+                for _ in 0..cfg.depth.min(cfg.calls_per_conn) {
+                    send(c, cfg, &weights, keys, &value);
+                }
+                flush(c)?;
+                continue;
+            }
             loop {
                 match c.stream.read(&mut buf) {
                     Ok(0) => return Err(io::Error::other("server closed a bench connection")),
@@ -692,12 +800,61 @@ fn drive(
             }
             c.inbuf.drain(..used);
             for _ in 0..answered {
+                if churn && c.sent >= cfg.calls_per_conn {
+                    break;
+                }
                 send(c, cfg, &weights, keys, &value);
+            }
+            if churn && c.sent >= cfg.calls_per_conn && c.inflight.is_empty() {
+                if measuring {
+                    shared.conns.fetch_add(1, Ordering::Relaxed);
+                }
+                reopen(c, i, cfg, addr, &poll, shared, &mut retry)?;
+                continue;
             }
             flush(c)?;
         }
     }
     Ok(())
+}
+
+/// Closes a short-lived connection (the client closes first, as a PHP worker does) and starts the next.
+fn reopen(
+    c: &mut Conn,
+    i: usize,
+    cfg: &BenchConfig,
+    addr: SocketAddr,
+    poll: &Poll,
+    shared: &Shared,
+    retry: &mut Vec<usize>,
+) -> io::Result<()> {
+    let _ = poll.registry().deregister(&mut c.stream);
+    c.sent = 0;
+    c.out.clear();
+    c.inbuf.clear();
+    c.inflight.clear();
+    c.scan = redis::Scan::default();
+    match connect_nonblocking(addr, cfg.bind) {
+        Ok(s) => {
+            // Dropping the old stream closes it.
+            c.stream = s;
+            c.connecting = Some(Instant::now());
+            poll.registry().register(
+                &mut c.stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            retry.push(i);
+            Ok(())
+        }
+        Err(_) => {
+            shared.connect_errors.fetch_add(1, Ordering::Relaxed);
+            retry.push(i);
+            Ok(())
+        }
+    }
 }
 
 fn target_name(t: Target) -> String {
@@ -715,12 +872,7 @@ fn run_mysql(cfg: &BenchConfig) -> io::Result<BenchReport> {
     use mysql::prelude::Queryable;
     let opts = mysql::Opts::from_url(&cfg.addr)
         .map_err(|e| io::Error::other(format!("{}: {e}", cfg.addr)))?;
-    let shared = Arc::new(Shared {
-        calls: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::default());
     let mut handles = Vec::new();
     let mut hists = Vec::new();
     for t in 0..cfg.connections.max(1) {
@@ -792,6 +944,12 @@ fn run_mysql(cfg: &BenchConfig) -> io::Result<BenchReport> {
         error_p50_us: 0.0,
         error_p99_us: 0.0,
         server_cpu_us_per_call: None,
+        calls_per_conn: 0,
+        conns: 0,
+        conns_per_sec: 0.0,
+        connect_errors: 0,
+        connect_p50_us: 0.0,
+        connect_p99_us: 0.0,
     })
 }
 
@@ -806,6 +964,7 @@ fn success(message: &[u8]) -> bool {
 
 fn send(c: &mut Conn, cfg: &BenchConfig, weights: &[Op], keys: usize, value: &[u8]) {
     c.seq = c.seq.wrapping_add(1);
+    c.sent += 1;
     c.pick = c.pick.wrapping_add(1);
     let op = weights[c.pick % weights.len()];
     let key = key_for(c.pick % keys);
