@@ -4,7 +4,17 @@
 //! pool of listening sockets per port and tops it up as connections are accepted. Connections have Nagle
 //! and delayed ACK off (an RPC reply must leave at once) and buffers larger than 64 KiB, so that window
 //! scaling is on.
+//!
+//! A socket's life: listening (the pool) → half-open (SYN received, SYN-ACK sent) → a connection handed to
+//! the application once established → closed → kept as a spare that listens again. Half-open sockets are
+//! capped (`max_half_open`) and time out (`half_open_timeout`). At the cap, the oldest half-open socket
+//! older than 100 ms is dropped silently to make room, and a SYN with no room is dropped at the device
+//! (no SYN cookies: smoltcp has none); under a flood of N SYNs/s a client's handshake has about cap/N
+//! seconds, at least 100 ms, to complete. A SYN that finds no listening socket left in the pool during
+//! one poll is also dropped at the device rather than answered with a reset (which would refuse the
+//! client), so the client retransmits it; the pool doubles (up to half the cap) when that happens.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -13,7 +23,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-use crate::xsk::{PortStats, XskPort};
+use crate::xsk::{PortStats, Tuple, XskPort};
 use crate::NetError;
 
 /// TSval: milliseconds since the first connection of the process, the same clock for every connection
@@ -32,11 +42,18 @@ pub struct StackConfig {
     pub iface: String,
     pub queue: u32,
     pub ports: Vec<u16>,
-    /// Listening sockets kept ready per port (connections that can arrive at once).
+    /// Listening sockets kept ready per port (connections that can arrive at once); the pool grows under
+    /// load up to `max_half_open`.
     pub backlog: usize,
+    /// Connections in their handshake (SYN received, not yet established) at most, per stack.
+    pub max_half_open: usize,
+    /// How long a handshake may take before its socket is dropped.
+    pub half_open_timeout: Duration,
     /// Receive and send buffer of each connection.
     pub buffer: usize,
     pub zero_copy: bool,
+    /// The connections of all the stacks serving one interface (one per queue).
+    pub shared: std::sync::Arc<crate::xsk::Connections>,
 }
 
 /// A connection handed to the application.
@@ -47,7 +64,18 @@ pub struct Stack {
     iface: Interface,
     sockets: SocketSet<'static>,
     listening: Vec<(u16, SocketHandle)>,
-    conns: Vec<SocketHandle>,
+    /// Listening sockets kept per port: `backlog`, doubled (up to `max_half_open`) when a poll ran out.
+    pool_target: usize,
+    /// Sockets in their handshake, oldest first, with when they left the pool.
+    half_open: VecDeque<(u16, SocketHandle, std::time::Instant)>,
+    /// Connections, with the peer address whose MAC they pinned.
+    conns: HashMap<SocketHandle, Option<Ipv4Addr>>,
+    /// The 4-tuple of every socket past Listen, also known to the device (see `xsk::Connections`): it
+    /// drops a retransmitted SYN of a handshake under way (a SYN-ACK lost or late), which smoltcp would
+    /// let another listening socket take, that second half-open socket then resetting the client's
+    /// connection; and it drops a packet of a connection another queue's stack holds.
+    tuples: HashMap<SocketHandle, Tuple>,
+    counters: HandshakeStats,
     /// Sockets of closed connections, kept to listen again: a new socket's two buffers are allocated and
     /// zeroed (half a megabyte by default), which took a quarter of the CPU with short-lived connections.
     spare: Vec<tcp::Socket<'static>>,
@@ -59,6 +87,7 @@ impl Stack {
     pub fn new(cfg: StackConfig) -> Result<Stack, NetError> {
         let (addr, prefix) = crate::sys::ipv4(&cfg.iface)?;
         let mut port = XskPort::bind(&cfg.iface, cfg.queue, cfg.zero_copy)?;
+        port.share(cfg.shared.clone());
         let epoch = std::time::Instant::now();
         let mut icfg = Config::new(HardwareAddress::Ip);
         icfg.random_seed = epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
@@ -71,13 +100,17 @@ impl Stack {
             iface,
             sockets: SocketSet::new(Vec::new()),
             listening: Vec::new(),
-            conns: Vec::new(),
+            pool_target: cfg.backlog.max(1),
+            half_open: VecDeque::new(),
+            conns: HashMap::new(),
+            tuples: HashMap::new(),
+            counters: HandshakeStats::default(),
             spare: Vec::new(),
             cfg,
             epoch,
         };
         for p in stack.cfg.ports.clone() {
-            for _ in 0..stack.cfg.backlog.max(1) {
+            for _ in 0..stack.pool_target {
                 stack.listen(p)?;
             }
         }
@@ -115,6 +148,16 @@ impl Stack {
         Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
+    /// How another queue's stack wakes this one's thread when it hands it a frame.
+    pub fn set_waker(&mut self, wake: crate::xsk::Waker) {
+        self.port.set_waker(wake);
+    }
+
+    /// Frames handed over by other queues wait to be processed.
+    pub fn has_forwarded(&self) -> bool {
+        self.port.has_forwarded()
+    }
+
     /// The AF_XDP socket's descriptor (for the XSKMAP).
     pub fn fd(&self) -> i32 {
         self.port.fd()
@@ -124,9 +167,44 @@ impl Stack {
         self.port.stats()
     }
 
+    /// What the handshakes did.
+    pub fn handshakes(&self) -> HandshakeStats {
+        HandshakeStats {
+            half_open: self.half_open.len() as u64,
+            listening: self.listening.len() as u64,
+            ..self.counters
+        }
+    }
+
     /// Moves packets: RX ring → smoltcp → TX ring. True if anything happened.
     pub fn poll(&mut self) -> bool {
         let got = self.port.pull();
+        // Each listening socket takes one SYN, and no more SYNs than the half-open cap has room for; a
+        // SYN beyond them is dropped at the device (smoltcp would answer it with a reset, refusing the
+        // client), and the client sends it again.
+        let mut room = self
+            .cfg
+            .max_half_open
+            .max(1)
+            .saturating_sub(self.half_open.len());
+        let budget: Vec<(u16, usize)> = self
+            .cfg
+            .ports
+            .iter()
+            .map(|&p| {
+                let free = self
+                    .listening
+                    .iter()
+                    .filter(|(q, h)| {
+                        *q == p && self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen
+                    })
+                    .count()
+                    .min(room);
+                room -= free;
+                (p, free)
+            })
+            .collect();
+        self.port.set_syn_budget(&budget);
         let now = self.now();
         let changed = self.iface.poll(now, &mut self.port, &mut self.sockets);
         if let Err(e) = self.port.push() {
@@ -135,25 +213,105 @@ impl Stack {
         got || changed == smoltcp::iface::PollResult::SocketStateChanged
     }
 
-    /// Connections established since the last call; each listening socket that took one is replaced.
+    /// Connections established since the last call. Sockets that took a SYN leave the listening pool for
+    /// the half-open list and are replaced; half-open sockets that completed become connections, those
+    /// that failed, timed out or are past the cap (oldest first) are dropped.
     pub fn accept(&mut self) -> Vec<ConnId> {
+        use tcp::State;
         let mut new = Vec::new();
+        let now = std::time::Instant::now();
         let mut i = 0;
         while i < self.listening.len() {
             let (port, h) = self.listening[i];
-            let s = self.sockets.get::<tcp::Socket>(h);
-            if s.is_listening() {
+            if self.sockets.get::<tcp::Socket>(h).state() == State::Listen {
                 i += 1;
                 continue;
             }
             self.listening.swap_remove(i);
-            self.conns.push(h);
-            new.push(h);
-            if let Err(e) = self.listen(port) {
-                tracing::warn!(error = %e, "cannot replace a listening socket");
+            if let Some(t) = self.tuple(h) {
+                self.tuples.insert(h, t);
+                self.port.track(t, true);
+            }
+            self.half_open.push_back((port, h, now));
+        }
+        let mut k = 0;
+        while k < self.half_open.len() {
+            let (_, h, since) = self.half_open[k];
+            match self.sockets.get::<tcp::Socket>(h).state() {
+                State::SynReceived => {
+                    if now.saturating_duration_since(since) >= self.cfg.half_open_timeout {
+                        self.half_open.remove(k);
+                        self.counters.timed_out += 1;
+                        self.recycle(h);
+                    } else {
+                        k += 1;
+                    }
+                }
+                State::Closed | State::Listen => {
+                    // Reset by the client during its handshake.
+                    self.half_open.remove(k);
+                    self.recycle(h);
+                }
+                _ => {
+                    self.half_open.remove(k);
+                    if let Some(&t) = self.tuples.get(&h) {
+                        self.port.track(t, false);
+                    }
+                    self.counters.established += 1;
+                    let peer = self.peer(h);
+                    if let Some(ip) = peer {
+                        self.port.pin(ip);
+                    }
+                    self.conns.insert(h, peer);
+                    new.push(h);
+                }
+            }
+        }
+        // At the cap, handshakes older than EVICT_AFTER make room, oldest first: under a flood of N
+        // SYNs/s a client's handshake has about cap/N seconds (at least EVICT_AFTER) to complete.
+        while self.half_open.len() >= self.cfg.max_half_open.max(1) {
+            match self.half_open.front() {
+                Some(&(_, h, since)) if now.saturating_duration_since(since) >= EVICT_AFTER => {
+                    self.half_open.pop_front();
+                    self.counters.evicted += 1;
+                    self.recycle(h);
+                }
+                _ => break,
+            }
+        }
+        if self.port.take_syn_dropped() > 0 && self.pool_target < self.pool_cap() {
+            self.counters.pool_grown += 1;
+            self.pool_target = (self.pool_target * 2).min(self.pool_cap());
+        }
+        for p in self.cfg.ports.clone() {
+            let have = self.listening.iter().filter(|(q, _)| *q == p).count();
+            for _ in have..self.pool_target {
+                if let Err(e) = self.listen(p) {
+                    tracing::warn!(error = %e, "cannot replace a listening socket");
+                    break;
+                }
             }
         }
         new
+    }
+
+    /// Listening sockets per poll at most: half the half-open cap (at least the configured backlog).
+    fn pool_cap(&self) -> usize {
+        (self.cfg.max_half_open / 2).max(self.cfg.backlog).max(1)
+    }
+
+    /// Takes a socket out of the set (without a packet to the peer) and keeps it, while there are few
+    /// spares, to listen again.
+    fn recycle(&mut self, h: SocketHandle) {
+        if let Some(t) = self.tuples.remove(&h) {
+            self.port.untrack(t);
+        }
+        let s = self.sockets.remove(h);
+        if self.spare.len() < self.pool_target {
+            let smoltcp::socket::Socket::Tcp(mut s) = s;
+            s.abort();
+            self.spare.push(s);
+        }
     }
 
     /// Calls `f` with received bytes (in up to two pieces, as the receive buffer wraps); `f` returns how
@@ -187,6 +345,14 @@ impl Stack {
         self.sockets.get::<tcp::Socket>(id).send_queue()
     }
 
+    /// (remote address, remote port, local port) of a socket with a peer.
+    fn tuple(&self, h: SocketHandle) -> Option<Tuple> {
+        let s = self.sockets.get::<tcp::Socket>(h);
+        let (remote, local) = (s.remote_endpoint()?, s.local_endpoint()?);
+        let IpAddress::Ipv4(a) = remote.addr;
+        Some((Ipv4Addr::from(a.octets()), remote.port, local.port))
+    }
+
     /// The client's address (IPv4; `None` when the socket has no remote endpoint).
     pub fn peer(&self, id: ConnId) -> Option<Ipv4Addr> {
         match self.sockets.get::<tcp::Socket>(id).remote_endpoint()?.addr {
@@ -217,15 +383,13 @@ impl Stack {
         self.sockets.get_mut::<tcp::Socket>(id).abort();
     }
 
-    /// Frees a connection that is closed; its socket is kept (up to the backlog) to listen again.
+    /// Frees a connection that is closed; its socket is kept (while there are few spares) to listen
+    /// again.
     pub fn release(&mut self, id: ConnId) {
-        self.conns.retain(|h| *h != id);
-        let s = self.sockets.remove(id);
-        if self.spare.len() < self.cfg.backlog.max(1) {
-            let smoltcp::socket::Socket::Tcp(mut s) = s;
-            s.abort();
-            self.spare.push(s);
+        if let Some(Some(ip)) = self.conns.remove(&id) {
+            self.port.unpin(ip);
         }
+        self.recycle(id);
     }
 
     /// Open connections (not counting listening sockets).
@@ -238,7 +402,7 @@ impl Stack {
     pub fn reap(&mut self) -> Vec<ConnId> {
         let closed: Vec<ConnId> = self
             .conns
-            .iter()
+            .keys()
             .copied()
             .filter(|h| !self.sockets.get::<tcp::Socket>(*h).is_open())
             .collect();
@@ -269,6 +433,27 @@ impl Stack {
             .poll_delay(now, &self.sockets)
             .map_or(max, |d| Duration::from_micros(d.total_micros()).min(max))
     }
+}
+
+/// A half-open connection younger than this is never evicted to make room for a new one: its client's ACK
+/// may be on its way.
+const EVICT_AFTER: Duration = Duration::from_millis(100);
+
+/// The handshakes of one stack: gauges and counters since it started.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HandshakeStats {
+    /// Connections in their handshake now.
+    pub half_open: u64,
+    /// Listening sockets in the pool now.
+    pub listening: u64,
+    /// Handshakes completed.
+    pub established: u64,
+    /// Half-open sockets dropped after `half_open_timeout`.
+    pub timed_out: u64,
+    /// Half-open sockets dropped, oldest first, to stay within `max_half_open`.
+    pub evicted: u64,
+    /// Times the listening pool ran out during a poll and was doubled.
+    pub pool_grown: u64,
 }
 
 fn to_smol(a: Ipv4Addr) -> Ipv4Address {

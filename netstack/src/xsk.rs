@@ -2,8 +2,11 @@
 //!
 //! smoltcp runs with `Medium::Ip`: this device takes the Ethernet header off received frames and puts one
 //! on transmitted packets. The kernel keeps answering ARP (the XDP program passes it on), so the stack
-//! cannot resolve neighbours itself; instead the device learns each peer's MAC from the frames it
-//! receives, starting from the kernel's neighbour table.
+//! cannot resolve neighbours itself. The neighbour table holds the kernel's resolved neighbours (read at
+//! start) and the peers of established connections, pinned while they have one: a frame can neither
+//! change a pinned entry nor grow the table past its bound. MACs seen in other frames (a handshake's SYN)
+//! go to a small, bounded table of candidates, used only for a peer with no pinned entry; the stack pins
+//! the candidate once the peer's handshake completes.
 //!
 //! Frames: half of the UMEM is lent to the kernel through the fill ring for receiving, half is kept for
 //! transmitting. The fill ring is twice the receive share, and received frames go back to it in batches
@@ -31,6 +34,10 @@ const FRAMES: u32 = 4096;
 const FRAME_SIZE: u32 = 2048;
 const RX_FRAMES: usize = (FRAMES / 2) as usize;
 const BATCH: usize = 64;
+/// Pinned neighbours at most (the kernel's and those of established connections).
+const MAX_NEIGHBOURS: usize = 65536;
+/// Candidate MACs (from frames of peers with no established connection) at most.
+const MAX_CANDIDATES: usize = 4096;
 
 /// Counters of one socket.
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,6 +50,88 @@ pub struct PortStats {
     pub tx_no_neighbour: u64,
     /// Packets smoltcp wanted to send while every transmit frame was in flight.
     pub tx_no_frame: u64,
+    /// SYNs dropped because no listening socket was left for them in that poll.
+    pub syn_dropped: u64,
+    /// Retransmitted SYNs of handshakes under way, dropped.
+    pub syn_duplicate: u64,
+    /// Packets of connections another queue holds, handed to it.
+    pub rx_foreign: u64,
+}
+
+/// A connection's (remote address, remote port, local port).
+pub type Tuple = (Ipv4Addr, u16, u16);
+
+/// The connections of every queue's stack: which queue holds each one's socket, and whether it is still
+/// in its handshake. A client's packets normally all arrive on one RX queue (a NIC hashes the 4-tuple),
+/// but some devices pick the queue otherwise: veth uses the sender's TX queue, which Linux changes when
+/// it retransmits or answers from TIME-WAIT. A packet of another queue's connection is handed to that
+/// queue's stack (a copy, through its inbox, waking its thread) instead of being answered with a reset
+/// by a stack that does not know the connection.
+#[derive(Debug, Default)]
+pub struct Connections {
+    map: std::sync::Mutex<HashMap<Tuple, (u32, bool)>>,
+    inboxes: std::sync::Mutex<HashMap<u32, std::sync::Arc<Inbox>>>,
+}
+
+/// Frames handed to one queue's stack by the others.
+#[derive(Default)]
+pub struct Inbox {
+    frames: std::sync::Mutex<Vec<Vec<u8>>>,
+    wake: std::sync::Mutex<Option<Waker>>,
+}
+
+/// Wakes a queue's thread.
+pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    fn frames(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deliver(&self, frame: Vec<u8>) {
+        self.frames().push(frame);
+        let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = wake {
+            w();
+        }
+    }
+}
+
+impl Connections {
+    fn inbox(&self, queue: u32) -> Option<std::sync::Arc<Inbox>> {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&queue)
+            .cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, (u32, bool)>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections known (for tests).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// A pinned neighbour: from the kernel's table, or the peer of `pins` established connections.
+#[derive(Debug, Clone, Copy)]
+struct Neighbour {
+    mac: [u8; 6],
+    pins: u32,
+    kernel: bool,
 }
 
 struct TxState {
@@ -50,8 +139,12 @@ struct TxState {
     free: Vec<FrameDesc>,
     /// Frames written, to be put on the TX ring.
     queued: Vec<FrameDesc>,
-    /// Peer IPv4 → MAC, learned from received frames and the kernel's neighbour table.
-    neighbours: HashMap<Ipv4Addr, [u8; 6]>,
+    /// Frames on the TX ring, not yet completed.
+    in_flight: usize,
+    /// Peer IPv4 → MAC: the kernel's neighbours and the peers of established connections.
+    neighbours: HashMap<Ipv4Addr, Neighbour>,
+    /// Peer IPv4 → MAC last seen in a frame, for peers not in `neighbours` (bounded).
+    candidates: HashMap<Ipv4Addr, [u8; 6]>,
     mac: [u8; 6],
     stats: PortStats,
 }
@@ -70,6 +163,18 @@ pub struct XskPort {
     txs: RefCell<TxState>,
     scratch: Vec<FrameDesc>,
     mtu: usize,
+    /// SYNs each port may still take in this poll (one per listening socket).
+    syn_budget: Vec<(u16, usize)>,
+    /// SYNs dropped since the stack last asked.
+    syn_dropped: usize,
+    /// This stack's connections (past Listen), true while in the handshake.
+    local: HashMap<Tuple, bool>,
+    /// Every queue's.
+    shared: std::sync::Arc<Connections>,
+    queue: u32,
+    /// Frames of this stack's connections that arrived on other queues.
+    inbox: std::sync::Arc<Inbox>,
+    forwarded: VecDeque<Vec<u8>>,
 }
 
 fn socket_error(iface: &str, queue: u32, reason: impl std::fmt::Display) -> NetError {
@@ -135,12 +240,32 @@ impl XskPort {
             txs: RefCell::new(TxState {
                 free: tx_frames,
                 queued: Vec::with_capacity(BATCH),
-                neighbours: crate::sys::neighbours(iface),
+                in_flight: 0,
+                neighbours: crate::sys::neighbours(iface)
+                    .into_iter()
+                    .take(MAX_NEIGHBOURS)
+                    .map(|(ip, mac)| {
+                        let n = Neighbour {
+                            mac,
+                            pins: 0,
+                            kernel: true,
+                        };
+                        (ip, n)
+                    })
+                    .collect(),
+                candidates: HashMap::new(),
                 mac: crate::sys::mac(iface)?,
                 stats: PortStats::default(),
             }),
             scratch: vec![FrameDesc::default(); BATCH],
             mtu,
+            syn_budget: Vec::new(),
+            syn_dropped: 0,
+            local: HashMap::new(),
+            shared: std::sync::Arc::default(),
+            queue,
+            inbox: std::sync::Arc::default(),
+            forwarded: VecDeque::new(),
         })
     }
 
@@ -153,9 +278,17 @@ impl XskPort {
         self.txs.borrow().stats
     }
 
-    /// Moves received frames off the RX ring (learning the senders' MACs); true if any arrived.
+    /// Moves received frames off the RX ring (learning the senders' MACs), and takes the frames other
+    /// queues handed over; true if any arrived.
     pub fn pull(&mut self) -> bool {
         let mut got = false;
+        {
+            let mut inbox = self.inbox.frames();
+            if !inbox.is_empty() {
+                got = true;
+                self.forwarded.extend(inbox.drain(..));
+            }
+        }
         loop {
             // SAFETY: the descriptors written are frames of this UMEM the kernel filled for us.
             let n = unsafe { self.rx.consume(&mut self.scratch) };
@@ -174,9 +307,19 @@ impl XskPort {
                     continue;
                 }
                 let src_ip = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
-                let mut src_mac = [0u8; 6];
-                src_mac.copy_from_slice(&frame[6..12]);
-                txs.neighbours.insert(src_ip, src_mac);
+                if !txs.neighbours.contains_key(&src_ip) {
+                    let mut src_mac = [0u8; 6];
+                    src_mac.copy_from_slice(&frame[6..12]);
+                    if txs.candidates.len() >= MAX_CANDIDATES
+                        && !txs.candidates.contains_key(&src_ip)
+                    {
+                        // Full (a flood of spoofed sources): forget one to make room.
+                        if let Some(old) = txs.candidates.keys().next().copied() {
+                            txs.candidates.remove(&old);
+                        }
+                    }
+                    txs.candidates.insert(src_ip, src_mac);
+                }
                 txs.stats.rx_packets += 1;
                 self.received.push_back(*desc);
             }
@@ -203,20 +346,171 @@ impl XskPort {
             // SAFETY: each frame was written completely and is not touched until it completes.
             let n = unsafe { self.tx.produce(&txs.queued) };
             txs.stats.tx_packets += n as u64;
+            txs.in_flight += n;
             txs.queued.drain(..n);
         }
-        if self.tx.needs_wakeup() {
-            self.tx.wakeup()?;
-        }
-        loop {
-            // SAFETY: completed frames are ours again.
-            let n = unsafe { self.comp.consume(&mut self.scratch) };
-            txs.free.extend_from_slice(&self.scratch[..n]);
-            if n < self.scratch.len() {
+        // In copy mode one wake-up sends at most 32 frames (the kernel's TX batch), so kick the kernel
+        // again while it completes frames and some remain: otherwise a burst (thousands of SYN-ACKs)
+        // leaves the TX ring full and every frame in flight.
+        for _ in 0..(FRAMES as usize / 2 / 32 + 1) {
+            if self.tx.needs_wakeup() {
+                self.tx.wakeup()?;
+            }
+            let mut done = 0;
+            loop {
+                // SAFETY: completed frames are ours again.
+                let n = unsafe { self.comp.consume(&mut self.scratch) };
+                txs.free.extend_from_slice(&self.scratch[..n]);
+                done += n;
+                if n < self.scratch.len() {
+                    break;
+                }
+            }
+            txs.in_flight = txs.in_flight.saturating_sub(done);
+            if done == 0 || txs.in_flight == 0 {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Pins `ip`'s MAC (the one its frames came from) for an established connection.
+    pub fn pin(&mut self, ip: Ipv4Addr) {
+        let txs = self.txs.get_mut();
+        if let Some(n) = txs.neighbours.get_mut(&ip) {
+            n.pins += 1;
+        } else if txs.neighbours.len() < MAX_NEIGHBOURS {
+            if let Some(mac) = txs.candidates.remove(&ip) {
+                let n = Neighbour {
+                    mac,
+                    pins: 1,
+                    kernel: false,
+                };
+                txs.neighbours.insert(ip, n);
+            }
+        }
+    }
+
+    /// Ends one connection's pin of `ip`; the entry goes with its last connection (unless the kernel
+    /// knows it).
+    pub fn unpin(&mut self, ip: Ipv4Addr) {
+        let txs = self.txs.get_mut();
+        if let Some(n) = txs.neighbours.get_mut(&ip) {
+            n.pins = n.pins.saturating_sub(1);
+            if n.pins == 0 && !n.kernel {
+                txs.neighbours.remove(&ip);
+            }
+        }
+    }
+
+    /// Neighbours pinned and candidates held (for tests and the admin port).
+    pub fn neighbour_counts(&self) -> (usize, usize) {
+        let txs = self.txs.borrow();
+        (txs.neighbours.len(), txs.candidates.len())
+    }
+
+    /// Shares one table of connections (and inboxes) with the other queues' ports.
+    pub fn share(&mut self, shared: std::sync::Arc<Connections>) {
+        shared
+            .inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.queue, self.inbox.clone());
+        self.shared = shared;
+    }
+
+    /// How another queue wakes this port's thread when it hands it a frame.
+    pub fn set_waker(&mut self, wake: Waker) {
+        *self.inbox.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+    }
+
+    /// Frames handed over by other queues wait.
+    pub fn has_forwarded(&self) -> bool {
+        !self.inbox.frames().is_empty()
+    }
+
+    /// A connection has a socket here (in its handshake, or established).
+    pub fn track(&mut self, t: Tuple, half_open: bool) {
+        self.local.insert(t, half_open);
+        self.shared.lock().insert(t, (self.queue, half_open));
+    }
+
+    /// The connection's socket is gone.
+    pub fn untrack(&mut self, t: Tuple) {
+        if self.local.remove(&t).is_some() {
+            let mut m = self.shared.lock();
+            if m.get(&t).is_some_and(|(q, _)| *q == self.queue) {
+                m.remove(&t);
+            }
+        }
+    }
+
+    /// How many SYNs each port may take before the next call (its listening sockets).
+    pub fn set_syn_budget(&mut self, budget: &[(u16, usize)]) {
+        self.syn_budget.clear();
+        self.syn_budget.extend_from_slice(budget);
+    }
+
+    /// SYNs dropped for want of a listening socket since the last call.
+    pub fn take_syn_dropped(&mut self) -> usize {
+        std::mem::take(&mut self.syn_dropped)
+    }
+
+    /// What to do with a received frame before smoltcp sees it: a retransmitted SYN of a handshake
+    /// under way (here or on another queue) is dropped, as is a SYN past the port's budget and a packet
+    /// of a connection another queue holds. Spends the budget of a SYN it lets through.
+    fn classify(&mut self, desc: &FrameDesc) -> Verdict {
+        // SAFETY: the frame was received and is ours until it goes back on the fill ring.
+        let data = unsafe { self.umem.data(desc) };
+        let f = data.contents();
+        if f.len() < ETH_HLEN + 20 || f[ETH_HLEN + 9] != 6 {
+            return Verdict::Pass;
+        }
+        let tcp = ETH_HLEN + usize::from(f[ETH_HLEN] & 0x0f) * 4;
+        if f.len() < tcp + 14 {
+            return Verdict::Pass;
+        }
+        let port = u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]);
+        if !self.syn_budget.iter().any(|(p, _)| *p == port) {
+            return Verdict::Pass;
+        }
+        let src = Ipv4Addr::new(f[26], f[27], f[28], f[29]);
+        let t = (src, u16::from_be_bytes([f[tcp], f[tcp + 1]]), port);
+        let flags = f[tcp + 13];
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        if flags & RST != 0 {
+            return Verdict::Pass;
+        }
+        if flags & (SYN | ACK) != SYN {
+            if self.local.contains_key(&t) {
+                return Verdict::Pass;
+            }
+            return match self.shared.lock().get(&t) {
+                Some((q, _)) if *q != self.queue => Verdict::Foreign(*q),
+                _ => Verdict::Pass,
+            };
+        }
+        match self.local.get(&t) {
+            Some(true) => return Verdict::Duplicate,
+            Some(false) => return Verdict::Pass,
+            None => {
+                if let Some((q, true)) = self.shared.lock().get(&t) {
+                    if *q != self.queue {
+                        return Verdict::Duplicate;
+                    }
+                }
+            }
+        }
+        match self.syn_budget.iter_mut().find(|(p, _)| *p == port) {
+            Some((_, 0)) => Verdict::NoRoom,
+            Some((_, n)) => {
+                *n -= 1;
+                Verdict::Pass
+            }
+            None => Verdict::Pass,
+        }
     }
 
     /// Whether the kernel needs a poll(2) to refill the RX side.
@@ -225,19 +519,39 @@ impl XskPort {
     }
 }
 
-pub struct RxToken<'a> {
-    desc: FrameDesc,
-    umem: &'a Umem,
-    refill: &'a RefCell<Vec<FrameDesc>>,
+enum Verdict {
+    Pass,
+    /// A retransmitted SYN of a handshake under way.
+    Duplicate,
+    /// A SYN with no listening socket or half-open room left in this poll.
+    NoRoom,
+    /// A packet of a connection another queue holds.
+    Foreign(u32),
+}
+
+pub enum RxToken<'a> {
+    /// A frame received on this socket.
+    Frame {
+        desc: FrameDesc,
+        umem: &'a Umem,
+        refill: &'a RefCell<Vec<FrameDesc>>,
+    },
+    /// A copy of a frame another queue received for one of this stack's connections.
+    Copy(Vec<u8>),
 }
 
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        // SAFETY: the frame is ours (received, not yet refilled) for the duration of this call.
-        let data = unsafe { self.umem.data(&self.desc) };
-        let r = f(&data.contents()[ETH_HLEN..]);
-        self.refill.borrow_mut().push(self.desc);
-        r
+        match self {
+            RxToken::Frame { desc, umem, refill } => {
+                // SAFETY: the frame is ours (received, not yet refilled) for the duration of this call.
+                let data = unsafe { umem.data(&desc) };
+                let r = f(&data.contents()[ETH_HLEN..]);
+                refill.borrow_mut().push(desc);
+                r
+            }
+            RxToken::Copy(frame) => f(&frame[ETH_HLEN..]),
+        }
     }
 }
 
@@ -261,7 +575,12 @@ impl phy::TxToken for TxToken<'_> {
         let frame = data.contents_mut();
         let r = f(&mut frame[ETH_HLEN..]);
         let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-        match txs.neighbours.get(&dst).copied() {
+        let next = txs
+            .neighbours
+            .get(&dst)
+            .map(|n| n.mac)
+            .or_else(|| txs.candidates.get(&dst).copied());
+        match next {
             Some(dst_mac) => {
                 frame[0..6].copy_from_slice(&dst_mac);
                 let mac = txs.mac;
@@ -286,9 +605,35 @@ impl Device for XskPort {
         if self.txs.borrow().free.is_empty() {
             return None;
         }
-        let desc = self.received.pop_front()?;
+        if let Some(frame) = self.forwarded.pop_front() {
+            let tx = TxToken {
+                umem: &self.umem,
+                txs: &self.txs,
+            };
+            return Some((RxToken::Copy(frame), tx));
+        }
+        let desc = loop {
+            let desc = self.received.pop_front()?;
+            match self.classify(&desc) {
+                Verdict::Pass => break desc,
+                Verdict::Duplicate => self.txs.get_mut().stats.syn_duplicate += 1,
+                Verdict::NoRoom => {
+                    self.syn_dropped += 1;
+                    self.txs.get_mut().stats.syn_dropped += 1;
+                }
+                Verdict::Foreign(q) => {
+                    if let Some(inbox) = self.shared.inbox(q) {
+                        // SAFETY: the frame is ours until it goes back on the fill ring, below.
+                        let frame = unsafe { self.umem.data(&desc) }.contents().to_vec();
+                        inbox.deliver(frame);
+                    }
+                    self.txs.get_mut().stats.rx_foreign += 1;
+                }
+            }
+            self.refill.get_mut().push(desc);
+        };
         Some((
-            RxToken {
+            RxToken::Frame {
                 desc,
                 umem: &self.umem,
                 refill: &self.refill,

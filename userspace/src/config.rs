@@ -138,6 +138,10 @@ pub struct ListenerConfig {
     pub xdp_port: u16,
     pub xdp_backlog: usize,
     pub xdp_buffer_bytes: usize,
+    /// Connections in their TCP handshake at most, per XDP queue; past it the oldest is dropped.
+    pub xdp_max_half_open: usize,
+    /// How long an XDP-path handshake may take.
+    pub xdp_half_open_timeout_ms: u64,
 }
 
 impl ListenerConfig {
@@ -162,6 +166,8 @@ impl Default for ListenerConfig {
             xdp_port: 0,
             xdp_backlog: 64,
             xdp_buffer_bytes: 256 << 10,
+            xdp_max_half_open: 256,
+            xdp_half_open_timeout_ms: 3000,
         }
     }
 }
@@ -896,6 +902,16 @@ impl Config {
             (16 << 10..=64 << 20).contains(&l.xdp_buffer_bytes),
             "listener.xdp_buffer_bytes",
             "16 KiB..64 MiB",
+        )?;
+        check(
+            (l.xdp_backlog..=65536).contains(&l.xdp_max_half_open),
+            "listener.xdp_max_half_open",
+            "listener.xdp_backlog..65536",
+        )?;
+        check(
+            (100..=120_000).contains(&l.xdp_half_open_timeout_ms),
+            "listener.xdp_half_open_timeout_ms",
+            "100..120000",
         )?;
         self.validate_backends()?;
         self.validate_mysql()?;

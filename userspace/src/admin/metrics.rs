@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 4] = [
+        let per_queue: [(&str, &str, Get); 10] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -255,6 +255,36 @@ pub fn prometheus(state: &AdminState) -> String {
                 "Packets the queue could not send at once (no neighbour MAC, or every frame in flight).",
                 |q| &q.tx_no_frame,
             ),
+            (
+                "fae_xdp_queue_syn_dropped_total",
+                "SYNs dropped because the queue's listening sockets were all taken in that poll.",
+                |q| &q.syn_dropped,
+            ),
+            (
+                "fae_xdp_queue_syn_duplicate_total",
+                "Retransmitted SYNs of handshakes under way, dropped.",
+                |q| &q.syn_duplicate,
+            ),
+            (
+                "fae_xdp_queue_rx_foreign_total",
+                "Packets received on the queue for another queue's connection, handed to that queue.",
+                |q| &q.rx_foreign,
+            ),
+            (
+                "fae_xdp_queue_handshakes_total",
+                "TCP handshakes completed on the queue.",
+                |q| &q.established,
+            ),
+            (
+                "fae_xdp_queue_half_open_timed_out_total",
+                "Half-open connections dropped after listener.xdp_half_open_timeout_ms.",
+                |q| &q.half_open_timed_out,
+            ),
+            (
+                "fae_xdp_queue_half_open_evicted_total",
+                "Half-open connections dropped, oldest first, past listener.xdp_max_half_open.",
+                |q| &q.half_open_evicted,
+            ),
         ];
         if !state.xdp_queues.is_empty() {
             for (name, help, get) in per_queue {
@@ -266,6 +296,15 @@ pub fn prometheus(state: &AdminState) -> String {
                     }
                     let _ = writeln!(o, "{name}{{queue=\"{}\"}} {v}", q.queue);
                 }
+            }
+            let name = "fae_xdp_queue_half_open";
+            let _ = writeln!(
+                o,
+                "# HELP {name} Connections in their TCP handshake on the queue.\n# TYPE {name} gauge"
+            );
+            for (q, _) in &state.xdp_queues {
+                let v = q.half_open.load(std::sync::atomic::Ordering::Relaxed);
+                let _ = writeln!(o, "{name}{{queue=\"{}\"}} {v}", q.queue);
             }
         }
     }
@@ -327,6 +366,13 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                         "rx_dropped": get(&q.rx_dropped),
                         "tx_no_neighbour": get(&q.tx_no_neighbour),
                         "tx_no_frame": get(&q.tx_no_frame),
+                        "syn_dropped": get(&q.syn_dropped),
+                        "syn_duplicate": get(&q.syn_duplicate),
+                        "rx_foreign": get(&q.rx_foreign),
+                        "half_open": get(&q.half_open),
+                        "handshakes": get(&q.established),
+                        "half_open_timed_out": get(&q.half_open_timed_out),
+                        "half_open_evicted": get(&q.half_open_evicted),
                         "sessions": get(&m.sessions),
                         "calls": crate::engine::metrics::Snapshot::merge(std::slice::from_ref(m))
                             .methods

@@ -234,12 +234,12 @@ impl Server {
         let mut xdp_queues = Vec::new();
         if let Some(path) = xdp_path {
             program = Some(path.program.clone());
-            for (q, stack) in path.stacks {
+            for (q, mut stack) in path.stacks {
                 let m = Arc::new(LoopMetrics::default());
                 metrics.push(m.clone());
                 let (tx, rx) = crossbeam_channel::unbounded();
                 let index = ways_back.len() as u32;
-                let (waiter, bell) = xdp::Waiter::new(&stack).map_err(EngineError::Loop)?;
+                let (waiter, bell) = xdp::Waiter::new(&mut stack).map_err(EngineError::Loop)?;
                 ways_back.push(Return {
                     tx,
                     bell: bell.clone(),

@@ -44,14 +44,18 @@ pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
     };
     let mut program = XdpProgram::attach(&l.interface, &[port], mode)?;
     let mut stacks = Vec::new();
+    let shared = Arc::new(fae_netstack::xsk::Connections::default());
     for q in 0..queues {
         let stack = Stack::new(StackConfig {
             iface: l.interface.clone(),
             queue: q,
             ports: vec![port],
             backlog: l.xdp_backlog,
+            max_half_open: l.xdp_max_half_open,
+            half_open_timeout: Duration::from_millis(l.xdp_half_open_timeout_ms),
             buffer: l.xdp_buffer_bytes,
             zero_copy: l.zero_copy,
+            shared: shared.clone(),
         })?;
         program.register(q, stack.fd())?;
         stacks.push((q, stack));
@@ -82,12 +86,15 @@ const XSK: mio::Token = mio::Token(0);
 const BELL: mio::Token = mio::Token(1);
 
 impl Waiter {
-    pub fn new(stack: &Stack) -> std::io::Result<(Waiter, Arc<Doorbell>)> {
+    pub fn new(stack: &mut Stack) -> std::io::Result<(Waiter, Arc<Doorbell>)> {
         let poll = mio::Poll::new()?;
         let fd = stack.fd();
         poll.registry()
             .register(&mut mio::unix::SourceFd(&fd), XSK, mio::Interest::READABLE)?;
         let bell = Arc::new(Doorbell::new(mio::Waker::new(poll.registry(), BELL)?));
+        // Frames of this loop's connections that arrived on another queue ring the same bell.
+        let ring = bell.clone();
+        stack.set_waker(Arc::new(move || ring.ring()));
         let w = Waiter {
             poll,
             events: mio::Events::with_capacity(4),
@@ -99,7 +106,11 @@ impl Waiter {
     /// Sleeps until a packet, a deferred reply or the stack's next timer, at most `max`.
     fn wait(&mut self, stack: &mut Stack, returns: &Receiver<Completion>, max: Duration) {
         let delay = stack.delay(max);
-        if delay.is_zero() || !self.bell.sleep(|| !returns.is_empty()) {
+        if delay.is_zero()
+            || !self
+                .bell
+                .sleep(|| !returns.is_empty() || stack.has_forwarded())
+        {
             self.bell.awake();
             return;
         }
@@ -120,8 +131,13 @@ impl Waiter {
 struct Conn {
     session: Session,
     last_active: Instant,
-    closing: bool,
+    /// When faed closed its side (FIN queued), if it has.
+    closing: Option<Instant>,
 }
+
+/// How long a closed connection may wait for its peer's last ACK before it is reset: a peer that never
+/// answers (gone, or its packets lost) would otherwise hold its socket and session slot for good.
+const CLOSE_LINGER: Duration = Duration::from_secs(10);
 
 /// One queue's loop.
 /// One AF_XDP queue's socket counters, published by its loop every second for the admin port.
@@ -133,6 +149,14 @@ pub struct QueueStats {
     pub rx_dropped: AtomicU64,
     pub tx_no_neighbour: AtomicU64,
     pub tx_no_frame: AtomicU64,
+    pub syn_dropped: AtomicU64,
+    pub syn_duplicate: AtomicU64,
+    pub rx_foreign: AtomicU64,
+    /// Handshakes: in progress now (a gauge), completed, timed out, dropped past the cap.
+    pub half_open: AtomicU64,
+    pub established: AtomicU64,
+    pub half_open_timed_out: AtomicU64,
+    pub half_open_evicted: AtomicU64,
 }
 
 impl QueueStats {
@@ -143,13 +167,20 @@ impl QueueStats {
         }
     }
 
-    fn publish(&self, s: &fae_netstack::xsk::PortStats) {
+    fn publish(&self, s: &fae_netstack::xsk::PortStats, h: &fae_netstack::stack::HandshakeStats) {
         for (to, v) in [
             (&self.rx_packets, s.rx_packets),
             (&self.tx_packets, s.tx_packets),
             (&self.rx_dropped, s.rx_dropped),
             (&self.tx_no_neighbour, s.tx_no_neighbour),
             (&self.tx_no_frame, s.tx_no_frame),
+            (&self.syn_dropped, s.syn_dropped),
+            (&self.syn_duplicate, s.syn_duplicate),
+            (&self.rx_foreign, s.rx_foreign),
+            (&self.half_open, h.half_open),
+            (&self.established, h.established),
+            (&self.half_open_timed_out, h.timed_out),
+            (&self.half_open_evicted, h.evicted),
         ] {
             to.store(v, Ordering::Relaxed);
         }
@@ -205,7 +236,7 @@ impl XdpLoop {
                     Conn {
                         session: Session::with_id(sid, peer),
                         last_active: now,
-                        closing: false,
+                        closing: None,
                     },
                 );
             }
@@ -239,8 +270,8 @@ impl XdpLoop {
             if stopping {
                 let deadline = *drain_deadline.get_or_insert(now + self.shutdown_timeout);
                 for (&id, c) in conns.iter_mut() {
-                    if c.session.out.is_empty() && !c.session.awaiting() && !c.closing {
-                        c.closing = true;
+                    if c.session.out.is_empty() && !c.session.awaiting() && c.closing.is_none() {
+                        c.closing = Some(now);
                         self.stack.close(id);
                     }
                 }
@@ -253,16 +284,22 @@ impl XdpLoop {
                 }
             } else if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
                 last_sweep = now;
-                self.queue_stats.publish(&self.stack.stats());
+                self.queue_stats
+                    .publish(&self.stack.stats(), &self.stack.handshakes());
                 for (&id, c) in conns.iter_mut() {
                     if c.session.awaiting() {
                         c.session.expire_deferred(now, &self.env, &self.metrics);
                         c.last_active = now;
                     }
                     let idle = now.saturating_duration_since(c.last_active) > self.env.idle_timeout;
-                    if !c.closing && (idle || c.session.stalled(&self.env, now)) {
+                    if c.closing.is_none() && (idle || c.session.stalled(&self.env, now)) {
                         self.metrics.add(&self.metrics.timed_out_sessions, 1);
-                        c.closing = true;
+                        c.closing = Some(now);
+                        self.stack.abort(id);
+                    } else if c
+                        .closing
+                        .is_some_and(|t| now.saturating_duration_since(t) >= CLOSE_LINGER)
+                    {
                         self.stack.abort(id);
                     }
                 }
@@ -277,7 +314,7 @@ impl XdpLoop {
     /// Moves one connection's bytes: received → session → replies → send buffer. True if it did work.
     fn pump(&mut self, id: ConnId, c: &mut Conn, now: Instant) -> bool {
         let mut work = false;
-        if !c.closing {
+        if c.closing.is_none() {
             if !c.session.backlogged(&self.env) {
                 c.session.resume(&self.env, &self.metrics, now);
                 let (env, metrics) = (&self.env, &self.metrics);
@@ -305,7 +342,7 @@ impl XdpLoop {
             }
             let done = !c.session.awaiting() && (c.session.closing() || self.stack.peer_done(id));
             if done && c.session.out.is_empty() {
-                c.closing = true;
+                c.closing = Some(now);
                 self.stack.close(id);
                 work = true;
             }
