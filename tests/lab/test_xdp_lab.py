@@ -148,6 +148,20 @@ def test_xdp_syn_ack_carries_timestamps_and_time_wait_ports_are_reused(lab, serv
     assert p.returncode == 0 and "ok" in p.stdout, (p.stdout, p.stderr)
 
 
+def test_xdp_faed_drops_its_capabilities(lab, served):
+    """faed, started as root, attached XDP and then gave up every capability but CAP_NET_BIND_SERVICE
+    (bit 10), in every thread; the XDP path and its counters keep working without them."""
+    for task in os.listdir("/proc/%d/task" % served.proc.pid):
+        status = open("/proc/%d/task/%s/status" % (served.proc.pid, task)).read()
+        for field in ("CapInh", "CapAmb"):
+            assert re.search(r"^%s:\s+0{16}$" % field, status, re.M), (task, status)
+        for field in ("CapPrm", "CapEff"):
+            assert re.search(r"^%s:\s+0{13}400$" % field, status, re.M), (task, status)
+    p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "2", "-n", "20", "--json", check=False)
+    assert json.loads(p.stdout)["failures"] == 0, p.stdout
+    assert served.stats(lab.cli)["xdp"]["redirected"] > 0
+
+
 def test_xdp_counters_move(lab, served):
     before = served.stats(lab.cli)["xdp"]
     lab.cli_run(FAE, "check", XDP_ADDR, "-c", "2", "-n", "50")
@@ -214,6 +228,9 @@ def test_unprivileged_user_with_capabilities(tools, tmp_path):
             f.wait_ready(lab.cli)
             status = open("/proc/%d/status" % f.proc.pid).read()
             assert re.search(r"^Uid:\s+65534", status, re.M), status
+            # Once XDP is attached faed keeps none of the capabilities it was started with.
+            for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                assert re.search(r"^%s:\s+0{16}$" % field, status, re.M), status
             p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "4", "-n", "100", "--json", check=False)
             assert json.loads(p.stdout)["failures"] == 0, p.stdout
         finally:

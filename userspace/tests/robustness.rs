@@ -886,3 +886,38 @@ fn large_unframed_message_arriving_in_pieces_costs_linear_cpu() {
     );
     faed.assert_alive();
 }
+
+#[test]
+fn a_panic_on_an_event_loop_ends_faed_with_a_non_zero_status() {
+    // The test-only trigger: the kernel loop that accepts a connection panics. faed must exit (so that
+    // systemd restarts it) rather than run on with a dead loop holding its sessions.
+    let dir = unique_dir();
+    let mut spec = FaedSpec::new(&dir);
+    spec.env.push(("FAED_TEST_PANIC".into(), "kernel".into()));
+    let mut faed = Faed::spawn(&spec);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], spec.admin_port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&admin, Duration::from_millis(200)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "faed did not start:\n{}",
+            faed.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = TcpStream::connect_timeout(&spec.addr(), Duration::from_secs(2)).expect("connect");
+    let _ = c.write_all(&ping_call(1));
+    let status = faed.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "faed still running after its loop panicked:\n{}",
+            faed.log()
+        )
+    });
+    let log = faed.log();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.code(), Some(70), "faed exited with {status}\n{log}");
+    assert!(
+        log.contains("panic") && log.contains("FAED_TEST_PANIC"),
+        "{log}"
+    );
+}

@@ -51,6 +51,9 @@ struct Cli {
     log_level: Option<String>,
 }
 
+/// faed's exit status after a panic.
+const PANIC_EXIT: i32 = 70;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(path) = &cli.check_config {
@@ -110,6 +113,19 @@ fn main() -> ExitCode {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
+    // A panic on any thread (an event loop, a back-end thread, the raft thread) ends faed with a non-zero
+    // status, so that systemd restarts it: a loop that died alone would keep its sessions' slots and its
+    // queue, and serve nothing.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("?"),
+            "panic: {info}; faed exits"
+        );
+        default_hook(info);
+        std::process::exit(PANIC_EXIT);
+    }));
     let set_level: Box<fae::reload::SetLogLevel> = Box::new(move |level: &str| {
         let f = with_call_log(level)
             .parse::<tracing_subscriber::EnvFilter>()
@@ -207,11 +223,25 @@ fn run(
     overrides: Overrides,
     set_level: Box<fae::reload::SetLogLevel>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    // Signals are blocked into an iterator before any thread starts, so every thread inherits the handler.
+    // Signals go to an iterator registered before any thread starts (its thread starts once the capabilities
+    // are dropped; a signal that comes meanwhile waits in the iterator).
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     // Until the server runs (joining a cluster can take a while), a signal ends faed at once.
     let stopper: Arc<OnceLock<fae::engine::Stopper>> = Arc::new(OnceLock::new());
     let reload_tx: Arc<OnceLock<crossbeam_channel::Sender<()>>> = Arc::new(OnceLock::new());
+    // Every listener is bound before joining a cluster: a node that could not serve must not become a voter.
+    let admin_listener = if cfg.admin.enabled {
+        Some(admin::bind(cfg.admin.listen)?)
+    } else {
+        None
+    };
+    let bound = Server::bind_first(cfg)?;
+    // Everything that needed a capability is done (binding, attaching XDP, the AF_XDP sockets): faed
+    // gives them all up before it starts any other thread (capabilities are per thread; new threads
+    // inherit the caller's).
+    if let Err(e) = fae::engine::xdp::drop_capabilities() {
+        tracing::warn!("{e}");
+    }
     let (st, rt) = (stopper.clone(), reload_tx.clone());
     std::thread::Builder::new()
         .name("fae-signals".into())
@@ -244,13 +274,6 @@ fn run(
                 }
             }
         })?;
-    // Every listener is bound before joining a cluster: a node that could not serve must not become a voter.
-    let admin_listener = if cfg.admin.enabled {
-        Some(admin::bind(cfg.admin.listen)?)
-    } else {
-        None
-    };
-    let bound = Server::bind_first(cfg)?;
     // The servants (and their back-end pools) too: a node whose servants cannot start never joins. A
     // cluster node's worker id and node id are set once it knows them.
     let servants = Arc::new(fae::servant::Servants::new(cfg)?);

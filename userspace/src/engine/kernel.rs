@@ -240,6 +240,9 @@ impl KernelLoop {
                         read_closed: false,
                     });
                     self.metrics.session_opened();
+                    if super::injected_panic("kernel") {
+                        panic!("FAED_TEST_PANIC: a kernel loop panics on accepting a connection");
+                    }
                 }
                 Err(e) => {
                     self.gate.leave();

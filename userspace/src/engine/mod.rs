@@ -22,6 +22,15 @@ use kernel::{Gate, KernelLoop};
 use metrics::LoopMetrics;
 use session::Env;
 
+/// A fault for the tests to inject: `FAED_TEST_PANIC=kernel` or `=xdp` makes a loop of that kind panic
+/// when it accepts a connection (tests/robustness.rs and the XDP lab check that faed then exits non-zero).
+pub fn injected_panic(kind: &str) -> bool {
+    static KIND: OnceLock<Option<String>> = OnceLock::new();
+    KIND.get_or_init(|| std::env::var("FAED_TEST_PANIC").ok())
+        .as_deref()
+        == Some(kind)
+}
+
 /// A deferred call's outcome, on its way back to the loop that owns its session.
 pub enum Completion {
     /// From a forwarding worker: a peer's reply, or a registry call's.

@@ -67,6 +67,28 @@ pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
     })
 }
 
+/// Gives up every capability but CAP_NET_BIND_SERVICE (if held: the kernel path's further loops and the
+/// cluster port bind later, possibly below 1024), once the first listeners are bound and the XDP path is
+/// attached: what runs from then on (AF_XDP rings and wake-ups, reading the program's counters through
+/// its map descriptor, the program's detach when its link descriptor closes) needs none. Capabilities
+/// are per thread: this runs before faed starts its other threads, which inherit the reduced sets.
+pub fn drop_capabilities() -> Result<(), String> {
+    use caps::{CapSet, Capability};
+    let err =
+        |set: CapSet, e: caps::errors::CapsError| format!("dropping {set:?} capabilities: {e}");
+    let mut keep = caps::CapsHashSet::new();
+    if caps::has_cap(None, CapSet::Permitted, Capability::CAP_NET_BIND_SERVICE).unwrap_or(false) {
+        keep.insert(Capability::CAP_NET_BIND_SERVICE);
+    }
+    // The ambient set first (it may hold only what is both permitted and inheritable), then the effective
+    // set before the permitted one (effective must stay within permitted).
+    caps::clear(None, CapSet::Ambient).map_err(|e| err(CapSet::Ambient, e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| err(CapSet::Inheritable, e))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(|e| err(CapSet::Effective, e))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| err(CapSet::Permitted, e))?;
+    Ok(())
+}
+
 pub fn counters(p: &SharedProgram) -> XdpCounters {
     p.lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -220,6 +242,9 @@ impl XdpLoop {
                     continue;
                 }
                 self.metrics.session_opened();
+                if super::injected_panic("xdp") {
+                    panic!("FAED_TEST_PANIC: an XDP loop panics on accepting a connection");
+                }
                 let peer = self.stack.peer(id).map_or(
                     std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                     std::net::IpAddr::V4,

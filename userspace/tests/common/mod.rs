@@ -56,7 +56,7 @@ pub fn free_port() -> u16 {
     panic!("no fresh free port in 100 tries");
 }
 
-fn unique_dir() -> PathBuf {
+pub fn unique_dir() -> PathBuf {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -153,6 +153,8 @@ pub struct FaedSpec {
     pub ip: std::net::Ipv4Addr,
     /// Run faed in this network namespace (`ip netns exec`, which execs it: the pid is faed's).
     pub netns: Option<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl FaedSpec {
@@ -171,6 +173,7 @@ impl FaedSpec {
             log_level: "warn".into(),
             ip: std::net::Ipv4Addr::LOCALHOST,
             netns: None,
+            env: Vec::new(),
         }
     }
 
@@ -308,6 +311,7 @@ impl Faed {
             .arg(config)
             .args(["--log-level", &spec.log_level])
             .args(&spec.args)
+            .envs(spec.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
