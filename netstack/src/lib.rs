@@ -7,8 +7,11 @@
 //!   the process exits.
 //! - [`xsk`]: one AF_XDP socket (xsk-rs) with its UMEM and rings, as a smoltcp `Device`.
 //! - [`stack`]: a smoltcp `Interface` over one such socket, with a pool of listening sockets.
+//! - [`pipe`]: an in-memory wire between two smoltcp devices, for the tests that run without root.
 //! - [`sys`]: what the kernel knows of an interface (MAC, IPv4 address, neighbours).
 
+pub mod admission;
+pub mod pipe;
 pub mod stack;
 pub mod sys;
 pub mod xdp;

@@ -23,7 +23,8 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-use crate::xsk::{PortStats, Tuple, XskPort};
+use crate::admission::{Admission, Connections, Tuple, Waker};
+use crate::xsk::{PortStats, XskPort};
 use crate::NetError;
 
 /// TSval: milliseconds since the first connection of the process, the same clock for every connection
@@ -53,14 +54,69 @@ pub struct StackConfig {
     pub buffer: usize,
     pub zero_copy: bool,
     /// The connections of all the stacks serving one interface (one per queue).
-    pub shared: std::sync::Arc<crate::xsk::Connections>,
+    pub shared: std::sync::Arc<Connections>,
 }
 
 /// A connection handed to the application.
 pub type ConnId = SocketHandle;
 
-pub struct Stack {
-    port: XskPort,
+/// What the stack needs from the device under it, beyond smoltcp's `Device`: the AF_XDP socket
+/// ([`XskPort`]) in faed; an in-memory pipe ([`crate::pipe`]) in the tests that run without root. The
+/// defaults suit a device with no XDP program in front (no SYN budget, no neighbour table, one queue).
+pub trait Port: smoltcp::phy::Device {
+    /// Takes what arrived (true if anything did).
+    fn pull(&mut self) -> bool;
+    /// Sends what was written.
+    fn push(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// A descriptor that is readable when something arrived (for poll(2)).
+    fn fd(&self) -> i32;
+    fn stats(&self) -> PortStats {
+        PortStats::default()
+    }
+    /// What the device lets through to smoltcp.
+    fn admission(&mut self) -> &mut Admission;
+    fn pin(&mut self, _ip: Ipv4Addr) {}
+    fn unpin(&mut self, _ip: Ipv4Addr) {}
+    fn set_waker(&mut self, _wake: Waker) {}
+    fn has_forwarded(&self) -> bool {
+        false
+    }
+}
+
+impl Port for XskPort {
+    fn pull(&mut self) -> bool {
+        XskPort::pull(self)
+    }
+    fn push(&mut self) -> std::io::Result<()> {
+        XskPort::push(self)
+    }
+    fn fd(&self) -> i32 {
+        XskPort::fd(self)
+    }
+    fn stats(&self) -> PortStats {
+        XskPort::stats(self)
+    }
+    fn admission(&mut self) -> &mut Admission {
+        XskPort::admission(self)
+    }
+    fn pin(&mut self, ip: Ipv4Addr) {
+        XskPort::pin(self, ip)
+    }
+    fn unpin(&mut self, ip: Ipv4Addr) {
+        XskPort::unpin(self, ip)
+    }
+    fn set_waker(&mut self, wake: Waker) {
+        XskPort::set_waker(self, wake)
+    }
+    fn has_forwarded(&self) -> bool {
+        XskPort::has_forwarded(self)
+    }
+}
+
+pub struct Stack<P: Port = XskPort> {
+    port: P,
     iface: Interface,
     sockets: SocketSet<'static>,
     listening: Vec<(u16, SocketHandle)>,
@@ -83,11 +139,25 @@ pub struct Stack {
     epoch: std::time::Instant,
 }
 
-impl Stack {
+impl Stack<XskPort> {
+    /// The stack of one queue of `cfg.iface`, on the interface's IPv4 address.
     pub fn new(cfg: StackConfig) -> Result<Stack, NetError> {
         let (addr, prefix) = crate::sys::ipv4(&cfg.iface)?;
         let mut port = XskPort::bind(&cfg.iface, cfg.queue, cfg.zero_copy)?;
         port.share(cfg.shared.clone());
+        Stack::over(port, addr, prefix, cfg)
+    }
+}
+
+impl<P: Port> Stack<P> {
+    /// A stack over `port`, serving `cfg.ports` on `addr`/`prefix` (`cfg.iface`, `queue` and `zero_copy`
+    /// are the caller's business).
+    pub fn over(
+        mut port: P,
+        addr: Ipv4Addr,
+        prefix: u8,
+        cfg: StackConfig,
+    ) -> Result<Stack<P>, NetError> {
         let epoch = std::time::Instant::now();
         let mut icfg = Config::new(HardwareAddress::Ip);
         icfg.random_seed = epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
@@ -149,7 +219,7 @@ impl Stack {
     }
 
     /// How another queue's stack wakes this one's thread when it hands it a frame.
-    pub fn set_waker(&mut self, wake: crate::xsk::Waker) {
+    pub fn set_waker(&mut self, wake: Waker) {
         self.port.set_waker(wake);
     }
 
@@ -204,7 +274,7 @@ impl Stack {
                 (p, free)
             })
             .collect();
-        self.port.set_syn_budget(&budget);
+        self.port.admission().set_syn_budget(&budget);
         let now = self.now();
         let changed = self.iface.poll(now, &mut self.port, &mut self.sockets);
         if let Err(e) = self.port.push() {
@@ -230,7 +300,7 @@ impl Stack {
             self.listening.swap_remove(i);
             if let Some(t) = self.tuple(h) {
                 self.tuples.insert(h, t);
-                self.port.track(t, true);
+                self.port.admission().track(t, true);
             }
             self.half_open.push_back((port, h, now));
         }
@@ -255,7 +325,7 @@ impl Stack {
                 _ => {
                     self.half_open.remove(k);
                     if let Some(&t) = self.tuples.get(&h) {
-                        self.port.track(t, false);
+                        self.port.admission().track(t, false);
                     }
                     self.counters.established += 1;
                     let peer = self.peer(h);
@@ -279,7 +349,7 @@ impl Stack {
                 _ => break,
             }
         }
-        if self.port.take_syn_dropped() > 0 && self.pool_target < self.pool_cap() {
+        if self.port.admission().take_syn_dropped() > 0 && self.pool_target < self.pool_cap() {
             self.counters.pool_grown += 1;
             self.pool_target = (self.pool_target * 2).min(self.pool_cap());
         }
@@ -304,7 +374,7 @@ impl Stack {
     /// spares, to listen again.
     fn recycle(&mut self, h: SocketHandle) {
         if let Some(t) = self.tuples.remove(&h) {
-            self.port.untrack(t);
+            self.port.admission().untrack(t);
         }
         let s = self.sockets.remove(h);
         if self.spare.len() < self.pool_target {
@@ -314,22 +384,23 @@ impl Stack {
         }
     }
 
-    /// Calls `f` with received bytes (in up to two pieces, as the receive buffer wraps); `f` returns how
-    /// many it took. Returns the bytes taken.
-    pub fn recv(&mut self, id: ConnId, mut f: impl FnMut(&[u8]) -> usize) -> usize {
+    /// Hands the received bytes that lie together in the receive buffer (all of them, or those up to
+    /// where it wraps) to `f`, which takes them whole. Returns how many.
+    pub fn recv(&mut self, id: ConnId, f: &mut dyn FnMut(&[u8])) -> usize {
         let s = self.sockets.get_mut::<tcp::Socket>(id);
-        let mut taken = 0;
-        while s.can_recv() {
-            let n = s.recv(|buf| {
-                let n = f(buf);
-                (n, n)
-            });
-            match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => taken += n,
-            }
+        if !s.can_recv() {
+            return 0;
         }
-        taken
+        s.recv(|buf| {
+            f(buf);
+            (buf.len(), buf.len())
+        })
+        .unwrap_or(0)
+    }
+
+    /// Bytes received and not yet taken.
+    pub fn can_recv(&self, id: ConnId) -> bool {
+        self.sockets.get::<tcp::Socket>(id).can_recv()
     }
 
     /// Queues bytes to send; returns how many fitted in the send buffer.

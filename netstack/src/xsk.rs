@@ -25,6 +25,7 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
+use crate::admission::{Admission, Connections, Inbox, Verdict, Waker};
 use crate::NetError;
 
 const ETH_HLEN: usize = 14;
@@ -56,74 +57,6 @@ pub struct PortStats {
     pub syn_duplicate: u64,
     /// Packets of connections another queue holds, handed to it.
     pub rx_foreign: u64,
-}
-
-/// A connection's (remote address, remote port, local port).
-pub type Tuple = (Ipv4Addr, u16, u16);
-
-/// The connections of every queue's stack: which queue holds each one's socket, and whether it is still
-/// in its handshake. A client's packets normally all arrive on one RX queue (a NIC hashes the 4-tuple),
-/// but some devices pick the queue otherwise: veth uses the sender's TX queue, which Linux changes when
-/// it retransmits or answers from TIME-WAIT. A packet of another queue's connection is handed to that
-/// queue's stack (a copy, through its inbox, waking its thread) instead of being answered with a reset
-/// by a stack that does not know the connection.
-#[derive(Debug, Default)]
-pub struct Connections {
-    map: std::sync::Mutex<HashMap<Tuple, (u32, bool)>>,
-    inboxes: std::sync::Mutex<HashMap<u32, std::sync::Arc<Inbox>>>,
-}
-
-/// Frames handed to one queue's stack by the others.
-#[derive(Default)]
-pub struct Inbox {
-    frames: std::sync::Mutex<Vec<Vec<u8>>>,
-    wake: std::sync::Mutex<Option<Waker>>,
-}
-
-/// Wakes a queue's thread.
-pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
-
-impl std::fmt::Debug for Inbox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbox").finish_non_exhaustive()
-    }
-}
-
-impl Inbox {
-    fn frames(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.frames.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn deliver(&self, frame: Vec<u8>) {
-        self.frames().push(frame);
-        let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = wake {
-            w();
-        }
-    }
-}
-
-impl Connections {
-    fn inbox(&self, queue: u32) -> Option<std::sync::Arc<Inbox>> {
-        self.inboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&queue)
-            .cloned()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, (u32, bool)>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Connections known (for tests).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
 }
 
 /// A pinned neighbour: from the kernel's table, or the peer of `pins` established connections.
@@ -163,14 +96,8 @@ pub struct XskPort {
     txs: RefCell<TxState>,
     scratch: Vec<FrameDesc>,
     mtu: usize,
-    /// SYNs each port may still take in this poll (one per listening socket).
-    syn_budget: Vec<(u16, usize)>,
-    /// SYNs dropped since the stack last asked.
-    syn_dropped: usize,
-    /// This stack's connections (past Listen), true while in the handshake.
-    local: HashMap<Tuple, bool>,
-    /// Every queue's.
-    shared: std::sync::Arc<Connections>,
+    /// What gets past the device to smoltcp (SYN budget, connections of this and the other queues).
+    admission: Admission,
     queue: u32,
     /// Frames of this stack's connections that arrived on other queues.
     inbox: std::sync::Arc<Inbox>,
@@ -259,10 +186,7 @@ impl XskPort {
             }),
             scratch: vec![FrameDesc::default(); BATCH],
             mtu,
-            syn_budget: Vec::new(),
-            syn_dropped: 0,
-            local: HashMap::new(),
-            shared: std::sync::Arc::default(),
+            admission: Admission::new(queue),
             queue,
             inbox: std::sync::Arc::default(),
             forwarded: VecDeque::new(),
@@ -416,7 +340,12 @@ impl XskPort {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(self.queue, self.inbox.clone());
-        self.shared = shared;
+        self.admission.share(shared);
+    }
+
+    /// The device's admission (what smoltcp gets to see).
+    pub fn admission(&mut self) -> &mut Admission {
+        &mut self.admission
     }
 
     /// How another queue wakes this port's thread when it hands it a frame.
@@ -429,104 +358,10 @@ impl XskPort {
         !self.inbox.frames().is_empty()
     }
 
-    /// A connection has a socket here (in its handshake, or established).
-    pub fn track(&mut self, t: Tuple, half_open: bool) {
-        self.local.insert(t, half_open);
-        self.shared.lock().insert(t, (self.queue, half_open));
-    }
-
-    /// The connection's socket is gone.
-    pub fn untrack(&mut self, t: Tuple) {
-        if self.local.remove(&t).is_some() {
-            let mut m = self.shared.lock();
-            if m.get(&t).is_some_and(|(q, _)| *q == self.queue) {
-                m.remove(&t);
-            }
-        }
-    }
-
-    /// How many SYNs each port may take before the next call (its listening sockets).
-    pub fn set_syn_budget(&mut self, budget: &[(u16, usize)]) {
-        self.syn_budget.clear();
-        self.syn_budget.extend_from_slice(budget);
-    }
-
-    /// SYNs dropped for want of a listening socket since the last call.
-    pub fn take_syn_dropped(&mut self) -> usize {
-        std::mem::take(&mut self.syn_dropped)
-    }
-
-    /// What to do with a received frame before smoltcp sees it: a retransmitted SYN of a handshake
-    /// under way (here or on another queue) is dropped, as is a SYN past the port's budget and a packet
-    /// of a connection another queue holds. Spends the budget of a SYN it lets through.
-    fn classify(&mut self, desc: &FrameDesc) -> Verdict {
-        // SAFETY: the frame was received and is ours until it goes back on the fill ring.
-        let data = unsafe { self.umem.data(desc) };
-        let f = data.contents();
-        if f.len() < ETH_HLEN + 20 || f[ETH_HLEN + 9] != 6 {
-            return Verdict::Pass;
-        }
-        let tcp = ETH_HLEN + usize::from(f[ETH_HLEN] & 0x0f) * 4;
-        if f.len() < tcp + 14 {
-            return Verdict::Pass;
-        }
-        let port = u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]);
-        if !self.syn_budget.iter().any(|(p, _)| *p == port) {
-            return Verdict::Pass;
-        }
-        let src = Ipv4Addr::new(f[26], f[27], f[28], f[29]);
-        let t = (src, u16::from_be_bytes([f[tcp], f[tcp + 1]]), port);
-        let flags = f[tcp + 13];
-        const SYN: u8 = 0x02;
-        const RST: u8 = 0x04;
-        const ACK: u8 = 0x10;
-        if flags & RST != 0 {
-            return Verdict::Pass;
-        }
-        if flags & (SYN | ACK) != SYN {
-            if self.local.contains_key(&t) {
-                return Verdict::Pass;
-            }
-            return match self.shared.lock().get(&t) {
-                Some((q, _)) if *q != self.queue => Verdict::Foreign(*q),
-                _ => Verdict::Pass,
-            };
-        }
-        match self.local.get(&t) {
-            Some(true) => return Verdict::Duplicate,
-            Some(false) => return Verdict::Pass,
-            None => {
-                if let Some((q, true)) = self.shared.lock().get(&t) {
-                    if *q != self.queue {
-                        return Verdict::Duplicate;
-                    }
-                }
-            }
-        }
-        match self.syn_budget.iter_mut().find(|(p, _)| *p == port) {
-            Some((_, 0)) => Verdict::NoRoom,
-            Some((_, n)) => {
-                *n -= 1;
-                Verdict::Pass
-            }
-            None => Verdict::Pass,
-        }
-    }
-
     /// Whether the kernel needs a poll(2) to refill the RX side.
     pub fn fill_needs_wakeup(&self) -> bool {
         self.fill.needs_wakeup()
     }
-}
-
-enum Verdict {
-    Pass,
-    /// A retransmitted SYN of a handshake under way.
-    Duplicate,
-    /// A SYN with no listening socket or half-open room left in this poll.
-    NoRoom,
-    /// A packet of a connection another queue holds.
-    Foreign(u32),
 }
 
 pub enum RxToken<'a> {
@@ -614,15 +449,17 @@ impl Device for XskPort {
         }
         let desc = loop {
             let desc = self.received.pop_front()?;
-            match self.classify(&desc) {
+            // SAFETY: the frame was received and is ours until it goes back on the fill ring.
+            let verdict = match unsafe { self.umem.data(&desc) }.contents().get(ETH_HLEN..) {
+                Some(packet) => self.admission.classify(packet),
+                None => Verdict::Pass,
+            };
+            match verdict {
                 Verdict::Pass => break desc,
                 Verdict::Duplicate => self.txs.get_mut().stats.syn_duplicate += 1,
-                Verdict::NoRoom => {
-                    self.syn_dropped += 1;
-                    self.txs.get_mut().stats.syn_dropped += 1;
-                }
+                Verdict::NoRoom => self.txs.get_mut().stats.syn_dropped += 1,
                 Verdict::Foreign(q) => {
-                    if let Some(inbox) = self.shared.inbox(q) {
+                    if let Some(inbox) = self.admission.inbox(q) {
                         // SAFETY: the frame is ours until it goes back on the fill ring, below.
                         let frame = unsafe { self.umem.data(&desc) }.contents().to_vec();
                         inbox.deliver(frame);

@@ -11,10 +11,11 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use super::driver::{self, ByteStream, Recv, Sweep};
 use super::metrics::LoopMetrics;
-use super::session::{Env, Session};
+use super::session::Env;
 use super::Completion;
-use crate::backend::{Doorbell, SessionId};
+use crate::backend::Doorbell;
 use crossbeam_channel::Receiver;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -69,14 +70,50 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net
 
 struct Conn {
     stream: TcpStream,
-    session: Session,
-    last_active: Instant,
-    /// Reading stopped because replies are backlogged; resumes once they drain.
-    read_paused: bool,
-    /// The peer closed its sending side.
-    eof: bool,
+    /// The connection's lifecycle (session, pauses, timeouts): the driver's, shared with the XDP path.
+    link: driver::Conn,
     /// epoll reported the peer's FIN: read to the end, a short read does not mean the socket is drained.
     read_closed: bool,
+}
+
+/// A kernel socket as the driver's byte stream, for one pump.
+struct SocketStream<'a> {
+    stream: &'a mut TcpStream,
+    /// The loop's one read buffer.
+    scratch: &'a mut [u8],
+    read_closed: bool,
+}
+
+impl ByteStream for SocketStream<'_> {
+    fn recv(&mut self, feed: &mut dyn FnMut(&[u8])) -> io::Result<Recv> {
+        loop {
+            match self.stream.read(self.scratch) {
+                Ok(0) => return Ok(Recv::Eof),
+                Ok(n) => {
+                    feed(&self.scratch[..n]);
+                    // A short read means the socket is drained; the next readiness event brings more.
+                    // (Reading on to WouldBlock would let one streaming client hold the loop.)
+                    let more = n == self.scratch.len() || self.read_closed;
+                    return Ok(Recv::Data { more });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Recv::Empty),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 pub struct KernelLoop {
@@ -168,7 +205,7 @@ impl KernelLoop {
                                 c.read_closed = true;
                             }
                         }
-                        self.on_conn_event(key, ev.is_readable(), ev.is_writable())
+                        self.on_conn_event(key, ev.is_readable())
                     }
                 }
             }
@@ -226,20 +263,19 @@ impl KernelLoop {
                         continue;
                     }
                     self.generation += 1;
-                    let id = SessionId {
-                        lp: self.index,
-                        slot: token.0 as u64,
-                        generation: self.generation,
-                    };
+                    let link = driver::Conn::open(
+                        self.index,
+                        token.0 as u64,
+                        self.generation,
+                        peer.ip(),
+                        &self.metrics,
+                        Instant::now(),
+                    );
                     entry.insert(Conn {
                         stream,
-                        session: Session::with_id(id, peer.ip()),
-                        last_active: Instant::now(),
-                        read_paused: false,
-                        eof: false,
+                        link,
                         read_closed: false,
                     });
-                    self.metrics.session_opened();
                     if super::injected_panic("kernel") {
                         panic!("FAED_TEST_PANIC: a kernel loop panics on accepting a connection");
                     }
@@ -255,29 +291,26 @@ impl KernelLoop {
         }
     }
 
-    fn on_conn_event(&mut self, key: usize, readable: bool, writable: bool) {
+    fn on_conn_event(&mut self, key: usize, readable: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let mut alive = true;
-        if readable && !conn.read_paused {
-            alive = read(conn, &mut self.scratch, &self.env, &self.metrics);
-        }
-        if alive && (writable || !conn.session.out.is_empty()) {
-            alive = write(conn, &self.metrics);
-            // Replies drained: serve the calls held back, then take up the requests left unread.
-            while alive && conn.read_paused && !conn.session.paused(&self.env) {
-                conn.read_paused = false;
-                conn.session
-                    .resume(&self.env, &self.metrics, Instant::now());
-                alive = read(conn, &mut self.scratch, &self.env, &self.metrics)
-                    && write(conn, &self.metrics);
-            }
-        }
-        let done = conn.session.out.is_empty()
-            && !conn.session.awaiting()
-            && (conn.session.closing() || conn.eof);
-        if !alive || done {
+        let mut stream = SocketStream {
+            stream: &mut conn.stream,
+            scratch: &mut self.scratch,
+            read_closed: conn.read_closed,
+        };
+        let alive = conn
+            .link
+            .pump(
+                &mut stream,
+                readable,
+                &self.env,
+                &self.metrics,
+                Instant::now(),
+            )
+            .is_ok();
+        if !alive || conn.link.done() {
             self.close(key);
         }
     }
@@ -286,18 +319,15 @@ impl KernelLoop {
     fn on_completions(&mut self) {
         let mut touched: Vec<usize> = Vec::new();
         while let Ok(done) = self.returns.try_recv() {
-            let session = match &done {
-                Completion::Forward(f) => f.ticket.session,
-                Completion::Backend(b) => b.ticket.session,
-            };
+            let session = driver::session_of(&done);
             let key = session.slot as usize;
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            if conn.session.id != session {
+            if conn.link.session.id != session {
                 continue; // the session closed meanwhile; its slot serves another
             }
-            conn.session.complete(done, &self.env, &self.metrics);
+            conn.link.complete(done, &self.env, &self.metrics);
             if touched.last() != Some(&key) {
                 touched.push(key);
             }
@@ -308,17 +338,17 @@ impl KernelLoop {
         let now = Instant::now();
         for key in touched {
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.session.resume(&self.env, &self.metrics, now);
-                self.on_conn_event(key, false, true);
+                conn.link.resume(&self.env, &self.metrics, now);
+                self.on_conn_event(key, false);
             }
         }
     }
 
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
-            conn.session.abandon(&self.env);
+            conn.link.closed(&self.env, &self.gate, &self.metrics);
             let _ = self.poll.registry().deregister(&mut conn.stream);
-            if conn.session.closing() {
+            if conn.link.session.closing() {
                 // Closing a socket with unread input sends a reset, which can destroy the error reply
                 // still in flight: end our side first and discard what the client has already sent.
                 let _ = conn.stream.shutdown(std::net::Shutdown::Write);
@@ -330,44 +360,28 @@ impl KernelLoop {
                     }
                 }
             }
-            self.gate.leave();
-            self.metrics.session_closed();
         }
         if self.accept_paused {
             self.accept();
         }
     }
 
-    /// Closes sessions idle past the idle timeout or stuck in the middle of a message.
+    /// Answers deferred calls past their deadline; closes sessions idle past the idle timeout or stuck in
+    /// the middle of a message.
     fn sweep(&mut self, now: Instant) {
-        let stuck: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.session.awaiting())
-            .map(|(k, _)| k)
-            .collect();
-        for key in stuck {
-            if let Some(c) = self.conns.get_mut(key) {
-                c.session.expire_deferred(now, &self.env, &self.metrics);
-                c.session.resume(&self.env, &self.metrics, now);
-                c.last_active = now;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(c) = self.conns.get_mut(key) else {
+                continue;
+            };
+            match c.link.sweep(&self.env, &self.metrics, now) {
+                Sweep::Keep => {}
+                Sweep::Pump => self.on_conn_event(key, false),
+                Sweep::TimedOut | Sweep::Reset => {
+                    tracing::debug!(session = key, "session timed out");
+                    self.close(key);
+                }
             }
-            self.on_conn_event(key, false, true);
-        }
-        let idle = self.env.idle_timeout;
-        let stale: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.session.stalled(&self.env, now)
-                    || now.saturating_duration_since(c.last_active) > idle
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in stale {
-            self.metrics.add(&self.metrics.timed_out_sessions, 1);
-            tracing::debug!(session = key, "session timed out");
-            self.close(key);
         }
     }
 
@@ -385,65 +399,11 @@ impl KernelLoop {
         let done: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.session.out.is_empty() && !c.session.awaiting())
+            .filter(|(_, c)| c.link.drained())
             .map(|(k, _)| k)
             .collect();
         for key in done {
             self.close(key);
         }
     }
-}
-
-/// Reads what the socket has and serves it; false when the session must close now.
-fn read(conn: &mut Conn, scratch: &mut [u8], env: &Env, metrics: &LoopMetrics) -> bool {
-    loop {
-        if conn.session.paused(env) {
-            conn.read_paused = true;
-            return true;
-        }
-        if conn.session.closing() || conn.eof {
-            return true;
-        }
-        match conn.stream.read(scratch) {
-            Ok(0) => {
-                conn.eof = true;
-                return true;
-            }
-            Ok(n) => {
-                let now = Instant::now();
-                conn.last_active = now;
-                metrics.add(&metrics.bytes_in, n as u64);
-                conn.session.on_bytes(&scratch[..n], env, metrics, now);
-                if conn.session.paused(env) {
-                    conn.read_paused = true;
-                    return true;
-                }
-                if n < scratch.len() && !conn.read_closed {
-                    // A short read means the socket is drained; the next readiness event brings more.
-                    // (Reading on to WouldBlock would let one streaming client hold the loop.)
-                    return true;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Sends pending replies; false when the connection is broken.
-fn write(conn: &mut Conn, metrics: &LoopMetrics) -> bool {
-    while !conn.session.out.is_empty() {
-        match conn.stream.write(&conn.session.out) {
-            Ok(0) => return false,
-            Ok(n) => {
-                metrics.add(&metrics.bytes_out, n as u64);
-                conn.session.sent(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
-        }
-    }
-    true
 }

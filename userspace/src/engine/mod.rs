@@ -1,6 +1,7 @@
 //! Listeners, sessions, dispatch, flow control and shutdown. The engine owns no business logic: it reaches
 //! the servants through one dispatch table, and it never knows which transport gave it bytes.
 
+pub mod driver;
 pub mod kernel;
 pub mod metrics;
 pub mod session;

@@ -6,15 +6,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fae_netstack::stack::{ConnId, Stack, StackConfig};
+use fae_netstack::stack::{ConnId, Port, Stack, StackConfig};
 use fae_netstack::xdp::{AttachMode, XdpCounters, XdpProgram};
 use fae_netstack::NetError;
 
+use super::driver::{self, ByteStream, Recv, Sweep};
 use super::kernel::Gate;
 use super::metrics::LoopMetrics;
-use super::session::{Env, Session};
+use super::session::Env;
 use super::Completion;
-use crate::backend::{Doorbell, SessionId};
+use crate::backend::Doorbell;
 use crate::config::{Config, XdpMode};
 use crossbeam_channel::Receiver;
 
@@ -44,7 +45,7 @@ pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
     };
     let mut program = XdpProgram::attach(&l.interface, &[port], mode)?;
     let mut stacks = Vec::new();
-    let shared = Arc::new(fae_netstack::xsk::Connections::default());
+    let shared = Arc::new(fae_netstack::admission::Connections::default());
     for q in 0..queues {
         let stack = Stack::new(StackConfig {
             iface: l.interface.clone(),
@@ -108,7 +109,7 @@ const XSK: mio::Token = mio::Token(0);
 const BELL: mio::Token = mio::Token(1);
 
 impl Waiter {
-    pub fn new(stack: &mut Stack) -> std::io::Result<(Waiter, Arc<Doorbell>)> {
+    pub fn new<P: Port>(stack: &mut Stack<P>) -> std::io::Result<(Waiter, Arc<Doorbell>)> {
         let poll = mio::Poll::new()?;
         let fd = stack.fd();
         poll.registry()
@@ -126,7 +127,12 @@ impl Waiter {
     }
 
     /// Sleeps until a packet, a deferred reply or the stack's next timer, at most `max`.
-    fn wait(&mut self, stack: &mut Stack, returns: &Receiver<Completion>, max: Duration) {
+    fn wait<P: Port>(
+        &mut self,
+        stack: &mut Stack<P>,
+        returns: &Receiver<Completion>,
+        max: Duration,
+    ) {
         let delay = stack.delay(max);
         if delay.is_zero()
             || !self
@@ -150,18 +156,30 @@ impl Waiter {
     }
 }
 
-struct Conn {
-    session: Session,
-    last_active: Instant,
-    /// When faed closed its side (FIN queued), if it has.
-    closing: Option<Instant>,
+/// A smoltcp connection as the driver's byte stream, for one pump.
+struct SocketStream<'a, P: Port> {
+    stack: &'a mut Stack<P>,
+    id: ConnId,
 }
 
-/// How long a closed connection may wait for its peer's last ACK before it is reset: a peer that never
-/// answers (gone, or its packets lost) would otherwise hold its socket and session slot for good.
-const CLOSE_LINGER: Duration = Duration::from_secs(10);
+impl<P: Port> ByteStream for SocketStream<'_, P> {
+    fn recv(&mut self, feed: &mut dyn FnMut(&[u8])) -> std::io::Result<Recv> {
+        if self.stack.recv(self.id, feed) > 0 {
+            let more = self.stack.can_recv(self.id);
+            return Ok(Recv::Data { more });
+        }
+        Ok(if self.stack.peer_done(self.id) {
+            Recv::Eof
+        } else {
+            Recv::Empty
+        })
+    }
 
-/// One queue's loop.
+    fn send(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        Ok(self.stack.send(self.id, data))
+    }
+}
+
 /// One AF_XDP queue's socket counters, published by its loop every second for the admin port.
 #[derive(Debug, Default)]
 pub struct QueueStats {
@@ -209,12 +227,13 @@ impl QueueStats {
     }
 }
 
-pub struct XdpLoop {
+/// One AF_XDP queue's loop (or, in the tests that run without root, one over an in-memory wire).
+pub struct XdpLoop<P: Port = fae_netstack::xsk::XskPort> {
     pub index: u32,
     pub queue_stats: Arc<QueueStats>,
     pub returns: Receiver<Completion>,
     pub waiter: Waiter,
-    pub stack: Stack,
+    pub stack: Stack<P>,
     pub env: Arc<Env>,
     pub metrics: Arc<LoopMetrics>,
     pub gate: Arc<Gate>,
@@ -222,9 +241,9 @@ pub struct XdpLoop {
     pub shutdown_timeout: Duration,
 }
 
-impl XdpLoop {
+impl<P: Port> XdpLoop<P> {
     pub fn run(mut self) {
-        let mut conns: HashMap<ConnId, Conn> = HashMap::new();
+        let mut conns: HashMap<ConnId, driver::Conn> = HashMap::new();
         // Forwarded replies find their connection by a number that is never reused.
         let mut slots: HashMap<u64, ConnId> = HashMap::new();
         let mut next_slot = 0u64;
@@ -236,14 +255,10 @@ impl XdpLoop {
             let stopping = self.stopping.load(Ordering::Acquire);
             for id in self.stack.accept() {
                 if stopping || !self.gate.try_enter() {
-                    // At the session cap (or draining): refuse at once rather than hold a half-open
-                    // connection the client would wait on.
+                    // At the session cap (or draining): refuse at once rather than hold a connection the
+                    // client would wait on.
                     self.stack.abort(id);
                     continue;
-                }
-                self.metrics.session_opened();
-                if super::injected_panic("xdp") {
-                    panic!("FAED_TEST_PANIC: an XDP loop panics on accepting a connection");
                 }
                 let peer = self.stack.peer(id).map_or(
                     std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -251,28 +266,29 @@ impl XdpLoop {
                 );
                 next_slot += 1;
                 slots.insert(next_slot, id);
-                let sid = SessionId {
-                    lp: self.index,
-                    slot: next_slot,
-                    generation: next_slot,
-                };
-                conns.insert(
-                    id,
-                    Conn {
-                        session: Session::with_id(sid, peer),
-                        last_active: now,
-                        closing: None,
-                    },
-                );
+                let c =
+                    driver::Conn::open(self.index, next_slot, next_slot, peer, &self.metrics, now);
+                conns.insert(id, c);
+                if super::injected_panic("xdp") {
+                    panic!("FAED_TEST_PANIC: an XDP loop panics on accepting a connection");
+                }
             }
+            let mut touched = Vec::new();
             while let Ok(done) = self.returns.try_recv() {
-                let session = match &done {
-                    Completion::Forward(f) => f.ticket.session,
-                    Completion::Backend(b) => b.ticket.session,
+                let session = driver::session_of(&done);
+                let Some(&id) = slots.get(&session.slot) else {
+                    continue;
                 };
-                let conn = slots.get(&session.slot).and_then(|id| conns.get_mut(id));
-                if let Some(c) = conn {
-                    c.session.complete(done, &self.env, &self.metrics);
+                if let Some(c) = conns.get_mut(&id) {
+                    c.complete(done, &self.env, &self.metrics);
+                    touched.push(id);
+                }
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for id in touched {
+                if let Some(c) = conns.get_mut(&id) {
+                    c.resume(&self.env, &self.metrics, now);
                     busy = true;
                 }
             }
@@ -285,17 +301,15 @@ impl XdpLoop {
             // Release connections that are gone, and sockets refused above.
             for id in self.stack.reap() {
                 if let Some(mut c) = conns.remove(&id) {
-                    c.session.abandon(&self.env);
+                    c.closed(&self.env, &self.gate, &self.metrics);
                     slots.remove(&c.session.id.slot);
-                    self.gate.leave();
-                    self.metrics.session_closed();
                 }
                 self.stack.release(id);
             }
             if stopping {
                 let deadline = *drain_deadline.get_or_insert(now + self.shutdown_timeout);
                 for (&id, c) in conns.iter_mut() {
-                    if c.session.out.is_empty() && !c.session.awaiting() && c.closing.is_none() {
+                    if c.drained() && c.closing.is_none() {
                         c.closing = Some(now);
                         self.stack.close(id);
                     }
@@ -311,21 +325,21 @@ impl XdpLoop {
                 last_sweep = now;
                 self.queue_stats
                     .publish(&self.stack.stats(), &self.stack.handshakes());
-                for (&id, c) in conns.iter_mut() {
-                    if c.session.awaiting() {
-                        c.session.expire_deferred(now, &self.env, &self.metrics);
-                        c.last_active = now;
-                    }
-                    let idle = now.saturating_duration_since(c.last_active) > self.env.idle_timeout;
-                    if c.closing.is_none() && (idle || c.session.stalled(&self.env, now)) {
-                        self.metrics.add(&self.metrics.timed_out_sessions, 1);
-                        c.closing = Some(now);
-                        self.stack.abort(id);
-                    } else if c
-                        .closing
-                        .is_some_and(|t| now.saturating_duration_since(t) >= CLOSE_LINGER)
-                    {
-                        self.stack.abort(id);
+                let ids: Vec<ConnId> = conns.keys().copied().collect();
+                for id in ids {
+                    let Some(c) = conns.get_mut(&id) else {
+                        continue;
+                    };
+                    match c.sweep(&self.env, &self.metrics, now) {
+                        Sweep::Keep => {}
+                        Sweep::Pump => {
+                            self.pump(id, c, now);
+                        }
+                        Sweep::TimedOut => {
+                            c.closing = Some(now);
+                            self.stack.abort(id);
+                        }
+                        Sweep::Reset => self.stack.abort(id),
                     }
                 }
             }
@@ -336,42 +350,29 @@ impl XdpLoop {
         }
     }
 
-    /// Moves one connection's bytes: received → session → replies → send buffer. True if it did work.
-    fn pump(&mut self, id: ConnId, c: &mut Conn, now: Instant) -> bool {
-        let mut work = false;
-        if c.closing.is_none() {
-            if !c.session.backlogged(&self.env) {
-                c.session.resume(&self.env, &self.metrics, now);
-                let (env, metrics) = (&self.env, &self.metrics);
-                let session = &mut c.session;
-                let got = self.stack.recv(id, |data| {
-                    if session.paused(env) || session.closing() {
-                        return 0;
-                    }
-                    metrics.add(&metrics.bytes_in, data.len() as u64);
-                    session.on_bytes(data, env, metrics, now);
-                    data.len()
-                });
-                if got > 0 {
-                    c.last_active = now;
-                    work = true;
-                }
+    /// Moves one connection's bytes (the driver's pump); closes it once everything is said. True if it
+    /// did work.
+    fn pump(&mut self, id: ConnId, c: &mut driver::Conn, now: Instant) -> bool {
+        if c.closing.is_some() {
+            return false;
+        }
+        let mut stream = SocketStream {
+            stack: &mut self.stack,
+            id,
+        };
+        match c.pump(&mut stream, true, &self.env, &self.metrics, now) {
+            Err(_) => {
+                c.closing = Some(now);
+                self.stack.abort(id);
+                true
             }
-            if !c.session.out.is_empty() {
-                let n = self.stack.send(id, &c.session.out);
-                if n > 0 {
-                    self.metrics.add(&self.metrics.bytes_out, n as u64);
-                    c.session.sent(n);
-                    work = true;
-                }
-            }
-            let done = !c.session.awaiting() && (c.session.closing() || self.stack.peer_done(id));
-            if done && c.session.out.is_empty() {
+            Ok(work) if c.done() => {
                 c.closing = Some(now);
                 self.stack.close(id);
-                work = true;
+                let _ = work;
+                true
             }
+            Ok(work) => work,
         }
-        work
     }
 }

@@ -1,0 +1,208 @@
+//! What a device lets through to smoltcp, the same for every device under a [`crate::stack::Stack`]
+//! (the AF_XDP socket, and the in-memory wire of the tests that run without root):
+//!
+//! - a SYN past the port's budget (one per listening socket, within the half-open cap) is dropped, not
+//!   answered with a reset by smoltcp: the client sends it again;
+//! - a retransmitted SYN of a handshake under way (here or on another queue) is dropped: smoltcp would
+//!   let a second listening socket take it, and that socket would then reset the client's connection;
+//! - a packet of a connection another queue's stack holds goes to that stack (see [`Connections`]).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+/// A connection's (remote address, remote port, local port).
+pub type Tuple = (Ipv4Addr, u16, u16);
+
+/// The connections of every queue's stack: which queue holds each one's socket, and whether it is still
+/// in its handshake. A client's packets normally all arrive on one RX queue (a NIC hashes the 4-tuple),
+/// but some devices pick the queue otherwise: veth uses the sender's TX queue, which Linux changes when
+/// it retransmits or answers from TIME-WAIT. A packet of another queue's connection is handed to that
+/// queue's stack (a copy, through its inbox, waking its thread) instead of being answered with a reset
+/// by a stack that does not know the connection.
+#[derive(Debug, Default)]
+pub struct Connections {
+    map: std::sync::Mutex<HashMap<Tuple, (u32, bool)>>,
+    pub(crate) inboxes: std::sync::Mutex<HashMap<u32, std::sync::Arc<Inbox>>>,
+}
+
+/// Frames handed to one queue's stack by the others.
+#[derive(Default)]
+pub struct Inbox {
+    frames: std::sync::Mutex<Vec<Vec<u8>>>,
+    pub(crate) wake: std::sync::Mutex<Option<Waker>>,
+}
+
+/// Wakes a queue's thread.
+pub type Waker = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    pub(crate) fn frames(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn deliver(&self, frame: Vec<u8>) {
+        self.frames().push(frame);
+        let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = wake {
+            w();
+        }
+    }
+}
+
+impl Connections {
+    pub(crate) fn inbox(&self, queue: u32) -> Option<std::sync::Arc<Inbox>> {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&queue)
+            .cloned()
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, (u32, bool)>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections known (for tests).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// What becomes of a received packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// A retransmitted SYN of a handshake under way.
+    Duplicate,
+    /// A SYN with no listening socket or half-open room left in this poll.
+    NoRoom,
+    /// A packet of a connection another queue holds.
+    Foreign(u32),
+}
+
+/// One stack's admission: its SYN budget, its connections, and every queue's.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// SYNs each port may take in this poll (one per listening socket).
+    syn_budget: Vec<(u16, usize)>,
+    /// SYNs dropped since the stack last asked.
+    syn_dropped: usize,
+    /// This stack's connections (past Listen), true while in the handshake.
+    local: HashMap<Tuple, bool>,
+    /// Every queue's.
+    shared: std::sync::Arc<Connections>,
+    queue: u32,
+}
+
+impl Admission {
+    pub fn new(queue: u32) -> Admission {
+        Admission {
+            queue,
+            ..Admission::default()
+        }
+    }
+
+    /// Shares one table of connections with the other queues' stacks.
+    pub fn share(&mut self, shared: std::sync::Arc<Connections>) {
+        self.shared = shared;
+    }
+
+    /// Another queue's inbox.
+    pub(crate) fn inbox(&self, queue: u32) -> Option<std::sync::Arc<Inbox>> {
+        self.shared.inbox(queue)
+    }
+
+    /// A connection has a socket here (in its handshake, or established).
+    pub fn track(&mut self, t: Tuple, half_open: bool) {
+        self.local.insert(t, half_open);
+        self.shared.lock().insert(t, (self.queue, half_open));
+    }
+
+    /// The connection's socket is gone.
+    pub fn untrack(&mut self, t: Tuple) {
+        if self.local.remove(&t).is_some() {
+            let mut m = self.shared.lock();
+            if m.get(&t).is_some_and(|(q, _)| *q == self.queue) {
+                m.remove(&t);
+            }
+        }
+    }
+
+    /// How many SYNs each port may take before the next call (its listening sockets).
+    pub fn set_syn_budget(&mut self, budget: &[(u16, usize)]) {
+        self.syn_budget.clear();
+        self.syn_budget.extend_from_slice(budget);
+    }
+
+    /// SYNs dropped for want of a listening socket since the last call.
+    pub fn take_syn_dropped(&mut self) -> usize {
+        std::mem::take(&mut self.syn_dropped)
+    }
+
+    /// What to do with a received IPv4 packet before smoltcp sees it: a retransmitted SYN of a handshake
+    /// under way (here or on another queue) is dropped, as is a SYN past the port's budget and a packet
+    /// of a connection another queue holds. Spends the budget of a SYN it lets through.
+    pub fn classify(&mut self, f: &[u8]) -> Verdict {
+        if f.len() < 20 || f[9] != 6 {
+            return Verdict::Pass;
+        }
+        let tcp = usize::from(f[0] & 0x0f) * 4;
+        if f.len() < tcp + 14 {
+            return Verdict::Pass;
+        }
+        let port = u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]);
+        if !self.syn_budget.iter().any(|(p, _)| *p == port) {
+            return Verdict::Pass;
+        }
+        let src = Ipv4Addr::new(f[12], f[13], f[14], f[15]);
+        let t = (src, u16::from_be_bytes([f[tcp], f[tcp + 1]]), port);
+        let flags = f[tcp + 13];
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        if flags & RST != 0 {
+            return Verdict::Pass;
+        }
+        if flags & (SYN | ACK) != SYN {
+            if self.local.contains_key(&t) {
+                return Verdict::Pass;
+            }
+            return match self.shared.lock().get(&t) {
+                Some((q, _)) if *q != self.queue => Verdict::Foreign(*q),
+                _ => Verdict::Pass,
+            };
+        }
+        match self.local.get(&t) {
+            Some(true) => return Verdict::Duplicate,
+            Some(false) => return Verdict::Pass,
+            None => {
+                if let Some((q, true)) = self.shared.lock().get(&t) {
+                    if *q != self.queue {
+                        return Verdict::Duplicate;
+                    }
+                }
+            }
+        }
+        match self.syn_budget.iter_mut().find(|(p, _)| *p == port) {
+            Some((_, 0)) => {
+                self.syn_dropped += 1;
+                Verdict::NoRoom
+            }
+            Some((_, n)) => {
+                *n -= 1;
+                Verdict::Pass
+            }
+            None => Verdict::Pass,
+        }
+    }
+}
