@@ -170,10 +170,9 @@ impl Admission {
         const SYN: u8 = 0x02;
         const RST: u8 = 0x04;
         const ACK: u8 = 0x10;
-        if flags & RST != 0 {
-            return Verdict::Pass;
-        }
-        if flags & (SYN | ACK) != SYN {
+        // Everything but a bare SYN (a reset too) belongs to an existing connection: to whichever queue
+        // holds it.
+        if flags & (SYN | ACK) != SYN || flags & RST != 0 {
             if self.local.contains_key(&t) {
                 return Verdict::Pass;
             }

@@ -142,6 +142,8 @@ pub struct ListenerConfig {
     pub xdp_max_half_open: usize,
     /// How long an XDP-path handshake may take.
     pub xdp_half_open_timeout_ms: u64,
+    /// An XDP loop that found work keeps polling this long before it sleeps (0: sleep at once).
+    pub busy_poll_us: u64,
 }
 
 impl ListenerConfig {
@@ -168,6 +170,7 @@ impl Default for ListenerConfig {
             xdp_buffer_bytes: 256 << 10,
             xdp_max_half_open: 256,
             xdp_half_open_timeout_ms: 3000,
+            busy_poll_us: 0,
         }
     }
 }
@@ -912,6 +915,11 @@ impl Config {
             (100..=120_000).contains(&l.xdp_half_open_timeout_ms),
             "listener.xdp_half_open_timeout_ms",
             "100..120000",
+        )?;
+        check(
+            l.busy_poll_us <= 1_000_000,
+            "listener.busy_poll_us",
+            "0..1000000",
         )?;
         self.validate_backends()?;
         self.validate_mysql()?;

@@ -114,6 +114,7 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize
         gate: Arc::new(Gate::new(1000)),
         stopping: stopping.clone(),
         shutdown_timeout: Duration::from_secs(2),
+        busy_poll: Duration::ZERO,
     };
     let server = std::thread::Builder::new()
         .name("fae-xdp-pipe".into())

@@ -268,6 +268,7 @@ impl Server {
                     gate: gate.clone(),
                     stopping: stopping.clone(),
                     shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+                    busy_poll: Duration::from_micros(cfg.listener.busy_poll_us),
                 };
                 let h = std::thread::Builder::new()
                     .name(format!("fae-xdp-q{q}"))

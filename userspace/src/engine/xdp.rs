@@ -239,6 +239,8 @@ pub struct XdpLoop<P: Port = fae_netstack::xsk::XskPort> {
     pub gate: Arc<Gate>,
     pub stopping: Arc<AtomicBool>,
     pub shutdown_timeout: Duration,
+    /// After work, keep polling this long before sleeping (`listener.busy_poll_us`).
+    pub busy_poll: Duration,
 }
 
 impl<P: Port> XdpLoop<P> {
@@ -249,6 +251,7 @@ impl<P: Port> XdpLoop<P> {
         let mut next_slot = 0u64;
         let mut last_sweep = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
+        let mut last_work = Instant::now();
         loop {
             let mut busy = self.stack.poll();
             let now = Instant::now();
@@ -343,7 +346,12 @@ impl<P: Port> XdpLoop<P> {
                     }
                 }
             }
-            if !busy {
+            if busy {
+                last_work = now;
+            } else if now.saturating_duration_since(last_work) < self.busy_poll && !stopping {
+                // Busy polling: no sleep (and no wake-up to pay) while traffic may come any moment.
+                std::hint::spin_loop();
+            } else {
                 let max = Duration::from_millis(if stopping { 5 } else { 100 });
                 self.waiter.wait(&mut self.stack, &self.returns, max);
             }
