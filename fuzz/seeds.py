@@ -133,3 +133,38 @@ for name, data in reqs.items():
         with open(os.path.join(d, "seed-%s-%d" % (name, limit)), "wb") as f:
             f.write(bytes([limit]) + data)
 print(f"wrote {len(reqs) * 3} admin_http seeds")
+
+
+# The XDP path's admission: IPv4 packets as the device hands them over (Ethernet header off).
+def ipv4_tcp(src, dst, sport, dport, flags, ihl=5, payload=b"", proto=6):
+    opts = b"\x00" * (ihl * 4 - 20) if ihl >= 5 else b""
+    tcp = struct.pack(">HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
+    ip = struct.pack(">BBHHHBBH4s4s", 0x40 | (ihl & 0x0f), 0, 20 + len(opts) + len(tcp), 0, 0, 64, proto, 0,
+                     bytes(src), bytes(dst)) + opts
+    return ip + tcp
+
+
+cli, srv = (192, 0, 2, 2), (192, 0, 2, 1)
+packets = {
+    "syn": ipv4_tcp(cli, srv, 40000, 9002, 0x02),
+    "syn_ack": ipv4_tcp(cli, srv, 40000, 9002, 0x12),
+    "ack": ipv4_tcp(cli, srv, 40000, 9002, 0x10),
+    "data": ipv4_tcp(cli, srv, 40000, 9002, 0x18, payload=b"\x80\x01\x00\x01"),
+    "fin": ipv4_tcp(cli, srv, 40000, 9002, 0x11),
+    "rst": ipv4_tcp(cli, srv, 40000, 9002, 0x04),
+    "syn_rst": ipv4_tcp(cli, srv, 40000, 9002, 0x06),
+    "other_port": ipv4_tcp(cli, srv, 40000, 22, 0x02),
+    "udp": ipv4_tcp(cli, srv, 40000, 9002, 0x02, proto=17),
+    "ihl_options": ipv4_tcp(cli, srv, 40000, 9002, 0x02, ihl=15),
+    "ihl_too_small": ipv4_tcp(cli, srv, 40000, 9002, 0x02, ihl=2),
+    "ihl_past_end": ipv4_tcp(cli, srv, 40000, 9002, 0x02, ihl=15)[:40],
+    "truncated_tcp": ipv4_tcp(cli, srv, 40000, 9002, 0x02)[:30],
+    "header_only": ipv4_tcp(cli, srv, 40000, 9002, 0x02)[:20],
+    "empty": b"",
+}
+d = os.path.join(HERE, "corpus", "xdp_admission")
+os.makedirs(d, exist_ok=True)
+for name, data in packets.items():
+    with open(os.path.join(d, "seed-%s" % name), "wb") as f:
+        f.write(data)
+print(f"wrote {len(packets)} xdp_admission seeds")

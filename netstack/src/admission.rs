@@ -153,7 +153,7 @@ impl Admission {
     /// under way (here or on another queue) is dropped, as is a SYN past the port's budget and a packet
     /// of a connection another queue holds. Spends the budget of a SYN it lets through.
     pub fn classify(&mut self, f: &[u8]) -> Verdict {
-        if f.len() < 20 || f[9] != 6 {
+        if f.len() < 20 || f[9] != 6 || f[0] & 0x0f < 5 {
             return Verdict::Pass;
         }
         let tcp = usize::from(f[0] & 0x0f) * 4;

@@ -11,6 +11,7 @@
 //! - [`sys`]: what the kernel knows of an interface (MAC, IPv4 address, neighbours).
 
 pub mod admission;
+pub mod fuzzing;
 pub mod pipe;
 pub mod stack;
 pub mod sys;

@@ -123,9 +123,34 @@ impl PipeEnd {
         self.rx.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// A handle that sends raw packets from this end (a test's flood of forged packets), beside what
+    /// the end's own interface sends.
+    pub fn injector(&self) -> Injector {
+        Injector {
+            tx: self.tx.clone(),
+            peer: self.peer.clone(),
+        }
+    }
+
     /// The descriptor that turns readable when a packet arrives.
     pub fn raw_fd(&self) -> i32 {
         self.own.as_raw_fd()
+    }
+}
+
+/// Sends raw packets into the wire (see [`PipeEnd::injector`]).
+pub struct Injector {
+    tx: Queue,
+    peer: Arc<OwnedFd>,
+}
+
+impl Injector {
+    pub fn send(&self, packet: Vec<u8>) {
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(packet);
+        signal(&self.peer);
     }
 }
 

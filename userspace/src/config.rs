@@ -169,7 +169,7 @@ impl Default for ListenerConfig {
             xdp_backlog: 64,
             xdp_buffer_bytes: 256 << 10,
             xdp_max_half_open: 256,
-            xdp_half_open_timeout_ms: 3000,
+            xdp_half_open_timeout_ms: 10_000,
             busy_poll_us: 0,
         }
     }

@@ -27,12 +27,66 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
 const CLIENT: Ipv4Address = Ipv4Address::new(10, 9, 0, 2);
 const PORT: u16 = 9090;
+const MAX_HALF_OPEN: usize = 32;
 const DEADLINE_SECS: u64 = 90;
 
 struct Impairment {
     loss_pct: u8,
     corrupt_pct: u8,
     reorder_pct: u8,
+    /// SYNs from spoofed addresses of the client's subnet, sent while the clients call.
+    syn_flood: usize,
+}
+
+/// What the server did.
+struct Served {
+    answered: usize,
+    accepted: u64,
+    open: u64,
+    /// The most half-open connections seen at once, and those dropped (past the cap or timed out).
+    worst_half_open: u64,
+    half_open_dropped: u64,
+}
+
+/// A bare SYN to the server from `src`:`sport`, checksums done (smoltcp checks them).
+fn syn(src: Ipv4Address, sport: u16) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+    let o = SERVER.octets();
+    let dst = Ipv4Address::new(o[0], o[1], o[2], o[3]);
+    let tcp = TcpRepr {
+        src_port: sport,
+        dst_port: PORT,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(sport as i32 * 7919),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0; ip.buffer_len() + tcp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[ip.buffer_len()..]),
+        &IpAddress::Ipv4(src),
+        &IpAddress::Ipv4(dst),
+        &caps,
+    );
+    buf
 }
 
 /// noop(x) with seqid `seq`, buffered.
@@ -75,10 +129,11 @@ struct Client {
 }
 
 /// Starts the server loop over one end of a wire; runs `conns` client connections making `calls` calls
-/// each through the other; returns (calls answered, the server's sessions accepted and closed).
-fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize, u64, u64) {
+/// each through the other (and the flood, if any); returns what the server did.
+fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> Served {
     let (server_end, client_end) = pipe::pair(1500, imp.reorder_pct, 0x5eed_f00d);
     let client_fd = client_end.raw_fd();
+    let injector = client_end.injector();
     let mut stack = Stack::over(
         server_end,
         SERVER,
@@ -88,7 +143,7 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize
             queue: 0,
             ports: vec![PORT],
             backlog: 8,
-            max_half_open: 64,
+            max_half_open: MAX_HALF_OPEN,
             half_open_timeout: Duration::from_secs(5),
             buffer: 64 << 10,
             zero_copy: false,
@@ -103,9 +158,10 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize
     let stopping = Arc::new(AtomicBool::new(false));
     let (_returns_tx, returns) = crossbeam_channel::unbounded();
     let (waiter, bell) = Waiter::new(&mut stack).expect("waiter");
+    let queue_stats = Arc::new(QueueStats::new(0));
     let lp = XdpLoop {
         index: 0,
-        queue_stats: Arc::new(QueueStats::new(0)),
+        queue_stats: queue_stats.clone(),
         returns,
         waiter,
         stack,
@@ -154,9 +210,26 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize
             }
         })
         .collect();
+    let flood = (imp.syn_flood > 0).then(|| {
+        let n = imp.syn_flood;
+        std::thread::spawn(move || {
+            // Over about a second, in batches, from hosts .100 to .199 of the client's subnet.
+            for batch in 0..20 {
+                for i in 0..n / 20 {
+                    let k = batch * (n / 20) + i;
+                    let src = Ipv4Address::new(10, 9, 0, 100 + (k % 100) as u8);
+                    injector.send(syn(src, 1024 + (k % 60000) as u16));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    });
+    let half_open = || queue_stats.half_open.load(Ordering::Relaxed);
+    let mut worst_half_open = 0;
     let deadline = Instant::now() + Duration::from_secs(DEADLINE_SECS);
     let mut answered = 0;
-    while answered < conns * calls {
+    while answered < conns * calls || flood.as_ref().is_some_and(|f| !f.is_finished()) {
+        worst_half_open = worst_half_open.max(half_open());
         if Instant::now() >= deadline {
             let states: Vec<String> = clients
                 .iter()
@@ -174,7 +247,8 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize
         for (i, c) in clients.iter_mut().enumerate() {
             let s = sockets.get_mut::<tcp::Socket>(c.handle);
             if c.done == calls {
-                if s.is_open() && s.may_send() {
+                // (During a flood the clients stay connected until it ends.)
+                if flood.is_none() && s.is_open() && s.may_send() {
                     s.close();
                 }
                 continue;
@@ -234,37 +308,65 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> (usize
     bell.wake_now();
     server.join().expect("the loop ended cleanly");
     let snap = snapshot();
-    (answered, snap.accepted, snap.sessions)
+    Served {
+        answered,
+        accepted: snap.accepted,
+        open: snap.sessions,
+        worst_half_open: worst_half_open.max(half_open()),
+        half_open_dropped: queue_stats.half_open_evicted.load(Ordering::Relaxed)
+            + queue_stats.half_open_timed_out.load(Ordering::Relaxed),
+    }
 }
 
 #[test]
 fn sessions_over_a_clean_wire() {
-    let (answered, accepted, open) = serve_through_the_wire(
-        Impairment {
-            loss_pct: 0,
-            corrupt_pct: 0,
-            reorder_pct: 0,
-        },
-        16,
-        50,
-    );
-    assert_eq!(answered, 16 * 50);
-    assert_eq!(accepted, 16);
-    assert_eq!(open, 0, "sessions left open after the clients closed");
+    let imp = Impairment {
+        loss_pct: 0,
+        corrupt_pct: 0,
+        reorder_pct: 0,
+        syn_flood: 0,
+    };
+    let r = serve_through_the_wire(imp, 16, 50);
+    assert_eq!(r.answered, 16 * 50);
+    assert_eq!(r.accepted, 16);
+    assert_eq!(r.open, 0, "sessions left open after the clients closed");
 }
 
 #[test]
 fn sessions_over_a_lossy_reordering_corrupting_wire() {
-    let (answered, accepted, open) = serve_through_the_wire(
-        Impairment {
-            loss_pct: 3,
-            corrupt_pct: 2,
-            reorder_pct: 10,
-        },
-        16,
-        40,
+    let imp = Impairment {
+        loss_pct: 3,
+        corrupt_pct: 2,
+        reorder_pct: 10,
+        syn_flood: 0,
+    };
+    let r = serve_through_the_wire(imp, 16, 40);
+    assert_eq!(r.answered, 16 * 40);
+    assert_eq!(r.accepted, 16);
+    assert_eq!(r.open, 0, "sessions left open after the clients closed");
+}
+
+#[test]
+fn a_syn_flood_takes_no_session_and_stays_within_the_half_open_cap() {
+    // 4,000 SYNs from 100 spoofed hosts while 8 clients connect and call: every call is answered, the
+    // flood takes no session slot, and half-open connections never pass the cap (32 here).
+    let imp = Impairment {
+        loss_pct: 0,
+        corrupt_pct: 0,
+        reorder_pct: 0,
+        syn_flood: 4000,
+    };
+    let r = serve_through_the_wire(imp, 8, 30);
+    assert_eq!(r.answered, 8 * 30);
+    assert_eq!(r.accepted, 8, "the flood took session slots");
+    assert_eq!(r.open, 0, "sessions left open after the clients closed");
+    assert!(
+        r.worst_half_open as usize <= MAX_HALF_OPEN,
+        "{} half-open at once",
+        r.worst_half_open
     );
-    assert_eq!(answered, 16 * 40);
-    assert_eq!(accepted, 16);
-    assert_eq!(open, 0, "sessions left open after the clients closed");
+    assert!(
+        r.half_open_dropped > 0,
+        "the flood left no half-open connection"
+    );
 }
