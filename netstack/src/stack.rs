@@ -188,25 +188,23 @@ impl<P: Port> Stack<P> {
     }
 
     fn listen(&mut self, port: u16) -> Result<(), NetError> {
-        let mut s = match self.spare.pop() {
-            // listen() resets a closed socket (its state and buffers' positions), options kept.
-            Some(s) => s,
-            None => {
-                let b = self.cfg.buffer;
-                let mut s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; b]),
-                    tcp::SocketBuffer::new(vec![0; b]),
-                );
-                s.set_nagle_enabled(false);
-                s.set_ack_delay(None);
-                // TCP timestamps (RFC 7323), as the kernel sends them: without them a client cannot reuse
-                // its TIME-WAIT ports (`tcp_tw_reuse` needs timestamps on both sides) and a host opening a
-                // connection per request runs out of ports against the XDP path. smoltcp drops them for
-                // a peer that does not offer them.
-                s.set_tsval_generator(Some(tsval));
-                s
-            }
-        };
+        let mut s = self.spare.pop().unwrap_or_else(|| {
+            let b = self.cfg.buffer;
+            tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; b]),
+                tcp::SocketBuffer::new(vec![0; b]),
+            )
+        });
+        // Set on every listen, a spare's too: listen() resets a closed socket's state and buffers but
+        // not its options, and smoltcp turns timestamps off for good on a socket whose peer did not offer
+        // them (a spare that once served such a client would never offer them again).
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        // TCP timestamps (RFC 7323), as the kernel sends them: without them a client cannot reuse its
+        // TIME-WAIT ports (`tcp_tw_reuse` needs timestamps on both sides) and a host opening a connection
+        // per request runs out of ports against the XDP path. smoltcp drops them for a peer that does not
+        // offer them.
+        s.set_tsval_generator(Some(tsval));
         s.listen(port)
             .map_err(|e| NetError::Program(format!("smoltcp listen on port {port}: {e}")))?;
         let h = self.sockets.add(s);
