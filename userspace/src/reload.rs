@@ -10,6 +10,18 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::config::Config;
+
+/// What asks for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// A change of the file.
+    File,
+}
+
+/// How long a change of the file settles before the reload (an editor writes in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(300);
 use crate::engine::session::Env;
 use crate::engine::Returns;
 use crate::filter::{Chain, Settings};
@@ -180,8 +192,8 @@ impl Reloader {
 
     /// Reloads on SIGHUP (sent to the returned channel by faed's signal thread) and when the file changes
     /// (a watcher on its directory, debounced: editors write files in several steps).
-    pub fn watch(self: &Arc<Self>) -> Result<crossbeam_channel::Sender<()>, String> {
-        let (tx, rx) = crossbeam_channel::unbounded::<()>();
+    pub fn watch(self: &Arc<Self>) -> Result<crossbeam_channel::Sender<Trigger>, String> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Trigger>();
         let file = self
             .path
             .canonicalize()
@@ -191,30 +203,37 @@ impl Reloader {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let fs_tx = tx.clone();
-        let mut debouncer = notify_debouncer_mini::new_debouncer(
-            Duration::from_millis(300),
-            move |res: notify_debouncer_mini::DebounceEventResult| {
-                if let Ok(events) = res {
-                    if events
-                        .iter()
-                        .any(|e| e.path == file || e.path.file_name() == file.file_name())
-                    {
-                        let _ = fs_tx.send(());
-                    }
-                }
-            },
-        )
+        // Only writes, creations, renames and removals of the file count: inotify also reports opening
+        // and closing it, and a reload reads the file, so counting those made any read of it (an operator's
+        // `cat`) start a reload every 300 ms, for good.
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let Ok(ev) = res else {
+                return;
+            };
+            if matches!(ev.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            if ev
+                .paths
+                .iter()
+                .any(|p| *p == file || p.file_name() == file.file_name())
+            {
+                let _ = fs_tx.send(Trigger::File);
+            }
+        })
         .map_err(|e| format!("cannot watch the config file: {e}"))?;
-        debouncer
-            .watcher()
-            .watch(&dir, notify::RecursiveMode::NonRecursive)
+        notify::Watcher::watch(&mut watcher, &dir, notify::RecursiveMode::NonRecursive)
             .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("fae-reload".into())
             .spawn(move || {
-                let _keep = debouncer;
-                while rx.recv().is_ok() {
+                let _keep = watcher;
+                while let Ok(t) = rx.recv() {
+                    if t == Trigger::File {
+                        // Debounce: editors write a file in several steps.
+                        std::thread::sleep(DEBOUNCE);
+                    }
                     // Several triggers at once make one reload.
                     while rx.try_recv().is_ok() {}
                     let _ = me.reload();

@@ -738,6 +738,23 @@ fn the_file_watcher_reloads_a_changed_file() {
     });
 }
 
+/// Reading the file is not changing it: inotify reports the open, and a reload reads the file, so counting
+/// opens made one `cat` of the config start a reload every 300 ms, for good.
+#[test]
+fn reading_the_config_file_does_not_reload_it() {
+    let f = Faed::start_admin("", &token_keys(), "");
+    let p = f.admin_port;
+    let g0 = generation(p);
+    let path = f.dir.join("faed.toml");
+    for _ in 0..3 {
+        let _ = std::fs::read_to_string(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(generation(p), g0, "reloaded without a change\n{}", f.log());
+    assert!(!f.log().contains("configuration reloaded"), "{}", f.log());
+}
+
 /// Under load on pool a, the local cache and pool b, pool b's servers and a limit are changed by a reload:
 /// no call outside pool b fails, and pool b's calls go to its new server afterwards.
 #[test]

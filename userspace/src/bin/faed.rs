@@ -228,7 +228,8 @@ fn run(
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     // Until the server runs (joining a cluster can take a while), a signal ends faed at once.
     let stopper: Arc<OnceLock<fae::engine::Stopper>> = Arc::new(OnceLock::new());
-    let reload_tx: Arc<OnceLock<crossbeam_channel::Sender<()>>> = Arc::new(OnceLock::new());
+    let reload_tx: Arc<OnceLock<crossbeam_channel::Sender<fae::reload::Trigger>>> =
+        Arc::new(OnceLock::new());
     // Every listener is bound before joining a cluster: a node that could not serve must not become a voter.
     let admin_listener = if cfg.admin.enabled {
         Some(admin::bind(cfg.admin.listen)?)
@@ -251,7 +252,7 @@ fn run(
                     match rt.get() {
                         Some(tx) => {
                             tracing::info!("SIGHUP: reloading the configuration");
-                            let _ = tx.send(());
+                            let _ = tx.send(fae::reload::Trigger::Signal);
                         }
                         None => tracing::warn!(
                             "SIGHUP ignored: faed runs on built-in defaults (no -c file)"
