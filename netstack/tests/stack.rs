@@ -104,6 +104,7 @@ fn a_recycled_socket_offers_timestamps_after_serving_a_client_without_them() {
             buffer: 16 << 10,
             zero_copy: false,
             shared: Default::default(),
+            groups: 1,
         },
     )
     .expect("stack");

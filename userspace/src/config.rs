@@ -144,6 +144,9 @@ pub struct ListenerConfig {
     pub xdp_half_open_timeout_ms: u64,
     /// An XDP loop that found work keeps polling this long before it sleeps (0: sleep at once).
     pub busy_poll_us: u64,
+    /// smoltcp interfaces each XDP queue spreads its connections over (by client address and port), so
+    /// that a packet costs a walk of one group's sockets, not of all of them.
+    pub xdp_socket_groups: usize,
 }
 
 impl ListenerConfig {
@@ -171,6 +174,7 @@ impl Default for ListenerConfig {
             xdp_max_half_open: 256,
             xdp_half_open_timeout_ms: 10_000,
             busy_poll_us: 0,
+            xdp_socket_groups: 16,
         }
     }
 }
@@ -915,6 +919,11 @@ impl Config {
             (100..=120_000).contains(&l.xdp_half_open_timeout_ms),
             "listener.xdp_half_open_timeout_ms",
             "100..120000",
+        )?;
+        check(
+            (1..=1024).contains(&l.xdp_socket_groups),
+            "listener.xdp_socket_groups",
+            "1..1024",
         )?;
         check(
             l.busy_poll_us <= 1_000_000,

@@ -148,6 +148,7 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> Served
             buffer: 64 << 10,
             zero_copy: false,
             shared: Arc::default(),
+            groups: 4,
         },
     )
     .expect("stack over the wire");

@@ -57,6 +57,7 @@ pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
             buffer: l.xdp_buffer_bytes,
             zero_copy: l.zero_copy,
             shared: shared.clone(),
+            groups: l.xdp_socket_groups,
         })?;
         program.register(q, stack.fd())?;
         stacks.push((q, stack));
@@ -252,17 +253,26 @@ impl<P: Port> XdpLoop<P> {
         let mut last_sweep = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         let mut last_work = Instant::now();
+        // Connections to pump again next turn (replies left to send), and those faed closed or refused,
+        // whose sockets are looked at until they are gone. Each turn pumps only these, the connections
+        // that received packets and those whose deferred replies came: not every connection.
+        let mut again: Vec<ConnId> = Vec::new();
+        let mut closing: Vec<ConnId> = Vec::new();
         loop {
             let mut busy = self.stack.poll();
             let now = Instant::now();
             let stopping = self.stopping.load(Ordering::Acquire);
+            let mut work = self.stack.take_touched();
+            work.append(&mut again);
             for id in self.stack.accept() {
                 if stopping || !self.gate.try_enter() {
                     // At the session cap (or draining): refuse at once rather than hold a connection the
                     // client would wait on.
                     self.stack.abort(id);
+                    closing.push(id);
                     continue;
                 }
+                work.push(id);
                 let peer = self.stack.peer(id).map_or(
                     std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                     std::net::IpAddr::V4,
@@ -289,26 +299,52 @@ impl<P: Port> XdpLoop<P> {
             }
             touched.sort_unstable();
             touched.dedup();
-            for id in touched {
+            for &id in &touched {
                 if let Some(c) = conns.get_mut(&id) {
                     c.resume(&self.env, &self.metrics, now);
                     busy = true;
                 }
             }
-            for (&id, c) in conns.iter_mut() {
+            work.append(&mut touched);
+            work.sort_unstable();
+            work.dedup();
+            for &id in &work {
+                let Some(c) = conns.get_mut(&id) else {
+                    continue;
+                };
                 busy |= self.pump(id, c, now);
+                if c.closing.is_some() {
+                    closing.push(id);
+                } else if !c.session.out.is_empty() || c.read_paused {
+                    again.push(id);
+                }
             }
             if busy {
                 self.stack.poll();
             }
-            // Release connections that are gone, and sockets refused above.
-            for id in self.stack.reap() {
+            // Release connections that are gone, and sockets refused above: those a packet reached or faed
+            // closed, and once a second every connection (a socket smoltcp closed on a timer).
+            let full = now.saturating_duration_since(last_sweep) >= Duration::from_secs(1);
+            work.extend_from_slice(&closing);
+            // (Those the second poll reached stay touched: they are pumped next turn.)
+            work.extend_from_slice(self.stack.touched());
+            work.sort_unstable();
+            work.dedup();
+            let gone = if full || stopping {
+                self.stack.reap()
+            } else {
+                self.stack.closed_among(&work)
+            };
+            for id in gone {
                 if let Some(mut c) = conns.remove(&id) {
                     c.closed(&self.env, &self.gate, &self.metrics);
                     slots.remove(&c.session.id.slot);
                 }
                 self.stack.release(id);
             }
+            closing.retain(|id| self.stack.is_connection(*id));
+            closing.sort_unstable();
+            closing.dedup();
             if stopping {
                 let deadline = *drain_deadline.get_or_insert(now + self.shutdown_timeout);
                 for (&id, c) in conns.iter_mut() {
@@ -337,12 +373,17 @@ impl<P: Port> XdpLoop<P> {
                         Sweep::Keep => {}
                         Sweep::Pump => {
                             self.pump(id, c, now);
+                            again.push(id);
                         }
                         Sweep::TimedOut => {
                             c.closing = Some(now);
                             self.stack.abort(id);
+                            closing.push(id);
                         }
-                        Sweep::Reset => self.stack.abort(id),
+                        Sweep::Reset => {
+                            self.stack.abort(id);
+                            closing.push(id);
+                        }
                     }
                 }
             }
