@@ -403,9 +403,16 @@ impl<P: Port> Stack<P> {
     }
 
     fn socket_mut(&mut self, id: ConnId) -> &mut tcp::Socket<'static> {
-        let g = &mut self.groups[usize::from(id.group)];
-        g.dirty = true;
-        g.sockets.get_mut::<tcp::Socket>(id.handle)
+        self.groups[usize::from(id.group)]
+            .sockets
+            .get_mut::<tcp::Socket>(id.handle)
+    }
+
+    /// The connection's group has something to send (data queued, a window opened, a close): poll it.
+    /// Only then: a connection whose client does not read is looked at every turn, and marking its group
+    /// each time would keep the loop from ever sleeping.
+    fn touch(&mut self, id: ConnId) {
+        self.groups[usize::from(id.group)].dirty = true;
     }
 
     /// Moves packets: RX ring → each packet's group → smoltcp → TX ring. True if anything happened.
@@ -616,11 +623,16 @@ impl<P: Port> Stack<P> {
         if !s.can_recv() {
             return 0;
         }
-        s.recv(|buf| {
-            f(buf);
-            (buf.len(), buf.len())
-        })
-        .unwrap_or(0)
+        let n = s
+            .recv(|buf| {
+                f(buf);
+                (buf.len(), buf.len())
+            })
+            .unwrap_or(0);
+        if n > 0 {
+            self.touch(id);
+        }
+        n
     }
 
     /// Bytes received and not yet taken.
@@ -630,7 +642,11 @@ impl<P: Port> Stack<P> {
 
     /// Queues bytes to send; returns how many fitted in the send buffer.
     pub fn send(&mut self, id: ConnId, data: &[u8]) -> usize {
-        self.socket_mut(id).send_slice(data).unwrap_or(0)
+        let n = self.socket_mut(id).send_slice(data).unwrap_or(0);
+        if n > 0 {
+            self.touch(id);
+        }
+        n
     }
 
     /// Unsent bytes still queued on the connection.
@@ -669,11 +685,13 @@ impl<P: Port> Stack<P> {
     /// Starts a graceful close (FIN after the queued bytes).
     pub fn close(&mut self, id: ConnId) {
         self.socket_mut(id).close();
+        self.touch(id);
     }
 
     /// Resets the connection.
     pub fn abort(&mut self, id: ConnId) {
         self.socket_mut(id).abort();
+        self.touch(id);
     }
 
     /// Frees a connection that is closed; its socket is kept (while there are few spares) to listen

@@ -199,3 +199,54 @@ print("ok")
 """ % (str(HERE), SRV_IP, XDP_PORT, FORGE, lab.cli_if, srv_mac, CLI_IP, SRV_IP, XDP_PORT)
     p = lab.cli_run("/usr/bin/python3", "-c", client, check=False, timeout=60)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), (p.stdout, p.stderr)
+
+
+NOT_READING = r"""
+import socket, sys, time
+sys.path.insert(0, sys.argv[1])
+from thrift_load import call
+host, port, hold = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+s.connect((host, port))
+s.setblocking(False)
+data = b"".join(call(i, i) for i in range(1, 20001))  # 500 KB of noop calls, 480 KB of replies
+sent, end = 0, time.monotonic() + 5
+while sent < len(data) and time.monotonic() < end:
+    try:
+        sent += s.send(data[sent:])
+    except BlockingIOError:
+        time.sleep(0.01)
+print("sent", sent, flush=True)
+time.sleep(hold)  # never reads: the replies wait in faed
+s.close()
+"""
+
+
+def cpu_secs(pid):
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_that_does_not_read_leaves_the_loop_asleep(scale):
+    """A client that sends calls and never reads its replies: its connection has replies waiting, which the
+    loop looks at every turn, but nothing can move until the client reads, so the loop must still sleep
+    (it once marked the connection's group for polling on every look, and spun)."""
+    lab, f = scale
+    p = subprocess.Popen(["ip", "netns", "exec", lab.cli, "/usr/bin/python3", "-c", NOT_READING, str(HERE),
+                          SRV_IP, str(XDP_PORT), "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("sent"), line
+        time.sleep(1)
+        c0, t0 = cpu_secs(f.proc.pid), time.monotonic()
+        time.sleep(3)
+        used = (cpu_secs(f.proc.pid) - c0) / (time.monotonic() - t0)
+        # Everyone else is served meanwhile.
+        ping = lab.cli_run(FAE, "ping", XDP_ADDR, "--timeout-ms", "3000", check=False)
+        assert ping.returncode == 0, ping.stderr
+        print("faed CPU while the client does not read: %.0f%% of a core" % (used * 100))
+        assert used < 0.3, "faed used %.0f%% of a core while nothing could move" % (used * 100)
+    finally:
+        p.kill()
+        p.wait()
