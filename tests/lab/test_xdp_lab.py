@@ -96,7 +96,7 @@ def test_kernel_keeps_icmp_and_other_ports(lab, served):
 
 
 TCP_TIMESTAMP_CLIENT = r"""
-import socket, struct, sys, time
+import os, socket, struct, sys, time
 # TCP_INFO's tcpi_options (byte 5): TCPI_OPT_TIMESTAMPS = 1, set when both sides sent the option.
 addr, port, n, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 
@@ -112,12 +112,13 @@ def time_wait(local_port, within=10):
     print("port %d never reached TIME-WAIT" % local_port)
     sys.exit(2)
 
-local = None
+# A port below the ephemeral range: no other connection of the namespace (the kernel shares ephemeral
+# ports between connections to different peers) holds it when the next connection binds it again.
+local = ("0.0.0.0", 20000 + os.getpid() % 10000)
 for i in range(n):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if local:
-        s.bind(local)  # the port of the connection before, now in TIME-WAIT
+    s.bind(local)  # after the first connection: the port of the one before, now in TIME-WAIT
     s.settimeout(5)
     s.connect((addr, port))
     info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
