@@ -1,8 +1,6 @@
 //! What a device lets through to smoltcp, the same for every device under a [`crate::stack::Stack`]
 //! (the AF_XDP socket, and the in-memory wire of the tests that run without root):
 //!
-//! - a SYN past the port's budget (one per listening socket, within the half-open cap) is dropped, not
-//!   answered with a reset by smoltcp: the client sends it again;
 //! - a retransmitted SYN of a handshake under way (here or on another queue) is dropped: smoltcp would
 //!   let a second listening socket take it, and that socket would then reset the client's connection;
 //! - a packet of a connection another queue's stack holds goes to that stack (see [`Connections`]).
@@ -67,15 +65,6 @@ impl Connections {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, (u32, bool)>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// Connections known (for tests).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
 }
 
 /// What becomes of a received packet.
@@ -84,19 +73,16 @@ pub enum Verdict {
     Pass,
     /// A retransmitted SYN of a handshake under way.
     Duplicate,
-    /// A SYN with no listening socket or half-open room left in this poll.
-    NoRoom,
     /// A packet of a connection another queue holds.
     Foreign(u32),
 }
 
-/// One stack's admission: its SYN budget, its connections, and every queue's.
+/// One stack's admission: its ports, its connections, and every queue's. (The SYN budget is the
+/// stack's: it is per connection group.)
 #[derive(Debug, Default)]
 pub struct Admission {
-    /// SYNs each port may take in this poll (one per listening socket).
-    syn_budget: Vec<(u16, usize)>,
-    /// SYNs dropped since the stack last asked.
-    syn_dropped: usize,
+    /// The TCP ports the stack serves.
+    ports: Vec<u16>,
     /// This stack's connections (past Listen), true while in the handshake.
     local: HashMap<Tuple, bool>,
     /// Every queue's.
@@ -138,20 +124,14 @@ impl Admission {
         }
     }
 
-    /// How many SYNs each port may take before the next call (its listening sockets).
-    pub fn set_syn_budget(&mut self, budget: &[(u16, usize)]) {
-        self.syn_budget.clear();
-        self.syn_budget.extend_from_slice(budget);
-    }
-
-    /// SYNs dropped for want of a listening socket since the last call.
-    pub fn take_syn_dropped(&mut self) -> usize {
-        std::mem::take(&mut self.syn_dropped)
+    /// The TCP ports the stack serves (packets to others pass untouched).
+    pub fn set_ports(&mut self, ports: &[u16]) {
+        self.ports = ports.to_vec();
     }
 
     /// What to do with a received IPv4 packet before smoltcp sees it: a retransmitted SYN of a handshake
-    /// under way (here or on another queue) is dropped, as is a SYN past the port's budget and a packet
-    /// of a connection another queue holds. Spends the budget of a SYN it lets through.
+    /// under way (here or on another queue) is dropped, and a packet of a connection another queue holds
+    /// goes to that queue.
     pub fn classify(&mut self, f: &[u8]) -> Verdict {
         if f.len() < 20 || f[9] != 6 || f[0] & 0x0f < 5 {
             return Verdict::Pass;
@@ -161,7 +141,7 @@ impl Admission {
             return Verdict::Pass;
         }
         let port = u16::from_be_bytes([f[tcp + 2], f[tcp + 3]]);
-        if !self.syn_budget.iter().any(|(p, _)| *p == port) {
+        if !self.ports.contains(&port) {
             return Verdict::Pass;
         }
         let src = Ipv4Addr::new(f[12], f[13], f[14], f[15]);
@@ -182,26 +162,12 @@ impl Admission {
             };
         }
         match self.local.get(&t) {
-            Some(true) => return Verdict::Duplicate,
-            Some(false) => return Verdict::Pass,
-            None => {
-                if let Some((q, true)) = self.shared.lock().get(&t) {
-                    if *q != self.queue {
-                        return Verdict::Duplicate;
-                    }
-                }
-            }
-        }
-        match self.syn_budget.iter_mut().find(|(p, _)| *p == port) {
-            Some((_, 0)) => {
-                self.syn_dropped += 1;
-                Verdict::NoRoom
-            }
-            Some((_, n)) => {
-                *n -= 1;
-                Verdict::Pass
-            }
-            None => Verdict::Pass,
+            Some(true) => Verdict::Duplicate,
+            Some(false) => Verdict::Pass,
+            None => match self.shared.lock().get(&t) {
+                Some((q, true)) if *q != self.queue => Verdict::Duplicate,
+                _ => Verdict::Pass,
+            },
         }
     }
 }

@@ -28,9 +28,6 @@ pub struct PipeEnd {
     rng: u32,
     held: Option<Vec<u8>>,
     mtu: usize,
-    /// Packets sent, and held back to be reordered.
-    pub sent: u64,
-    pub reordered: u64,
     admission: crate::admission::Admission,
 }
 
@@ -70,8 +67,6 @@ pub fn pair(mtu: usize, reorder_pct: u8, seed: u32) -> (PipeEnd, PipeEnd) {
                 rng: seed | 1,
                 held: None,
                 mtu,
-                sent: 0,
-                reordered: 0,
                 admission: crate::admission::Admission::new(0),
             }
         };
@@ -91,7 +86,6 @@ impl PipeEnd {
     }
 
     fn deliver(&mut self, packet: Vec<u8>) {
-        self.sent += 1;
         self.tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -101,7 +95,6 @@ impl PipeEnd {
 
     fn transmit_packet(&mut self, packet: Vec<u8>) {
         if self.held.is_none() && self.chance(self.reorder_pct) {
-            self.reordered += 1;
             self.held = Some(packet);
             return;
         }
@@ -184,7 +177,7 @@ impl Device for PipeEnd {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front()?;
-            // As the AF_XDP device does: SYNs past the budget and retransmitted ones are dropped.
+            // As the AF_XDP device does: retransmitted SYNs of a handshake under way are dropped.
             if self.admission.classify(&packet) == crate::admission::Verdict::Pass {
                 return Some((RxToken(packet), TxToken(self)));
             }

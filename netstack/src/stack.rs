@@ -142,13 +142,15 @@ struct Group {
     dirty: bool,
     /// A SYN found no listening socket in this group during the last poll.
     ran_out: bool,
+    /// Listening sockets still free in the poll under way (the group's SYN budget).
+    free: usize,
 }
 
 pub struct Stack<P: Port = XskPort> {
     port: P,
     groups: Vec<Group>,
     /// Sockets in their handshake, oldest first, with when they left the pool.
-    half_open: VecDeque<(u16, ConnId, std::time::Instant)>,
+    half_open: VecDeque<(ConnId, std::time::Instant)>,
     /// Connections, with the peer address whose MAC they pinned.
     conns: HashMap<ConnId, Option<Ipv4Addr>>,
     /// The 4-tuple of every socket past Listen, also known to the device (see `admission::Connections`):
@@ -288,6 +290,7 @@ impl<P: Port> Stack<P> {
         prefix: u8,
         cfg: StackConfig,
     ) -> Result<Stack<P>, NetError> {
+        port.admission().set_ports(&cfg.ports);
         let epoch = std::time::Instant::now();
         let n = cfg.groups.clamp(1, usize::from(u16::MAX));
         let per_group = cfg.backlog.div_ceil(n).max(1);
@@ -309,6 +312,7 @@ impl<P: Port> Stack<P> {
                     inbox: VecDeque::new(),
                     dirty: true,
                     ran_out: false,
+                    free: 0,
                 }
             })
             .collect();
@@ -423,24 +427,18 @@ impl<P: Port> Stack<P> {
         // kept here, per group: each listening socket takes one SYN, and no more SYNs than the half-open
         // cap has room for. A SYN beyond them is dropped (smoltcp would answer it with a reset, refusing
         // the client), and the client sends it again.
-        let unlimited: Vec<(u16, usize)> =
-            self.cfg.ports.iter().map(|&p| (p, usize::MAX)).collect();
-        self.port.admission().set_syn_budget(&unlimited);
         let mut room = self
             .cfg
             .max_half_open
             .max(1)
             .saturating_sub(self.half_open.len());
-        let mut free: Vec<usize> = self
-            .groups
-            .iter()
-            .map(|g| {
-                g.listening
-                    .iter()
-                    .filter(|(_, h)| g.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen)
-                    .count()
-            })
-            .collect();
+        for g in self.groups.iter_mut() {
+            g.free = g
+                .listening
+                .iter()
+                .filter(|(_, h)| g.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen)
+                .count();
+        }
         let n = self.groups.len();
         let mut dropped = 0u64;
         let groups = &mut self.groups;
@@ -455,12 +453,12 @@ impl<P: Port> Stack<P> {
                 }
                 let g = group_of(p, n);
                 if is_syn(p) {
-                    if free[g] == 0 || room == 0 {
-                        groups[g].ran_out |= free[g] == 0;
+                    if groups[g].free == 0 || room == 0 {
+                        groups[g].ran_out |= groups[g].free == 0;
                         dropped += 1;
                         return;
                     }
-                    free[g] -= 1;
+                    groups[g].free -= 1;
                     room -= 1;
                 }
                 let mut b = bufs.pop().unwrap_or_default();
@@ -502,7 +500,7 @@ impl<P: Port> Stack<P> {
         for g in 0..self.groups.len() {
             let mut i = 0;
             while i < self.groups[g].listening.len() {
-                let (port, h) = self.groups[g].listening[i];
+                let (_, h) = self.groups[g].listening[i];
                 if self.groups[g].sockets.get::<tcp::Socket>(h).state() == State::Listen {
                     i += 1;
                     continue;
@@ -517,12 +515,12 @@ impl<P: Port> Stack<P> {
                     self.by_tuple.insert(t, id);
                     self.port.admission().track(t, true);
                 }
-                self.half_open.push_back((port, id, now));
+                self.half_open.push_back((id, now));
             }
         }
         let mut k = 0;
         while k < self.half_open.len() {
-            let (_, h, since) = self.half_open[k];
+            let (h, since) = self.half_open[k];
             match self.socket(h).state() {
                 State::SynReceived => {
                     if now.saturating_duration_since(since) >= self.cfg.half_open_timeout {
@@ -557,7 +555,7 @@ impl<P: Port> Stack<P> {
         // SYNs/s a client's handshake has about cap/N seconds (at least EVICT_AFTER) to complete.
         while self.half_open.len() >= self.cfg.max_half_open.max(1) {
             match self.half_open.front() {
-                Some(&(_, h, since)) if now.saturating_duration_since(since) >= EVICT_AFTER => {
+                Some(&(h, since)) if now.saturating_duration_since(since) >= EVICT_AFTER => {
                     self.half_open.pop_front();
                     self.counters.evicted += 1;
                     self.recycle(h);
@@ -565,7 +563,6 @@ impl<P: Port> Stack<P> {
                 _ => break,
             }
         }
-        let _ = self.port.admission().take_syn_dropped();
         let cap = self.pool_cap();
         for g in 0..self.groups.len() {
             let group = &mut self.groups[g];
@@ -713,13 +710,10 @@ impl<P: Port> Stack<P> {
         self.conns.len()
     }
 
-    /// Connections that received packets since the last call (each once): the application pumps these,
-    /// not every connection.
-    pub fn take_touched(&mut self) -> Vec<ConnId> {
-        let mut t = std::mem::take(&mut self.touched);
-        t.sort_unstable();
-        t.dedup();
-        t
+    /// Appends to `out` the connections that received packets since the last call (perhaps twice): the
+    /// application pumps these, not every connection. (Into the caller's buffer: no allocation per turn.)
+    pub fn take_touched(&mut self, out: &mut Vec<ConnId>) {
+        out.append(&mut self.touched);
     }
 
     /// Connections that received packets since [`Stack::take_touched`] (unsorted, perhaps twice).

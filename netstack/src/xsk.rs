@@ -51,8 +51,6 @@ pub struct PortStats {
     pub tx_no_neighbour: u64,
     /// Packets smoltcp wanted to send while every transmit frame was in flight.
     pub tx_no_frame: u64,
-    /// SYNs dropped because no listening socket was left for them in that poll.
-    pub syn_dropped: u64,
     /// Retransmitted SYNs of handshakes under way, dropped.
     pub syn_duplicate: u64,
     /// Packets of connections another queue holds, handed to it.
@@ -327,12 +325,6 @@ impl XskPort {
         }
     }
 
-    /// Neighbours pinned and candidates held (for tests and the admin port).
-    pub fn neighbour_counts(&self) -> (usize, usize) {
-        let txs = self.txs.borrow();
-        (txs.neighbours.len(), txs.candidates.len())
-    }
-
     /// Shares one table of connections (and inboxes) with the other queues' ports.
     pub fn share(&mut self, shared: std::sync::Arc<Connections>) {
         shared
@@ -457,7 +449,6 @@ impl Device for XskPort {
             match verdict {
                 Verdict::Pass => break desc,
                 Verdict::Duplicate => self.txs.get_mut().stats.syn_duplicate += 1,
-                Verdict::NoRoom => self.txs.get_mut().stats.syn_dropped += 1,
                 Verdict::Foreign(q) => {
                     if let Some(inbox) = self.admission.inbox(q) {
                         // SAFETY: the frame is ours until it goes back on the fill ring, below.

@@ -135,6 +135,8 @@ def test_syn_flood_leaves_sessions_and_memory_alone(scale):
     assert worst_sessions < 50, worst_sessions
     # The flood really left half-open connections behind, which were dropped past the cap or timed out.
     assert sum(x["half_open_evicted"] + x["half_open_timed_out"] for x in q) > 0, q
+    # SYNs beyond the half-open room were dropped, and counted.
+    assert sum(x["syn_dropped"] for x in q) > 0, q
     # Each half-open connection holds one socket (two buffers); a queue keeps at most the cap of them, as
     # many listening and as many spare.
     bound_kib = 2 * 3 * MAX_HALF_OPEN * 2 * BUFFER // 1024 + 64 * 1024

@@ -215,7 +215,7 @@ impl QueueStats {
             (&self.rx_dropped, s.rx_dropped),
             (&self.tx_no_neighbour, s.tx_no_neighbour),
             (&self.tx_no_frame, s.tx_no_frame),
-            (&self.syn_dropped, s.syn_dropped),
+            (&self.syn_dropped, h.syn_dropped),
             (&self.syn_duplicate, s.syn_duplicate),
             (&self.rx_foreign, s.rx_foreign),
             (&self.half_open, h.half_open),
@@ -258,11 +258,13 @@ impl<P: Port> XdpLoop<P> {
         // that received packets and those whose deferred replies came: not every connection.
         let mut again: Vec<ConnId> = Vec::new();
         let mut closing: Vec<ConnId> = Vec::new();
+        let mut work: Vec<ConnId> = Vec::new();
         loop {
             let mut busy = self.stack.poll();
             let now = Instant::now();
             let stopping = self.stopping.load(Ordering::Acquire);
-            let mut work = self.stack.take_touched();
+            work.clear();
+            self.stack.take_touched(&mut work);
             work.append(&mut again);
             for id in self.stack.accept() {
                 if stopping || !self.gate.try_enter() {
