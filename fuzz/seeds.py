@@ -66,6 +66,113 @@ for k, v in calls.items():
     seeds["framed_" + k] = framed(v)
 seeds.update(bad)
 
+
+# TCompactProtocol: the same calls in the compact encoding (zigzag varints, field-id deltas, bools in field
+# headers).
+def varint(n):
+    out = b""
+    while n >= 0x80:
+        out += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def zz(n, bits=64):
+    return (n << 1) ^ (n >> (bits - 1))
+
+
+def cs(b):
+    b = b if isinstance(b, bytes) else b.encode()
+    return varint(len(b)) + b
+
+
+C_TRUE, C_BYTE, C_I16, C_I32, C_I64, C_BIN, C_LIST, C_STRUCT = 1, 3, 4, 5, 6, 8, 9, 12
+
+
+def cfield(ct, delta, payload):
+    return bytes([(delta << 4) | ct]) + payload
+
+
+def cctx(rid=1, reason="seed", sticky=False):
+    inner = (cfield(C_I64, 1, varint(zz(rid))) + cfield(C_BIN, 1, cs(reason)) + cfield(C_I64, 1, varint(0))
+             + (cfield(C_TRUE, 1, b"") if sticky else b"") + b"\x00")
+    return cfield(C_STRUCT, 1, inner)
+
+
+def ccall(name, seq, args, mtype=1):
+    return bytes([0x82, (mtype << 5) | 1]) + varint(seq) + cs(name) + args + b"\x00"
+
+
+compact_calls = {
+    "noop": ccall("noop", 1, cfield(C_I32, 1, varint(zz(-7)))),
+    "ping": ccall("ping", 2, cctx()),
+    "id_tag": ccall("id_next_with_tag", 300, cctx() + cfield(C_I16, 1, varint(zz(5)))),
+    "lc_set": ccall("lc_set", 4, cctx() + cfield(C_BIN, 1, cs("k")) + cfield(C_BIN, 1, cs(b"\x00\xffv"))),
+    "lc_get": ccall("lc_get", 5, cctx(sticky=True) + cfield(C_BIN, 1, cs("k"))),
+    "rd_call": ccall("rd_call", 6, cctx() + cfield(C_BIN, 1, cs("GET")) + cfield(C_BIN, 1, cs("p"))
+                     + cfield(C_LIST, 1, bytes([(2 << 4) | C_BIN]) + cs("k") + cs("v"))),
+    "long_list": ccall("rd_call", 7, cctx() + cfield(C_LIST, 4, bytes([0xF0 | C_BIN]) + varint(20)
+                                                      + b"".join(cs("k%d" % i) for i in range(20)))),
+    "big_field_id": ccall("lc_get", 8, bytes([C_BIN]) + varint(zz(300, 32)) + cs("x") + cctx()),
+    "map": ccall("noop", 9, cfield(11, 5, varint(2) + bytes([(C_BIN << 4) | C_I32]) + cs("a") + varint(2)
+                                   + cs("b") + varint(4)) + cfield(11, 1, varint(0))),
+    "unknown": ccall("no_such_method", 10, b""),
+}
+compact_bad = {
+    "varint_11": bytes([0x82, 0x21]) + b"\xff" * 11,
+    "negative_len": ccall("lc_get", 1, b"")[:-1] + bytes([0x18]) + b"\xff\xff\xff\xff\x0f",
+    "huge_name": bytes([0x82, 0x21, 0x01]) + varint(0x7FFFFFFF) + b"ping",
+    "deep": ccall("ping", 1, bytes([0x1C]) * 300),
+    "huge_list": ccall("ping", 1, bytes([0x19, 0xF6]) + varint(1 << 30)),
+    "bad_type": ccall("ping", 1, bytes([0x1E])),
+    "bad_version": bytes([0x82, 0x22, 0x01, 0x04]) + b"noop\x00",
+}
+compact_seeds = dict(compact_calls)
+compact_seeds["pipelined"] = b"".join(compact_calls.values())
+compact_seeds.update(compact_bad)
+
+
+def header(kind, seq, proto, msg, info=(), transforms=b""):
+    """A THeader (0x0FFF: varints) or TTHeader (0x1000: u8 ids, u16 counts and lengths) frame."""
+    if kind == "theader":
+        h = varint(proto) + varint(len(transforms)) + b"".join(varint(t) for t in transforms)
+        if info:
+            h += varint(1) + varint(len(info)) + b"".join(cs(k) + cs(v) for k, v in info)
+    else:
+        h = bytes([proto, len(transforms)]) + bytes(transforms)
+        if info:
+            h += bytes([1]) + struct.pack(">H", len(info)) + b"".join(
+                struct.pack(">H", len(k)) + k + struct.pack(">H", len(v)) + v for k, v in info)
+    h += b"\x00" * ((4 - len(h) % 4) % 4)
+    magic = 0x0FFF if kind == "theader" else 0x1000
+    rest = struct.pack(">HHIH", magic, 0, seq, len(h) // 4) + h + msg
+    return struct.pack(">I", len(rest)) + rest
+
+
+header_seeds = {}
+for kind in ("theader", "ttheader"):
+    for proto, msgs in ((0, calls), (2, compact_calls)):
+        for name, m in msgs.items():
+            header_seeds["%s_%d_%s" % (kind, proto, name)] = header(kind, 7, proto, m, [(b"caller", b"seed")])
+    header_seeds[kind + "_zlib"] = header(kind, 1, 0, calls["noop"], transforms=b"\x01")
+    header_seeds[kind + "_json"] = header(kind, 1, 1, calls["noop"])
+    header_seeds[kind + "_bad_size"] = header(kind, 1, 0, calls["noop"])[:12] + b"\x40\x00" + b"\x00" * 8
+    header_seeds[kind + "_pipelined"] = b"".join(header(kind, i, 0, m) for i, m in enumerate(calls.values()))
+header_seeds["ttheader_framed_payload"] = header("ttheader", 3, 0, framed(calls["ping"]))
+# compact_decode: first byte = where the resumable walk is split; the target puts the 0x82 back itself.
+seeds_by_target = {"compact_decode": {k: b"\x05" + v[1:] for k, v in compact_seeds.items()},
+                   "header_decode": header_seeds}
+for target, ss in seeds_by_target.items():
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in ss.items():
+        with open(os.path.join(d, "seed-" + name), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(ss)} {target} seeds")
+# The compact and header seeds feed the general decoder and the session too.
+seeds.update({"compact_" + k: v for k, v in compact_seeds.items()})
+seeds.update({"header_" + k: v for k, v in header_seeds.items() if k.endswith(("noop", "ping", "zlib", "lc_set"))})
+
 for target, prefix in (("wire_decode", b""), ("session", b"\x07")):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)

@@ -10,7 +10,8 @@
  * with FaeClient::registerAutoload(GENDIR) below, or with your own autoloader.
  *
  * What the helper adds to the generated \fun\rpc\FunServantClient, and nothing more:
- *  - a pool of servers given as "host:port" strings; a connection goes to one picked at random;
+ *  - a pool of servers given as "host:port" strings or unix sockets ("unix:///run/fae/faed.sock"); a
+ *    connection goes to one picked at random;
  *  - a connect timeout and send/receive timeouts in milliseconds (TSocket::setSendTimeout/setRecvTimeout);
  *  - one retry when *connecting* fails: the next host of the pool is tried once (with a single host, that
  *    host once more). A call that fails once the connection is up is never retried (calls are not all
@@ -18,7 +19,7 @@
  *  - a fresh \fun\rpc\Context for every request: rid from a per-process random base plus a counter (never 0),
  *    reason and uid given by the application;
  *  - TBufferedTransport (or TFramedTransport with 'framed' => true) and TBinaryProtocol, the accelerated one
- *    when the thrift_protocol extension is loaded.
+ *    when the thrift_protocol extension is loaded (or TCompactProtocol with 'protocol' => 'compact').
  *
  * Example:
  *     require 'FaeClient.php';
@@ -36,6 +37,7 @@ use Thrift\Exception\TProtocolException;
 use Thrift\Exception\TTransportException;
 use Thrift\Protocol\TBinaryProtocol;
 use Thrift\Protocol\TBinaryProtocolAccelerated;
+use Thrift\Protocol\TCompactProtocol;
 use Thrift\Transport\TBufferedTransport;
 use Thrift\Transport\TFramedTransport;
 use Thrift\Transport\TSocket;
@@ -54,6 +56,8 @@ class FaeClient
     public $timeoutMs = 5000;
     /** @var bool */
     public $framed = false;
+    /** @var string "binary" or "compact" */
+    public $protocol = 'binary';
     /** @var array|null [host, port] of the open connection */
     public $addr = null;
 
@@ -87,6 +91,12 @@ class FaeClient
         if (isset($opts['framed'])) {
             $this->framed = (bool)$opts['framed'];
         }
+        if (isset($opts['protocol'])) {
+            if ($opts['protocol'] !== 'binary' && $opts['protocol'] !== 'compact') {
+                throw new \InvalidArgumentException("protocol must be 'binary' or 'compact'");
+            }
+            $this->protocol = $opts['protocol'];
+        }
     }
 
     /**
@@ -114,7 +124,7 @@ class FaeClient
         });
     }
 
-    /** "h1:p1,h2:p2" or ["h1:p1", ...] -> [[h1, p1], ...] */
+    /** "h1:p1,h2:p2" or ["h1:p1", "unix:///path", ...] -> [[h1, p1], ["unix:///path", 0], ...] */
     public static function parseHosts($hosts)
     {
         if (is_string($hosts)) {
@@ -124,6 +134,10 @@ class FaeClient
         foreach ($hosts as $h) {
             $h = trim($h);
             if ($h === '') {
+                continue;
+            }
+            if (strpos($h, 'unix://') === 0) {
+                $out[] = array($h, 0);
                 continue;
             }
             $i = strrpos($h, ':');
@@ -168,13 +182,38 @@ class FaeClient
 
     // ---- connection ---------------------------------------------------------------------------------
 
+    /** A TSocket on a unix socket: TSocket itself opens TCP only, so the stream is opened here. */
+    public static function unixSocket($url, $timeoutMs)
+    {
+        $h = @stream_socket_client($url, $errno, $errstr, $timeoutMs / 1000.0);
+        if ($h === false) {
+            throw new TTransportException("cannot connect to $url: $errstr ($errno)", TTransportException::NOT_OPEN);
+        }
+        $socket = new TSocket('localhost', 1);
+        $socket->setHandle($h);
+        return $socket;
+    }
+
+    /** The protocol over $transport: compact, or binary (accelerated when the extension is loaded). */
+    public static function protocolOver($transport, $protocol)
+    {
+        if ($protocol === 'compact') {
+            return new TCompactProtocol($transport);
+        }
+        return function_exists('thrift_protocol_write_binary')
+            ? new TBinaryProtocolAccelerated($transport)
+            : new TBinaryProtocol($transport);
+    }
+
     private function connect($host, $port)
     {
-        $socket = new TSocket($host, $port);
+        $socket = $port === 0 ? self::unixSocket($host, $this->connectTimeoutMs) : new TSocket($host, $port);
         $socket->setSendTimeout($this->connectTimeoutMs);   // TSocket::open uses the send timeout to connect
         $socket->setRecvTimeout($this->timeoutMs);
         $transport = $this->framed ? new TFramedTransport($socket) : new TBufferedTransport($socket, 8192, 8192);
-        $transport->open();
+        if (!$transport->isOpen()) { // a unix socket comes open
+            $transport->open();
+        }
         $socket->setSendTimeout($this->timeoutMs);
         return $transport;
     }
@@ -196,9 +235,7 @@ class FaeClient
                 $last = $e;
                 continue;
             }
-            $protocol = function_exists('thrift_protocol_write_binary')
-                ? new TBinaryProtocolAccelerated($transport)
-                : new TBinaryProtocol($transport);
+            $protocol = self::protocolOver($transport, $this->protocol);
             $this->transport = $transport;
             $this->client = new \fun\rpc\FunServantClient($protocol);
             $this->addr = array($host, $port);

@@ -105,6 +105,9 @@ done
 "$ROOT/tests/mysql/mariadb" start "$TMP/mariadb" "$MY" >/dev/null || fail "MariaDB did not start"
 PLACEMENT="\"$HOST:$P1\", \"$HOST:$P2\", \"$HOST:$P3\""
 cat >"$TMP/faed.toml" <<EOF
+[server]
+unix_socket = "$TMP/faed.sock"
+
 [[memcache.pools]]
 name = "default"
 servers = ["$HOST:$MC1", "$HOST:$MC2"]
@@ -153,6 +156,18 @@ echo "== php (plain TBinaryProtocol) =="
 "$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 "$PHP" "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 "$PHP" "$ROOT/tests/php/test_mysql.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+
+# The same checks in TCompactProtocol over TCP, and over faed's unix socket in both protocols (PHP-FPM on the
+# same host as faed); faed tells them apart from each connection's first bytes.
+echo "== php (TCompactProtocol) =="
+FAE_PHP_PROTOCOL=compact "$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+FAE_PHP_PROTOCOL=compact "$PHP" "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+[ -S "$TMP/faed.sock" ] || { status=1; echo "run.sh: faed did not create its unix socket $TMP/faed.sock" >&2; }
+echo "== php (TBinaryProtocol over the unix socket) =="
+FAE_PHP_UNIX="$TMP/faed.sock" "$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+echo "== php (TCompactProtocol over the unix socket) =="
+FAE_PHP_UNIX="$TMP/faed.sock" FAE_PHP_PROTOCOL=compact "$PHP" "$ROOT/tests/php/test_fae.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
+FAE_PHP_UNIX="$TMP/faed.sock" FAE_PHP_PROTOCOL=compact "$PHP" "$ROOT/tests/php/test_backends.php" "$HOST" "$RPC_PORT" "$GEN" || status=1
 
 if ! "$PHP" -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null &&
    "$PHP" -d extension=thrift_protocol.so -r 'exit(function_exists("thrift_protocol_write_binary") ? 0 : 1);' 2>/dev/null; then

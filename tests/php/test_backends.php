@@ -89,14 +89,16 @@ function data($v, $flags = 0)
 
 function client($host, $port, $framed)
 {
-    $socket = new TSocket($host, $port);
+    // FAE_PHP_PROTOCOL=compact, FAE_PHP_UNIX=/path: the same checks in the compact protocol, over a unix socket.
+    $unix = getenv('FAE_PHP_UNIX');
+    $socket = $unix ? FaeClient::unixSocket("unix://$unix", 5000) : new TSocket($host, $port);
     $socket->setSendTimeout(10000);
     $socket->setRecvTimeout(10000);
     $transport = $framed ? new TFramedTransport($socket) : new TBufferedTransport($socket, 8192, 8192);
-    $transport->open();
-    $protocol = function_exists('thrift_protocol_write_binary')
-        ? new TBinaryProtocolAccelerated($transport)
-        : new TBinaryProtocol($transport);
+    if (!$transport->isOpen()) { // a unix socket comes open
+        $transport->open();
+    }
+    $protocol = FaeClient::protocolOver($transport, getenv('FAE_PHP_PROTOCOL') ?: 'binary');
     return new \fun\rpc\FunServantClient($protocol);
 }
 

@@ -118,20 +118,42 @@ function free_port()
 /** A raw connection: [client, protocol, transport]. */
 function connect_raw($host, $port)
 {
-    $socket = new TSocket($host, $port);
+    $socket = fae_socket($host, $port);
     $socket->setSendTimeout(10000);
     $socket->setRecvTimeout(10000);
     $transport = new TBufferedTransport($socket, 8192, 8192);
-    $transport->open();
-    $protocol = function_exists('thrift_protocol_write_binary')
-        ? new TBinaryProtocolAccelerated($transport)
-        : new TBinaryProtocol($transport);
+    if (!$transport->isOpen()) { // a unix socket comes open
+        $transport->open();
+    }
+    $protocol = FaeClient::protocolOver($transport, fae_protocol());
     return array(new \fun\rpc\FunServantClient($protocol), $protocol, $transport);
+}
+
+/** FAE_PHP_PROTOCOL: "binary" (default) or "compact". */
+function fae_protocol()
+{
+    return getenv('FAE_PHP_PROTOCOL') ?: 'binary';
+}
+
+/** A TSocket to faed: over FAE_PHP_UNIX (a unix socket's path) when set, else host:port. */
+function fae_socket($host, $port)
+{
+    $unix = getenv('FAE_PHP_UNIX');
+    return $unix ? FaeClient::unixSocket("unix://$unix", 5000) : new TSocket($host, $port);
+}
+
+/** What FaeClient is given: the unix socket when FAE_PHP_UNIX is set. */
+function fae_server($host, $port)
+{
+    $unix = getenv('FAE_PHP_UNIX');
+    return $unix ? "unix://$unix" : "$host:$port";
 }
 
 $uniq = sprintf('php-%d-%08x', getmypid(), random_int(0, 0x7FFFFFFF));
 $accel = function_exists('thrift_protocol_write_binary');
-echo '# protocol: ' . ($accel ? 'TBinaryProtocolAccelerated (thrift_protocol extension)' : 'TBinaryProtocol (plain PHP)') . "\n";
+echo '# protocol: ' . (fae_protocol() === 'compact' ? 'TCompactProtocol'
+    : ($accel ? 'TBinaryProtocolAccelerated (thrift_protocol extension)' : 'TBinaryProtocol (plain PHP)'))
+    . (getenv('FAE_PHP_UNIX') ? ', over the unix socket ' . getenv('FAE_PHP_UNIX') : '') . "\n";
 
 try {
     list($c, $proto, $trans) = connect_raw($HOST, $PORT);
@@ -342,7 +364,8 @@ $trans->close();
 foreach (array(false, true) as $framed) {
     $kind = $framed ? 'framed' : 'buffered';
     section("FaeClient ($kind)", function () use ($HOST, $PORT, $uniq, $framed, $kind) {
-        $fae = new FaeClient(array("$HOST:$PORT"), 'php-test.FaeClient', 3, array('framed' => $framed));
+        $fae = new FaeClient(array(fae_server($HOST, $PORT)), 'php-test.FaeClient', 3,
+            array('framed' => $framed, 'protocol' => fae_protocol()));
         check("[$kind] FaeClient noop", $fae->noop(12) === 12);
         $p = $fae->ping();
         check("[$kind] FaeClient ping", (bool)preg_match(PING_RE, $p), show($p));

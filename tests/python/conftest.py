@@ -183,12 +183,13 @@ def pools_toml(stores):
 # ---- the server -------------------------------------------------------------------------------------
 
 class Faed(object):
-    def __init__(self, proc, rpc_port, admin_port, log_path):
+    def __init__(self, proc, rpc_port, admin_port, log_path, unix_path=None):
         self.proc = proc
         self.host = HOST
         self.port = rpc_port
         self.admin_port = admin_port
         self.log_path = log_path
+        self.unix_path = unix_path
 
     @property
     def addr(self):
@@ -217,20 +218,22 @@ class External(Faed):
         return "(faed runs outside this suite: see the lab test's log)"
 
 
-def launch_faed(tmp, config_text):
+def launch_faed(tmp, config_text, unix_socket=None):
     """Start faed in directory `tmp` with `config_text` as its faed.toml, on two free loopback ports (given on
-    the command line); wait until it accepts. Stop it with stop_faed."""
+    the command line), and on `unix_socket` too if given; wait until it accepts. Stop it with stop_faed."""
     if not (os.path.isfile(FAED_BIN) and os.access(FAED_BIN, os.X_OK)):
         pytest.fail("faed binary not found or not executable: %s (set FAED_BIN)" % FAED_BIN)
     rpc_port, admin_port = free_ports(2)
     log_path = tmp / "faed.log"
     config = tmp / "faed.toml"
+    if unix_socket is not None:
+        config_text = '[server]\nunix_socket = "%s"\nunix_socket_mode = 0o600\n\n%s' % (unix_socket, config_text)
     config.write_text(config_text)
     argv = [FAED_BIN, "-c", str(config), "--listen", "%s:%d" % (HOST, rpc_port),
             "--admin", "%s:%d" % (HOST, admin_port), "--log-level", "warn"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    server = Faed(proc, rpc_port, admin_port, log_path)
+    server = Faed(proc, rpc_port, admin_port, log_path, unix_path=unix_socket)
 
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -276,25 +279,65 @@ def faed(tmp_path_factory, stores):
     if os.environ.get("FAE_ADDR"):
         yield External(os.environ["FAE_ADDR"], int(os.environ["FAE_ADMIN_PORT"]))
         return
-    server = launch_faed(tmp_path_factory.mktemp("faed"), pools_toml(stores))
+    tmp = tmp_path_factory.mktemp("faed")
+    server = launch_faed(tmp, pools_toml(stores), unix_socket=str(tmp / "faed.sock"))
     yield server
     stop_faed(server)
+    # faed removes its socket file when it stops
+    assert not os.path.exists(server.unix_path), "faed left its unix socket file behind"
 
 
 # ---- raw generated clients --------------------------------------------------------------------------
 
+# Every way a generated client may reach faed: (transport, protocol, socket). faed tells them apart from the
+# first bytes of each connection. A faed this suite did not start (FAE_ADDR) is reached over TCP only.
+KINDS = {
+    "buffered": ("buffered", "binary", "tcp"),
+    "framed": ("framed", "binary", "tcp"),
+    "compact": ("buffered", "compact", "tcp"),
+    "compact-framed": ("framed", "compact", "tcp"),
+    "header-binary": ("header", "binary", "tcp"),
+    "header-compact": ("header", "compact", "tcp"),
+    "unix": ("buffered", "binary", "unix"),
+    "unix-compact-framed": ("framed", "compact", "unix"),
+}
+if os.environ.get("FAE_ADDR"):
+    KINDS = {k: v for k, v in KINDS.items() if v[2] == "tcp"}
+
+
 class Conn(object):
     """One connection: the generated FunServant.Client plus its transport and protocol."""
 
-    def __init__(self, rpc, faed, framed):
-        from thrift.protocol import TBinaryProtocol
+    def __init__(self, rpc, faed, framed=False, kind=None):
+        from thrift.protocol import TBinaryProtocol, TCompactProtocol
         from thrift.transport import TSocket, TTransport
-        self.sock = TSocket.TSocket(faed.host, faed.port)
+        kind = kind or ("framed" if framed else "buffered")
+        transport, protocol, sock = KINDS[kind]
+        self.kind = kind
+        # "buffered", "framed" or "header": with the last two a message must be flushed to be a frame.
+        self.framing = transport
+        if sock == "unix":
+            self.sock = TSocket.TSocket(unix_socket=faed.unix_path)
+        else:
+            self.sock = TSocket.TSocket(faed.host, faed.port)
         self.sock.setTimeout(10000)
-        self.transport = (TTransport.TFramedTransport(self.sock) if framed
-                          else TTransport.TBufferedTransport(self.sock))
-        self.transport.open()
-        self.protocol = TBinaryProtocol.TBinaryProtocol(self.transport)
+        if transport == "header":
+            from thrift.protocol.THeaderProtocol import THeaderProtocol
+            from thrift.transport.THeaderTransport import THeaderClientType, THeaderSubprotocolID
+            sub = THeaderSubprotocolID.COMPACT if protocol == "compact" else THeaderSubprotocolID.BINARY
+            self.sock.open()
+            # Only header replies are accepted: a framed or unframed reply would fail the call.
+            self.protocol = THeaderProtocol(self.sock, [THeaderClientType.HEADERS], sub)
+            self.protocol.set_header(b"caller", b"pytest")
+            self.transport = self.protocol.trans
+        else:
+            self.transport = (TTransport.TFramedTransport(self.sock) if transport == "framed"
+                              else TTransport.TBufferedTransport(self.sock))
+            self.transport.open()
+            if protocol == "compact":
+                self.protocol = TCompactProtocol.TCompactProtocol(self.transport)
+            else:
+                self.protocol = TBinaryProtocol.TBinaryProtocol(self.transport)
         self.client = rpc.FunServant.Client(self.protocol)
 
     def close(self):
@@ -303,11 +346,12 @@ class Conn(object):
 
 @pytest.fixture
 def connect(rpc, faed):
-    """Factory: connect(framed=False) -> Conn; every Conn is closed at the end of the test."""
+    """Factory: connect(framed=False, kind=None) -> Conn (kind: a key of KINDS); every Conn is closed at the
+    end of the test."""
     conns = []
 
-    def make(framed=False):
-        c = Conn(rpc, faed, framed)
+    def make(framed=False, kind=None):
+        c = Conn(rpc, faed, framed, kind)
         conns.append(c)
         return c
 
@@ -316,15 +360,15 @@ def connect(rpc, faed):
         c.close()
 
 
-@pytest.fixture(params=["buffered", "framed"])
+@pytest.fixture(params=list(KINDS))
 def transport_kind(request):
     return request.param
 
 
 @pytest.fixture
 def conn(connect, transport_kind):
-    """A Conn over TBufferedTransport, then (second run) over TFramedTransport; TBinaryProtocol."""
-    return connect(framed=(transport_kind == "framed"))
+    """A Conn in each of KINDS in turn: binary and compact, buffered, framed and THeader, TCP and unix socket."""
+    return connect(kind=transport_kind)
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_pipelined_in_one_write(conn, rpc):
         p.writeMessageBegin("noop", TMessageType.CALL, i + 1)
         rpc.FunServant.noop_args(x=i).write(p)
         p.writeMessageEnd()
-        if conn.transport.__class__.__name__ == "TFramedTransport":
+        if conn.framing != "buffered":
             conn.transport.flush()  # a frame per message
     conn.transport.flush()
     for i in range(n):

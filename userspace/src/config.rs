@@ -62,6 +62,12 @@ pub struct ServerConfig {
     pub max_pending_reply_bytes: usize,
     pub max_deferred_per_session: usize,
     pub shutdown_timeout_ms: u64,
+    /// A unix-domain socket served beside TCP by the same loops (`None`: TCP only).
+    pub unix_socket: Option<std::path::PathBuf>,
+    /// The socket file's permission bits (e.g. `0o660`).
+    pub unix_socket_mode: u32,
+    /// The socket file's owner, as `user`, `user:group` or `:group` (`None`: faed's own).
+    pub unix_socket_owner: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +86,9 @@ impl Default for ServerConfig {
             max_pending_reply_bytes: 32 << 20,
             max_deferred_per_session: 128,
             shutdown_timeout_ms: 10_000,
+            unix_socket: None,
+            unix_socket_mode: 0o660,
+            unix_socket_owner: None,
         }
     }
 }
@@ -853,6 +862,31 @@ impl Config {
         let s = &self.server;
         check(s.threads <= 256, "server.threads", "at most 256")?;
         check(s.max_sessions >= 1, "server.max_sessions", "at least 1")?;
+        if let Some(p) = &s.unix_socket {
+            check(
+                p.is_absolute(),
+                "server.unix_socket",
+                "an absolute path (e.g. /run/fae/faed.sock)",
+            )?;
+            // sun_path holds 108 bytes, the terminating NUL included.
+            check(
+                p.as_os_str().len() < 108,
+                "server.unix_socket",
+                "shorter than 108 bytes (the kernel's limit for a socket path)",
+            )?;
+        }
+        check(
+            s.unix_socket_mode <= 0o777,
+            "server.unix_socket_mode",
+            "permission bits, at most 0o777",
+        )?;
+        if let Some(o) = &s.unix_socket_owner {
+            check(
+                !o.is_empty() && o != ":" && o.matches(':').count() <= 1,
+                "server.unix_socket_owner",
+                "\"user\", \"user:group\" or \":group\"",
+            )?;
+        }
         check(s.backlog >= 1, "server.backlog", "at least 1")?;
         check(
             (1024..=1 << 30).contains(&s.max_message_bytes),

@@ -8,15 +8,60 @@ use crate::config::Config;
 use crate::engine::metrics::LoopMetrics;
 use crate::engine::session::{Env, Session};
 use crate::servant::Servants;
-use crate::wire::{self, Args, Limits, MessageHeader, Progress, Reader, Transport};
+use crate::wire::{self, Args, HeaderKind, Limits, MessageHeader, Progress, Reader, Transport};
 
-/// Decodes `data` as a stream of messages, every argument of each included. Must never panic.
+const LIMITS: Limits = Limits {
+    max_message: 1 << 20,
+    max_depth: 64,
+    max_container: 1 << 16,
+};
+
+/// Decodes `data` as a stream of messages (binary or compact, any transport), every argument of each
+/// included. Must never panic.
 pub fn wire(data: &[u8]) {
-    let limits = Limits {
-        max_message: 1 << 20,
-        max_depth: 64,
-        max_container: 1 << 16,
+    stream(data, &LIMITS);
+}
+
+/// As [`wire`], with `data` after a compact message's first byte: the compact decoder's target.
+pub fn compact(data: &[u8]) {
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
     };
+    // The first byte still says where the resumable walk is split.
+    let mut buf = Vec::with_capacity(data.len() + 1);
+    buf.push(cut);
+    buf.push(wire::compact::PROTOCOL_ID);
+    buf.extend_from_slice(rest);
+    stream(&buf, &LIMITS);
+    // framed too
+    let mut framed = (rest.len() as u32 + 1).to_be_bytes().to_vec();
+    framed.push(wire::compact::PROTOCOL_ID);
+    framed.extend_from_slice(rest);
+    stream(&framed, &LIMITS);
+}
+
+/// Reads `data` as header frames of both kinds: the frame, its info headers, its payload. Must never panic;
+/// what the frame parser accepts, the session's walk accepts the same way.
+pub fn header(data: &[u8]) {
+    for kind in [HeaderKind::THeader, HeaderKind::TTHeader] {
+        if let Ok(Some(f)) = wire::header::parse(data, kind, &LIMITS) {
+            assert!(f.consumed <= data.len());
+            f.info
+                .walk(&LIMITS, |_, _| {})
+                .expect("the frame's info headers were checked when it was read");
+            let _ = f.info.caller();
+            let mut r = Reader::of(f.protocol, f.payload);
+            if MessageHeader::read(&mut r).is_ok() {
+                let _ = Args::read(&mut r, &LIMITS);
+            }
+        }
+        let _ = wire::scan(data, Some(Transport::Header(kind)), &LIMITS);
+    }
+    stream(data, &LIMITS);
+}
+
+fn stream(data: &[u8], limits: &Limits) {
+    let limits = *limits;
     // The resumable walk finds the same end as the one-pass walk, however the message is split.
     if let Some((&cut, data)) = data.split_first() {
         let one_pass = wire::scan(data, Some(Transport::Buffered), &limits);
@@ -31,13 +76,19 @@ pub fn wire(data: &[u8]) {
             (a, b) => panic!("one-pass walk {a:?}, resumed walk {b:?}"),
         }
     }
-    for known in [None, Some(Transport::Buffered), Some(Transport::Framed)] {
+    for known in [
+        None,
+        Some(Transport::Buffered),
+        Some(Transport::Framed),
+        Some(Transport::Header(HeaderKind::THeader)),
+        Some(Transport::Header(HeaderKind::TTHeader)),
+    ] {
         let mut rest = data;
         let mut transport = known;
         while let Ok(Some(frame)) = wire::scan(rest, transport, &limits) {
-            transport = Some(frame.transport);
+            transport = Some(frame.dialect.transport);
             rest = &rest[frame.consumed..];
-            let mut r = Reader::new(frame.message);
+            let mut r = Reader::of(frame.dialect.protocol, frame.message);
             let header = MessageHeader::read(&mut r).expect("scan accepted the header");
             let args = Args::read(&mut r, &limits).expect("scan walked the arguments");
             let _ = header.name;

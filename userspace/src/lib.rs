@@ -16,4 +16,5 @@ pub mod filter;
 pub mod fuzzing;
 pub mod reload;
 pub mod servant;
+pub mod sock;
 pub mod wire;

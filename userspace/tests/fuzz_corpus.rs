@@ -24,6 +24,16 @@ fn wire_decode_corpus() {
 }
 
 #[test]
+fn compact_decode_corpus() {
+    replay("compact_decode", fae::fuzzing::compact);
+}
+
+#[test]
+fn header_decode_corpus() {
+    replay("header_decode", fae::fuzzing::header);
+}
+
+#[test]
 fn session_corpus() {
     replay("session", fae::fuzzing::session);
 }

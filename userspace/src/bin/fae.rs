@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use fae::client::{self, bench, Transport};
+use fae::client::{self, bench, Protocol, Transport};
+use fae::wire::HeaderKind;
 
 #[derive(Parser, Debug)]
 #[command(name = "fae", version, about = "fae command-line client")]
@@ -30,6 +31,48 @@ impl From<TransportArg> for Transport {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProtocolArg {
+    Binary,
+    Compact,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HeaderArg {
+    /// Apache Thrift's and fbthrift's THeaderTransport (magic 0x0FFF).
+    Theader,
+    /// CloudWeGo's TTHeader (Kitex, Volo; magic 0x1000).
+    Ttheader,
+}
+
+/// How a fae client writes its calls.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct WireArgs {
+    #[arg(long, value_enum, default_value = "buffered")]
+    transport: TransportArg,
+    #[arg(long, value_enum, default_value = "binary")]
+    protocol: ProtocolArg,
+    /// Wrap every call in a header frame: `--header` (THeader) or `--header=ttheader`; overrides --transport.
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "theader")]
+    header: Option<HeaderArg>,
+}
+
+impl WireArgs {
+    fn transport(&self) -> Transport {
+        match self.header {
+            Some(HeaderArg::Theader) => Transport::Header(HeaderKind::THeader),
+            Some(HeaderArg::Ttheader) => Transport::Header(HeaderKind::TTHeader),
+            None => self.transport.into(),
+        }
+    }
+    fn protocol(&self) -> Protocol {
+        match self.protocol {
+            ProtocolArg::Binary => Protocol::Binary,
+            ProtocolArg::Compact => Protocol::Compact,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum DirectArg {
     Memcache,
     Redis,
@@ -41,10 +84,10 @@ enum DirectArg {
 enum Cmd {
     /// Calls ping and prints the node's answer.
     Ping {
-        /// host:port of a faed node
+        /// host:port of a faed node, or the path of its unix socket
         addr: String,
-        #[arg(long, value_enum, default_value = "buffered")]
-        transport: TransportArg,
+        #[command(flatten)]
+        wire: WireArgs,
         #[arg(long = "timeout-ms", default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -58,8 +101,8 @@ enum Cmd {
         method: String,
         #[arg(allow_hyphen_values = true)]
         args: Vec<String>,
-        #[arg(long, value_enum, default_value = "buffered")]
-        transport: TransportArg,
+        #[command(flatten)]
+        wire: WireArgs,
         #[arg(long = "timeout-ms", default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -119,8 +162,8 @@ enum Cmd {
         /// Distinct keys.
         #[arg(long, default_value_t = 1000)]
         keys: usize,
-        #[arg(long, value_enum, default_value = "buffered")]
-        transport: TransportArg,
+        #[command(flatten)]
+        wire: WireArgs,
         /// Client event-loop threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -251,16 +294,16 @@ fn main() -> ExitCode {
         Cmd::Cluster { cmd } => cluster_cmd(cmd),
         Cmd::Ping {
             addr,
-            transport,
+            wire,
             timeout_ms,
-        } => one_call(&addr, "ping", &[], transport.into(), timeout_ms),
+        } => one_call(&addr, "ping", &[], wire, timeout_ms),
         Cmd::Call {
             addr,
             method,
             args,
-            transport,
+            wire,
             timeout_ms,
-        } => one_call(&addr, &method, &args, transport.into(), timeout_ms),
+        } => one_call(&addr, &method, &args, wire, timeout_ms),
         Cmd::Check {
             addr,
             connections,
@@ -306,7 +349,7 @@ fn main() -> ExitCode {
             direct,
             value_size,
             keys,
-            transport,
+            wire,
             threads,
             server_pid,
             bind,
@@ -314,7 +357,7 @@ fn main() -> ExitCode {
             json,
         } => {
             let target = match direct {
-                None => bench::Target::Fae(transport.into()),
+                None => bench::Target::Fae(wire.transport()),
                 Some(DirectArg::Memcache) => bench::Target::Memcache,
                 Some(DirectArg::Redis) => bench::Target::Redis,
                 Some(DirectArg::Mysql) => bench::Target::Mysql,
@@ -342,6 +385,7 @@ fn main() -> ExitCode {
                 bind,
                 calls_per_conn,
                 progress: !json,
+                protocol: wire.protocol(),
             };
             match bench::run(&cfg) {
                 Ok(report) => {
@@ -365,10 +409,11 @@ fn one_call(
     addr: &str,
     method: &str,
     args: &[String],
-    transport: Transport,
+    wire: WireArgs,
     timeout_ms: u64,
 ) -> ExitCode {
-    let mut c = match client::connect(addr, transport, Duration::from_millis(timeout_ms)) {
+    let timeout = Duration::from_millis(timeout_ms);
+    let mut c = match client::connect_as(addr, wire.transport(), wire.protocol(), timeout) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fae: {e}");

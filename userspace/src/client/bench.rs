@@ -15,13 +15,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use crate::sock::Stream;
+use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::backend::{memcache, redis};
 use crate::engine::metrics::{LoopMetrics, MethodSnapshot, Snapshot, BUCKETS};
 use crate::servant::Method;
-use crate::wire::{mtype, ttype, Encoder, Limits, MessageHeader, Reader, Transport};
+use crate::wire::{
+    mtype, ttype, Dialect, Encoder, Limits, MessageHeader, Protocol, Reader, Transport,
+};
 
 /// One kind of call the benchmark makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +149,8 @@ pub struct BenchConfig {
     /// its place (PHP-FPM's pattern: a connection per web request). 0: connections live for the whole run.
     pub calls_per_conn: usize,
     pub progress: bool,
+    /// The protocol of fae calls (binary or compact).
+    pub protocol: Protocol,
 }
 
 /// Parses a mix such as `noop` or `noop:3,lc_get:1`; direct targets take their store's calls only.
@@ -281,8 +286,15 @@ fn clock_ticks_per_sec() -> u64 {
     }
 }
 
+/// Where the bench connects: a TCP address, or a unix socket's path.
+#[derive(Debug, Clone)]
+enum Peer {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     /// When the connect(2) of a short-lived connection started, until it completes.
     connecting: Option<Instant>,
     /// Calls written on this connection.
@@ -328,12 +340,13 @@ fn encode_call(out: &mut Vec<u8>, cfg: &BenchConfig, op: Op, seq: i32, key: &[u8
         Target::Mysql => return,
         Target::Fae(t) => t,
     };
-    let start = out.len();
-    if transport == Transport::Framed {
-        out.extend_from_slice(&[0; 4]);
-    }
+    let dialect = Dialect {
+        seq: seq as u32,
+        ..Dialect::plain(transport, cfg.protocol)
+    };
+    let start = dialect.open(out);
     let m = op.method();
-    let mut e = Encoder::new(out);
+    let mut e = Encoder::of(cfg.protocol, out);
     e.message_begin(m.name().as_bytes(), mtype::CALL, seq);
     if op == Op::Noop {
         e.field_i32(1, seq);
@@ -395,10 +408,7 @@ fn encode_call(out: &mut Vec<u8>, cfg: &BenchConfig, op: Op, seq: i32, key: &[u8
         }
     }
     e.stop();
-    if transport == Transport::Framed {
-        let len = (out.len() - start - 4) as u32;
-        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
-    }
+    dialect.close(out, start);
 }
 
 /// The reply to a call of `op` at the start of `buf`: the bytes it takes and whether it is an error (an
@@ -418,10 +428,11 @@ fn scan_reply(
             else {
                 return Ok(None);
             };
-            let h =
-                MessageHeader::read(&mut Reader::new(f.message)).map_err(|e| bad(e.to_string()))?;
+            let proto = f.dialect.protocol;
+            let h = MessageHeader::read(&mut Reader::of(proto, f.message))
+                .map_err(|e| bad(e.to_string()))?;
             // A reply is an error if it is an exception message or carries a declared exception (field 1).
-            let error = h.seqid != seq || h.mtype != mtype::REPLY || !success(f.message);
+            let error = h.seqid != seq || h.mtype != mtype::REPLY || !success(proto, f.message);
             Ok(Some((f.consumed, error)))
         }
         Target::Memcache => {
@@ -458,10 +469,8 @@ fn key_for(i: usize) -> Vec<u8> {
 }
 
 /// Stores the keys a read will read (with `writer`), pipelined on one blocking connection.
-fn populate(cfg: &BenchConfig, addr: SocketAddr, writer: Op) -> io::Result<()> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+fn populate(cfg: &BenchConfig, writer: Op) -> io::Result<()> {
+    let (mut rd, mut s) = super::connect_any(&cfg.addr, Duration::from_secs(10))?;
     let value = vec![b'v'; cfg.value_size];
     let mut scan = redis::Scan::default();
     for chunk in (0..cfg.keys).collect::<Vec<_>>().chunks(256) {
@@ -474,7 +483,7 @@ fn populate(cfg: &BenchConfig, addr: SocketAddr, writer: Op) -> io::Result<()> {
         let mut got = 0;
         let mut buf = vec![0; 64 << 10];
         while got < chunk.len() {
-            let n = s.read(&mut buf)?;
+            let n = rd.read(&mut buf)?;
             if n == 0 {
                 return Err(io::Error::other(
                     "server closed the connection while populating",
@@ -506,15 +515,19 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     if cfg.target == Target::Mysql {
         return run_mysql(cfg);
     }
-    let addr = cfg
-        .addr
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::other(format!("{}: no address", cfg.addr)))?;
+    let addr = match super::unix_path(&cfg.addr) {
+        Some(path) => Peer::Unix(path.into()),
+        None => Peer::Tcp(
+            cfg.addr
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| io::Error::other(format!("{}: no address", cfg.addr)))?,
+        ),
+    };
     let mut writers: Vec<Op> = cfg.mix.iter().filter_map(|(op, _)| op.writer()).collect();
     writers.dedup();
     for w in writers {
-        populate(cfg, addr, w)?;
+        populate(cfg, w)?;
     }
     let shared = Arc::new(Shared::default());
     let threads = cfg.threads.clamp(1, cfg.connections.max(1));
@@ -528,9 +541,9 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
             connect: Arc::default(),
         });
         hists.push(hist.clone());
-        let (cfg, shared) = (cfg.clone(), shared.clone());
+        let (cfg, shared, addr) = (cfg.clone(), shared.clone(), addr.clone());
         handles.push(std::thread::spawn(move || {
-            drive(&cfg, addr, n, &shared, &hist)
+            drive(&cfg, &addr, n, &shared, &hist)
         }));
     }
     // The warm-up starts once every connection is open (thousands of connects take a while), or a thread
@@ -602,7 +615,10 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         .join(",");
     Ok(BenchReport {
         addr: cfg.addr.clone(),
-        transport: target_name(cfg.target),
+        transport: match cfg.target {
+            Target::Fae(_) => format!("{} {}", target_name(cfg.target), cfg.protocol.name()),
+            t => target_name(t),
+        },
         connections: cfg.connections,
         depth: cfg.depth,
         mix,
@@ -631,8 +647,36 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     })
 }
 
+/// A connection to `peer` (from `bind` if given), made non-blocking once it is open.
+fn connect(peer: &Peer, bind: Option<std::net::IpAddr>) -> io::Result<Stream> {
+    match peer {
+        Peer::Tcp(addr) => {
+            let s = connect_tcp(*addr, bind)?;
+            s.set_nodelay(true)?;
+            s.set_nonblocking(true)?;
+            Ok(Stream::Tcp(TcpStream::from_std(s)))
+        }
+        Peer::Unix(path) => {
+            let s = std::os::unix::net::UnixStream::connect(path)?;
+            s.set_nonblocking(true)?;
+            Ok(Stream::Unix(UnixStream::from_std(s)))
+        }
+    }
+}
+
+/// A non-blocking connect to `peer` (from `bind` if given), under way.
+fn connect_nonblocking(peer: &Peer, bind: Option<std::net::IpAddr>) -> io::Result<Stream> {
+    match peer {
+        Peer::Tcp(addr) => connect_tcp_nonblocking(*addr, bind).map(Stream::Tcp),
+        Peer::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+    }
+}
+
 /// A blocking connection to `addr`, from `bind` if given.
-fn connect(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<std::net::TcpStream> {
+fn connect_tcp(
+    addr: SocketAddr,
+    bind: Option<std::net::IpAddr>,
+) -> io::Result<std::net::TcpStream> {
     let Some(ip) = bind else {
         return std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5));
     };
@@ -647,8 +691,11 @@ fn connect(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<std::
     Ok(s.into())
 }
 
-/// A non-blocking connect to `addr` (from `bind` if given), under way.
-fn connect_nonblocking(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+/// A non-blocking TCP connect to `addr` (from `bind` if given), under way.
+fn connect_tcp_nonblocking(
+    addr: SocketAddr,
+    bind: Option<std::net::IpAddr>,
+) -> io::Result<TcpStream> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -676,7 +723,7 @@ struct Hists {
 
 fn drive(
     cfg: &BenchConfig,
-    addr: SocketAddr,
+    addr: &Peer,
     n: usize,
     shared: &Shared,
     hist: &Hists,
@@ -704,10 +751,7 @@ fn drive(
                 Err(e) => return Err(io::Error::new(e.kind(), format!("connect: {e}"))),
             }
         } else {
-            let s = connect(addr, cfg.bind)?;
-            s.set_nodelay(true)?;
-            s.set_nonblocking(true)?;
-            (TcpStream::from_std(s), None)
+            (connect(addr, cfg.bind)?, None)
         };
         let mut c = Conn {
             stream,
@@ -750,7 +794,7 @@ fn drive(
                     reopen(c, i, cfg, addr, &poll, shared, &mut retry)?;
                     continue;
                 }
-                if !ev.is_writable() || c.stream.peer_addr().is_err() {
+                if !ev.is_writable() || !c.stream.connected() {
                     continue;
                 }
                 c.connecting = None;
@@ -823,7 +867,7 @@ fn reopen(
     c: &mut Conn,
     i: usize,
     cfg: &BenchConfig,
-    addr: SocketAddr,
+    addr: &Peer,
     poll: &Poll,
     shared: &Shared,
     retry: &mut Vec<usize>,
@@ -859,7 +903,7 @@ fn reopen(
 
 fn target_name(t: Target) -> String {
     match t {
-        Target::Fae(t) => format!("{t:?}").to_lowercase(),
+        Target::Fae(t) => t.name().to_lowercase(),
         Target::Memcache => "memcache".into(),
         Target::Redis => "redis".into(),
         Target::Mysql => "mysql".into(),
@@ -954,8 +998,8 @@ fn run_mysql(cfg: &BenchConfig) -> io::Result<BenchReport> {
 }
 
 /// Whether a reply's result struct holds field 0 (success) or nothing (void).
-fn success(message: &[u8]) -> bool {
-    let mut r = Reader::new(message);
+fn success(proto: Protocol, message: &[u8]) -> bool {
+    let mut r = Reader::of(proto, message);
     if MessageHeader::read(&mut r).is_err() {
         return false;
     }

@@ -7,24 +7,29 @@ pub mod check;
 pub mod fun_rpc;
 pub mod peer;
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use thrift::protocol::{TBinaryInputProtocol, TBinaryOutputProtocol};
+use thrift::protocol::{
+    TBinaryInputProtocol, TBinaryOutputProtocol, TCompactInputProtocol, TCompactOutputProtocol,
+    TInputProtocol, TOutputProtocol,
+};
 use thrift::transport::{
     TBufferedReadTransport, TBufferedWriteTransport, TFramedReadTransport, TFramedWriteTransport,
     TReadTransport, TWriteTransport,
 };
 
-pub use crate::wire::Transport;
+use crate::wire::header::{self, HeaderKind};
+use crate::wire::Limits;
+pub use crate::wire::{Protocol, Transport};
 pub use fun_rpc::{Context, FunServantSyncClient, TFunServantSyncClient};
 
-/// A FunServant client over the Apache `thrift` crate's binary protocol.
-pub type Client = FunServantSyncClient<
-    TBinaryInputProtocol<Box<dyn TReadTransport + Send>>,
-    TBinaryOutputProtocol<Box<dyn TWriteTransport + Send>>,
->;
+/// A FunServant client over the Apache `thrift` crate's protocols (binary or compact) and transports
+/// (buffered, framed, or fae's THeader / TTHeader channel).
+pub type Client =
+    FunServantSyncClient<Box<dyn TInputProtocol + Send>, Box<dyn TOutputProtocol + Send>>;
 
 /// Resolves `addr` and connects with `TCP_NODELAY` (the thrift crate's own channel leaves Nagle on, which
 /// costs about 40 ms per call against delayed ACKs) and read/write timeouts.
@@ -47,27 +52,174 @@ pub fn connect_stream(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     ))
 }
 
-/// A generated client over a new connection.
+/// The unix socket path `addr` names (`unix:/path` or an absolute path), if it names one.
+pub fn unix_path(addr: &str) -> Option<&str> {
+    addr.strip_prefix("unix:")
+        .or_else(|| addr.starts_with('/').then_some(addr))
+}
+
+/// A connection's two halves, over TCP or a unix-domain socket.
+type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+/// Connects to `addr`: `host:port` over TCP, or a unix socket path (see [`unix_path`]).
+pub fn connect_any(addr: &str, timeout: Duration) -> io::Result<Halves> {
+    if let Some(path) = unix_path(addr) {
+        let s = UnixStream::connect(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot connect to {path}: {e}")))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        return Ok((Box::new(s.try_clone()?), Box::new(s)));
+    }
+    let s = connect_stream(addr, timeout)?;
+    Ok((Box::new(s.try_clone()?), Box::new(s)))
+}
+
+/// A generated client over a new connection, binary protocol.
 pub fn connect(addr: &str, transport: Transport, timeout: Duration) -> io::Result<Client> {
-    let stream = connect_stream(addr, timeout)?;
-    let rd = stream.try_clone()?;
+    connect_as(addr, transport, Protocol::Binary, timeout)
+}
+
+/// A generated client over a new connection in `transport` and `protocol`.
+pub fn connect_as(
+    addr: &str,
+    transport: Transport,
+    protocol: Protocol,
+    timeout: Duration,
+) -> io::Result<Client> {
+    let (rd, wr) = connect_any(addr, timeout)?;
     let (r, w): (
         Box<dyn TReadTransport + Send>,
         Box<dyn TWriteTransport + Send>,
     ) = match transport {
         Transport::Buffered => (
             Box::new(TBufferedReadTransport::new(rd)),
-            Box::new(TBufferedWriteTransport::new(stream)),
+            Box::new(TBufferedWriteTransport::new(wr)),
         ),
         Transport::Framed => (
             Box::new(TFramedReadTransport::new(rd)),
-            Box::new(TFramedWriteTransport::new(stream)),
+            Box::new(TFramedWriteTransport::new(wr)),
+        ),
+        Transport::Header(kind) => (
+            Box::new(HeaderReader::new(rd, kind)),
+            Box::new(HeaderWriter::new(wr, kind, protocol)),
         ),
     };
-    Ok(FunServantSyncClient::new(
-        TBinaryInputProtocol::new(r, true),
-        TBinaryOutputProtocol::new(w, true),
-    ))
+    let (i, o): (
+        Box<dyn TInputProtocol + Send>,
+        Box<dyn TOutputProtocol + Send>,
+    ) = match protocol {
+        Protocol::Binary => (
+            Box::new(TBinaryInputProtocol::new(r, true)),
+            Box::new(TBinaryOutputProtocol::new(w, true)),
+        ),
+        Protocol::Compact => (
+            Box::new(TCompactInputProtocol::new(r)),
+            Box::new(TCompactOutputProtocol::new(w)),
+        ),
+    };
+    Ok(FunServantSyncClient::new(i, o))
+}
+
+/// Reads header frames (THeader, TTHeader) and hands out their payloads as one byte stream.
+pub struct HeaderReader<R> {
+    inner: R,
+    kind: HeaderKind,
+    frame: Vec<u8>,
+    /// Where the unread payload is in `frame`.
+    at: usize,
+    end: usize,
+}
+
+impl<R: Read> HeaderReader<R> {
+    pub fn new(inner: R, kind: HeaderKind) -> Self {
+        HeaderReader {
+            inner,
+            kind,
+            frame: Vec::new(),
+            at: 0,
+            end: 0,
+        }
+    }
+
+    fn next_frame(&mut self) -> io::Result<()> {
+        let mut len = [0u8; 4];
+        self.inner.read_exact(&mut len)?;
+        let n = u32::from_be_bytes(len) as usize;
+        let limits = Limits::default();
+        if n > limits.max_message {
+            return Err(io::Error::other(format!("reply frame of {n} bytes")));
+        }
+        self.frame.clear();
+        self.frame.extend_from_slice(&len);
+        self.frame.resize(4 + n, 0);
+        self.inner.read_exact(&mut self.frame[4..])?;
+        let f = header::parse(&self.frame, self.kind, &limits)
+            .map_err(|e| io::Error::other(format!("bad reply frame: {}", e.error)))?
+            .ok_or_else(|| io::Error::other("short reply frame"))?;
+        let start = f.payload.as_ptr() as usize - self.frame.as_ptr() as usize;
+        (self.at, self.end) = (start, start + f.payload.len());
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for HeaderReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.end {
+            self.next_frame()?;
+        }
+        let n = buf.len().min(self.end - self.at);
+        buf[..n].copy_from_slice(&self.frame[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Collects one message and sends it, on flush, as one header frame.
+pub struct HeaderWriter<W> {
+    inner: W,
+    kind: HeaderKind,
+    protocol: Protocol,
+    message: Vec<u8>,
+    seq: u32,
+}
+
+impl<W: Write> HeaderWriter<W> {
+    pub fn new(inner: W, kind: HeaderKind, protocol: Protocol) -> Self {
+        HeaderWriter {
+            inner,
+            kind,
+            protocol,
+            message: Vec::new(),
+            seq: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for HeaderWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.message.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.message.is_empty() {
+            return self.inner.flush();
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let mut frame = Vec::with_capacity(self.message.len() + 32);
+        let caller: &[(&[u8], &[u8])] = &[(b"caller", b"fae-cli")];
+        header::request(
+            &mut frame,
+            self.kind,
+            self.seq,
+            self.protocol,
+            caller,
+            &self.message,
+        );
+        self.message.clear();
+        self.inner.write_all(&frame)?;
+        self.inner.flush()
+    }
 }
 
 /// A Context for one request from a command-line tool.

@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::backend::Ticket;
 use crate::engine::{Completion, Returns};
-use crate::wire::{Context, Encoder};
+use crate::wire::{Context, Encoder, Protocol};
 
 /// Where a keyed call runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,8 +228,10 @@ pub const OWNER_HINT: &str = "[owner ";
 
 /// The address a refusal names with [`OWNER_HINT`], if `reply` is such a refusal (a TApplicationException).
 fn redirect_target(reply: &[u8]) -> Option<&str> {
-    // Strict binary protocol, message type EXCEPTION.
-    if reply.get(..4) != Some(&[0x80, 0x01, 0x00, 0x03][..]) {
+    // Message type EXCEPTION: strict binary protocol, or compact (version 1, type 3 in the top bits).
+    let binary = reply.get(..4) == Some(&[0x80, 0x01, 0x00, 0x03][..]);
+    let compact = reply.get(..2) == Some(&[0x82, 0x61][..]);
+    if !binary && !compact {
         return None;
     }
     let hint = OWNER_HINT.as_bytes();
@@ -309,14 +311,20 @@ fn exchange(
 }
 
 /// The call `message` as one frame, with its Context (`ctx`, a sub-slice of `message`: the struct's fields
-/// and STOP) replaced by the same Context with `sticky = true`.
-pub fn sticky_request(message: &[u8], ctx_bytes: &[u8], ctx: &Context<'_>) -> Vec<u8> {
+/// and STOP) replaced by the same Context with `sticky = true`, in the call's own protocol (the owner
+/// answers in it, and its reply goes back to the client as it came).
+pub fn sticky_request(
+    message: &[u8],
+    ctx_bytes: &[u8],
+    ctx: &Context<'_>,
+    proto: Protocol,
+) -> Vec<u8> {
     let start = ctx_bytes.as_ptr() as usize - message.as_ptr() as usize;
     let end = start + ctx_bytes.len();
     let mut out = Vec::with_capacity(message.len() + 8);
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&message[..start]);
-    let mut e = Encoder::new(&mut out);
+    let mut e = Encoder::of(proto, &mut out);
     e.field_i64(1, ctx.rid);
     e.field_bytes(2, ctx.reason);
     e.field_i64(3, ctx.uid);

@@ -11,7 +11,7 @@ use super::route::defer;
 use crate::backend::Ticket;
 use crate::engine::session::Env;
 use crate::servant::Method;
-use crate::wire::{Args, Call, Reply, Transport};
+use crate::wire::{Args, Call, Dialect, Reply, Transport};
 
 /// A zk_* call on the cluster's registry: validated here, run on a worker (it waits on raft), answered in
 /// its place in the stream.
@@ -43,9 +43,11 @@ pub(super) fn call(
     let data = data.map(<[u8]>::to_vec).unwrap_or_default();
     let limits = env.servants.registry.limits();
     let (name, seqid) = (method.name(), c.header.seqid);
+    // The bare message, in the call's protocol: the session puts it in the client's transport.
+    let dialect = Dialect::plain(Transport::Buffered, c.dialect.protocol);
     let work = Work::Run(Box::new(move || {
         let mut out = Vec::new();
-        let mut reply = Reply::begin(&mut out, Transport::Buffered, name.as_bytes(), seqid);
+        let mut reply = Reply::begin(&mut out, dialect, name.as_bytes(), seqid);
         let e = reply.enc();
         match method {
             Method::ZkCreate => e.field_bool(0, reg.create(&path, &data, &limits)?),

@@ -115,7 +115,12 @@ fn route_keyed(
                 )));
             };
             let ctx_bytes = args.structure(1, "ctx").ok()?;
-            let request = crate::cluster::forward::sticky_request(c.message, ctx_bytes, &ctx);
+            let request = crate::cluster::forward::sticky_request(
+                c.message,
+                ctx_bytes,
+                &ctx,
+                c.dialect.protocol,
+            );
             let work = Work::Forward {
                 node,
                 addr,

@@ -1,13 +1,15 @@
 //! The kernel-socket path: one mio event loop per core, each with its own `SO_REUSEPORT` listener, serving
-//! sessions to completion on its own thread.
+//! sessions to completion on its own thread. A unix-domain socket (`server.unix_socket`), when configured,
+//! is served by the same loops: each registers the one listening socket and accepts from it (a unix socket
+//! has no `SO_REUSEPORT`; the loops that lose the race for a connection see `WouldBlock`).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
@@ -16,10 +18,14 @@ use super::metrics::LoopMetrics;
 use super::session::Env;
 use super::Completion;
 use crate::backend::Doorbell;
+use crate::sock::Stream;
 use crossbeam_channel::Receiver;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+const UNIX_LISTENER: Token = Token(usize::MAX - 3);
+/// The address sessions on the unix socket count as (per-client limits, logs): the local host.
+const UNIX_PEER: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// How often a loop wakes with no traffic to enforce timeouts and retry a paused accept.
 const TICK: Duration = Duration::from_millis(250);
 /// Bytes read from a socket per `read` call, into the loop's one scratch buffer.
@@ -68,8 +74,70 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net
     Ok(s.into())
 }
 
+/// Binds `server.unix_socket`: a stale socket file (nobody accepts on it) is replaced, a live one or
+/// another kind of file is an error; then the mode and owner are set.
+pub fn unix_listener(
+    s: &crate::config::ServerConfig,
+) -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let Some(path) = &s.unix_socket else {
+        return Ok(None);
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another server accepts on {}", path.display()),
+                ))
+            }
+            Err(_) => std::fs::remove_file(path)?,
+        }
+    }
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&SockAddr::unix(path)?)?;
+    sock.listen(s.backlog)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.unix_socket_mode))?;
+    if let Some(owner) = &s.unix_socket_owner {
+        let (user, group) = owner.split_once(':').unwrap_or((owner, ""));
+        let uid = (!user.is_empty())
+            .then(|| lookup_id(user, "/etc/passwd"))
+            .transpose()?;
+        let gid = (!group.is_empty())
+            .then(|| lookup_id(group, "/etc/group"))
+            .transpose()?;
+        std::os::unix::fs::chown(path, uid, gid)?;
+    }
+    Ok(Some(sock.into()))
+}
+
+/// A user's or group's id: a number, or a name looked up in /etc/passwd or /etc/group (local accounts,
+/// as systemd's `User=` is; a directory service's names can be given as numbers).
+fn lookup_id(name: &str, file: &str) -> io::Result<u32> {
+    if let Ok(id) = name.parse() {
+        return Ok(id);
+    }
+    let text = std::fs::read_to_string(file)?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, id)| id.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {name:?} in {file}")))
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     /// The connection's lifecycle (session, pauses, timeouts): the driver's, shared with the XDP path.
     link: driver::Conn,
     /// epoll reported the peer's FIN: read to the end, a short read does not mean the socket is drained.
@@ -78,7 +146,7 @@ struct Conn {
 
 /// A kernel socket as the driver's byte stream, for one pump.
 struct SocketStream<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut Stream,
     /// The loop's one read buffer.
     scratch: &'a mut [u8],
     read_closed: bool,
@@ -119,6 +187,7 @@ impl ByteStream for SocketStream<'_> {
 pub struct KernelLoop {
     poll: Poll,
     listener: Option<TcpListener>,
+    unix: Option<UnixListener>,
     conns: Slab<Conn>,
     scratch: Vec<u8>,
     env: Arc<Env>,
@@ -140,7 +209,8 @@ impl KernelLoop {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: u32,
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
+        unix: Option<std::os::unix::net::UnixListener>,
         env: Arc<Env>,
         metrics: Arc<LoopMetrics>,
         gate: Arc<Gate>,
@@ -150,13 +220,20 @@ impl KernelLoop {
     ) -> io::Result<(Self, Arc<Doorbell>)> {
         let poll = Poll::new()?;
         let bell = Arc::new(Doorbell::new(Waker::new(poll.registry(), WAKER)?));
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut listener = listener.map(TcpListener::from_std);
+        if let Some(l) = &mut listener {
+            poll.registry().register(l, LISTENER, Interest::READABLE)?;
+        }
+        let mut unix = unix.map(UnixListener::from_std);
+        if let Some(l) = &mut unix {
+            poll.registry()
+                .register(l, UNIX_LISTENER, Interest::READABLE)?;
+        }
         Ok((
             KernelLoop {
                 poll,
-                listener: Some(listener),
+                listener,
+                unix,
                 conns: Slab::new(),
                 scratch: vec![0; READ_CHUNK],
                 env,
@@ -197,7 +274,7 @@ impl KernelLoop {
             self.on_completions();
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER | UNIX_LISTENER => self.accept(),
                     WAKER => {}
                     Token(key) => {
                         if ev.is_read_closed() {
@@ -238,22 +315,36 @@ impl KernelLoop {
         }
     }
 
+    /// Accepts what waits on the TCP listener, then on the unix socket.
     fn accept(&mut self) {
-        let Some(listener) = &self.listener else {
-            return;
-        };
         self.accept_paused = false;
+        if self.listener.is_some() {
+            self.accept_from(false);
+        }
+        if self.unix.is_some() && !self.accept_paused {
+            self.accept_from(true);
+        }
+    }
+
+    fn accept_from(&mut self, unix: bool) {
         loop {
             if !self.gate.try_enter() {
                 // Connections wait in the kernel's accept queue until a session closes.
                 self.accept_paused = true;
                 return;
             }
-            match listener.accept() {
-                Ok((mut stream, peer)) => {
-                    if let Err(e) = stream.set_nodelay(true) {
+            let accepted = match (unix, &self.listener, &self.unix) {
+                (false, Some(l), _) => l.accept().map(|(s, peer)| {
+                    if let Err(e) = s.set_nodelay(true) {
                         tracing::debug!(error = %e, "TCP_NODELAY");
                     }
+                    (Stream::Tcp(s), peer.ip())
+                }),
+                (true, _, Some(l)) => l.accept().map(|(s, _)| (Stream::Unix(s), UNIX_PEER)),
+                _ => return,
+            };
+            match accepted {
+                Ok((mut stream, peer)) => {
                     let entry = self.conns.vacant_entry();
                     let token = Token(entry.key());
                     let interest = Interest::READABLE | Interest::WRITABLE;
@@ -267,7 +358,7 @@ impl KernelLoop {
                         self.index,
                         token.0 as u64,
                         self.generation,
-                        peer.ip(),
+                        peer,
                         &self.metrics,
                         Instant::now(),
                     );
@@ -389,6 +480,9 @@ impl KernelLoop {
     /// the port are closing too.
     fn begin_drain(&mut self) {
         if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        if let Some(mut l) = self.unix.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
         self.accept_paused = false;

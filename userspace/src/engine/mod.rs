@@ -79,6 +79,11 @@ pub enum EngineError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on unix socket {path}: {source}")]
+    ListenUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start an event loop: {0}")]
     Loop(std::io::Error),
     #[error("cannot serve the admin HTTP on {addr}: {source}")]
@@ -110,13 +115,23 @@ pub struct Server {
     stopping: Arc<AtomicBool>,
     wakers: Vec<Arc<Doorbell>>,
     loops: Vec<JoinHandle<std::io::Result<()>>>,
+    /// The unix socket's file, removed once the loops are done.
+    unix_path: Option<std::path::PathBuf>,
 }
 
 /// What [`Server::bind_first`] binds before a node joins a cluster.
 #[derive(Default)]
 pub struct Bound {
     first: Option<std::net::TcpListener>,
+    unix: Option<std::os::unix::net::UnixListener>,
     xdp: Option<xdp::XdpPath>,
+}
+
+fn bind_unix(cfg: &Config) -> Result<Option<std::os::unix::net::UnixListener>, EngineError> {
+    kernel::unix_listener(&cfg.server).map_err(|source| EngineError::ListenUnix {
+        path: cfg.server.unix_socket.clone().unwrap_or_default(),
+        source,
+    })
 }
 
 impl Server {
@@ -145,13 +160,14 @@ impl Server {
                 })?,
             )
         };
+        let unix = bind_unix(cfg)?;
         // The XDP path: attaching fails early and clearly (no program, no interface, no rights).
         let xdp = if cfg.listener.mode == ListenerMode::Kernel {
             None
         } else {
             Some(xdp::prepare(cfg)?)
         };
-        Ok(Bound { first, xdp })
+        Ok(Bound { first, unix, xdp })
     }
 
     /// As [`Server::start`], with the node's servants, in a cluster the router of keyed calls, and what
@@ -162,7 +178,15 @@ impl Server {
         router: Option<Arc<dyn Router>>,
         bound: Bound,
     ) -> Result<Server, EngineError> {
-        let Bound { mut first, xdp } = bound;
+        let Bound {
+            mut first,
+            unix,
+            xdp,
+        } = bound;
+        let unix = match unix {
+            Some(u) => Some(u),
+            None => bind_unix(cfg)?,
+        };
         let s = &cfg.server;
         let returns = Returns::default();
         let forwarder = router.as_ref().map(|r| {
@@ -192,25 +216,37 @@ impl Server {
             None if cfg.listener.mode != ListenerMode::Kernel => Some(xdp::prepare(cfg)?),
             None => None,
         };
-        let n = if kernel { s.loops() } else { 0 };
+        // XDP only: one kernel loop still serves the unix socket, if there is one.
+        let n = match (kernel, &unix) {
+            (true, _) => s.loops(),
+            (false, Some(_)) => 1,
+            (false, None) => 0,
+        };
         let mut built = Vec::with_capacity(n);
         let mut metrics = Vec::with_capacity(n);
         let mut wakers = Vec::with_capacity(n);
         for i in 0..n {
             let listener = match first.take() {
-                Some(l) => l,
-                None => kernel::reuseport_listener(s.listen, s.backlog).map_err(|source| {
-                    EngineError::Listen {
+                Some(l) => Some(l),
+                None if kernel => Some(kernel::reuseport_listener(s.listen, s.backlog).map_err(
+                    |source| EngineError::Listen {
                         addr: s.listen,
                         source,
-                    }
-                })?,
+                    },
+                )?),
+                None => None,
             };
+            let unix = unix
+                .as_ref()
+                .map(|u| u.try_clone())
+                .transpose()
+                .map_err(EngineError::Loop)?;
             let m = Arc::new(LoopMetrics::default());
             let (tx, rx) = crossbeam_channel::unbounded();
             let (lp, bell) = KernelLoop::new(
                 i as u32,
                 listener,
+                unix,
                 env.clone(),
                 m.clone(),
                 gate.clone(),
@@ -239,6 +275,9 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()?;
         if kernel {
             tracing::info!(listen = %s.listen, loops = n, "serving FunServant over kernel TCP");
+        }
+        if let Some(path) = &s.unix_socket {
+            tracing::info!(path = %path.display(), loops = n, "serving FunServant on a unix socket");
         }
         let mut program = None;
         let mut xdp_queues = Vec::new();
@@ -294,6 +333,7 @@ impl Server {
             stopping,
             wakers,
             loops,
+            unix_path: s.unix_socket.clone(),
         })
     }
 
@@ -314,6 +354,9 @@ impl Server {
                 Ok(Err(e)) => result = Err(e),
                 Err(_) => result = Err(std::io::Error::other("an event loop panicked")),
             }
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
         }
         result
     }

@@ -18,7 +18,9 @@ use crate::cluster::forward::{Forwarder, Router};
 use crate::cluster::route::Routed;
 use crate::filter::{CallInfo, Chain, Ending};
 use crate::servant::{CallEnv, Method, Outcome, Servants};
-use crate::wire::{self, mtype, AppErrorKind, Args, Call, Limits, Progress, Reply, Transport};
+use crate::wire::{
+    self, mtype, AppErrorKind, Args, Call, Dialect, Limits, Progress, Reply, Transport,
+};
 use std::net::IpAddr;
 
 /// What every session of a node shares.
@@ -86,6 +88,8 @@ struct Slot {
     tag: u64,
     method: Method,
     seqid: i32,
+    /// How the call was written: its reply is written the same way.
+    dialect: Dialect,
     deadline: Instant,
     /// Answered, its reply at `later[start..end]`, waiting for the slots before it.
     ready: Option<(usize, usize)>,
@@ -191,7 +195,7 @@ impl Session {
             return;
         };
         let (method, seqid) = (self.inflight[i].method, self.inflight[i].seqid);
-        let transport = self.transport.unwrap_or(Transport::Buffered);
+        let dialect = self.inflight[i].dialect;
         let name = method.name().as_bytes();
         let buf = if i == 0 {
             &mut self.out
@@ -202,23 +206,13 @@ impl Session {
         let error = match c {
             Completion::Forward(f) => match f.reply {
                 Ok(body) => {
-                    if transport == Transport::Framed {
-                        buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
-                    }
-                    buf.extend_from_slice(&body);
+                    dialect.wrap(buf, &body);
                     metrics.add(&metrics.forwarded, 1);
                     false
                 }
                 Err(why) => {
                     metrics.add(&metrics.forwarded, 1);
-                    Reply::app_error(
-                        buf,
-                        transport,
-                        name,
-                        seqid,
-                        AppErrorKind::InternalError,
-                        &why,
-                    );
+                    Reply::app_error(buf, dialect, name, seqid, AppErrorKind::InternalError, &why);
                     true
                 }
             },
@@ -227,7 +221,7 @@ impl Session {
                     // Its back end did not answer by the call's deadline.
                     metrics.add(&metrics.deadline_exceeded, 1);
                 }
-                let mut reply = Reply::begin(buf, transport, name, seqid);
+                let mut reply = Reply::begin(buf, dialect, name, seqid);
                 match env.servants.finish(method, b.result, &mut reply) {
                     Ok(()) => {
                         reply.finish();
@@ -236,7 +230,7 @@ impl Session {
                     Err(e) => {
                         reply.abort();
                         let msg = format!("{}: {}", method.name(), e.message);
-                        Reply::app_error(buf, transport, name, seqid, e.kind, &msg);
+                        Reply::app_error(buf, dialect, name, seqid, e.kind, &msg);
                         true
                     }
                 }
@@ -293,14 +287,13 @@ impl Session {
 
     /// Answers, with an error, deferred calls whose worker never answered (past their deadline and a grace).
     pub fn expire_deferred(&mut self, now: Instant, env: &Env, metrics: &LoopMetrics) {
-        let transport = self.transport.unwrap_or(Transport::Buffered);
         let mut any = false;
         for i in 0..self.inflight.len() {
             let s = &self.inflight[i];
             if s.ready.is_some() || s.barrier || now < s.deadline + DEFERRED_GRACE {
                 continue;
             }
-            let (method, seqid) = (s.method, s.seqid);
+            let (method, seqid, dialect) = (s.method, s.seqid, s.dialect);
             let buf = if i == 0 {
                 &mut self.out
             } else {
@@ -313,7 +306,7 @@ impl Session {
             );
             Reply::app_error(
                 buf,
-                transport,
+                dialect,
                 method.name().as_bytes(),
                 seqid,
                 AppErrorKind::InternalError,
@@ -444,6 +437,7 @@ impl Session {
         &mut self,
         method: Method,
         seqid: i32,
+        dialect: Dialect,
         write: impl FnOnce(&mut Vec<u8>) -> R,
     ) -> R {
         if self.inflight.is_empty() {
@@ -458,6 +452,7 @@ impl Session {
                 tag: u64::MAX,
                 method,
                 seqid,
+                dialect,
                 // Never looked at: the slot is ready.
                 deadline: self
                     .inflight
@@ -481,10 +476,12 @@ impl Session {
     }
 
     /// Records a deferred call (issued with [`Session::ticket`]) in its place in the stream.
+    #[allow(clippy::too_many_arguments)]
     fn deferred(
         &mut self,
         method: Method,
         seqid: i32,
+        dialect: Dialect,
         deadline: Instant,
         barrier: bool,
         oneway: bool,
@@ -494,6 +491,7 @@ impl Session {
             tag: self.next_tag,
             method,
             seqid,
+            dialect,
             deadline,
             ready: None,
             barrier,
@@ -533,7 +531,7 @@ fn serve(
         ) {
             Ok(None) => return used,
             Ok(Some(c)) => {
-                s.transport = Some(c.transport);
+                s.transport = Some(c.dialect.transport);
                 used += c.consumed;
                 started = call(&c, &args, s, env, metrics, received, started);
             }
@@ -541,17 +539,10 @@ fn serve(
                 metrics.add(&metrics.protocol_errors, 1);
                 let (name, seqid) = bad.header.map_or((&b""[..], 0), |h| (h.name, h.seqid));
                 tracing::debug!(error = %bad.error, "malformed message; closing the session");
-                let transport = bad.transport.unwrap_or(Transport::Buffered);
+                let dialect = bad.dialect.unwrap_or(Dialect::BINARY);
                 let msg = bad.error.to_string();
-                s.answer(Method::Noop, seqid, |out| {
-                    Reply::app_error(
-                        out,
-                        transport,
-                        name,
-                        seqid,
-                        AppErrorKind::ProtocolError,
-                        &msg,
-                    )
+                s.answer(Method::Noop, seqid, dialect, |out| {
+                    Reply::app_error(out, dialect, name, seqid, AppErrorKind::ProtocolError, &msg)
                 });
                 s.closing = true;
                 return used;
@@ -584,7 +575,7 @@ fn call(
     let method = Method::from_name(c.header.name);
     let ticket = s.ticket();
     let peer = s.peer;
-    let (done, left) = s.answer(method.unwrap_or(Method::Noop), seqid, |out| {
+    let (done, left) = s.answer(method.unwrap_or(Method::Noop), seqid, c.dialect, |out| {
         run(
             c, args, method, ticket, out, env, peer, metrics, received, started,
         )
@@ -594,6 +585,7 @@ fn call(
         s.deferred(
             m,
             seqid,
+            c.dialect,
             received + env.call_timeout,
             barrier,
             oneway,
@@ -617,9 +609,9 @@ fn run(
     received: Instant,
     started: Instant,
 ) -> (Instant, Left) {
-    let (header, transport) = (&c.header, c.transport);
+    let (header, dialect) = (&c.header, c.dialect);
     let app_error = |out: &mut Vec<u8>, kind, msg: &str| {
-        Reply::app_error(out, transport, header.name, header.seqid, kind, msg)
+        Reply::app_error(out, dialect, header.name, header.seqid, kind, msg)
     };
     let Some(method) = method else {
         // The name goes back in the reply's header (clients match on it); the text quotes at most 64
@@ -699,7 +691,7 @@ fn run(
         return refused(out, &msg);
     }
     let mark = out.len();
-    let mut reply = Reply::begin(out, transport, header.name, header.seqid);
+    let mut reply = Reply::begin(out, dialect, header.name, header.seqid);
     let cenv = CallEnv {
         ticket,
         now: started,

@@ -8,9 +8,9 @@ use crate::wire::{ttype, Args, Encoder, Limits, Reader};
 
 use super::{CallEnv, CallError, Method, Outcome};
 
-/// The TMemcacheData argument: `1: binary data, 2: i32 flags`, both required.
-fn memcache_data(body: &[u8]) -> Result<(&[u8], i32), CallError> {
-    let mut r = Reader::new(body);
+/// The TMemcacheData argument: `1: binary data, 2: i32 flags`, both required; `r` reads its fields (in the
+/// call's protocol).
+fn memcache_data(mut r: Reader<'_>) -> Result<(&[u8], i32), CallError> {
     let (mut data, mut flags) = (None, None);
     let bad = |e: crate::wire::WireError| CallError::refused(format!("malformed value: {e}"));
     while let Some((id, t)) = r.field().map_err(bad)? {
@@ -51,7 +51,7 @@ pub fn call(
             McExpect::Value
         }
         Method::McSet | Method::McAdd => {
-            let (data, flags) = memcache_data(args.structure(4, "value")?)?;
+            let (data, flags) = memcache_data(args.reader(args.structure(4, "value")?))?;
             let exptime = args.i32(5, "expiration")?;
             request.reserve(data.len());
             let verb = if method == Method::McSet {
@@ -139,11 +139,14 @@ mod tests {
         e.field_i32(2, -1);
         e.field_i64(9, 5); // unknown fields are skipped
         e.stop();
-        assert_eq!(memcache_data(&body).unwrap(), (&b"v"[..], -1));
+        assert_eq!(memcache_data(Reader::new(&body)).unwrap(), (&b"v"[..], -1));
         let mut body = Vec::new();
         let mut e = Encoder::new(&mut body);
         e.field_bytes(1, b"v");
         e.stop();
-        assert!(memcache_data(&body).unwrap_err().message.contains("flags"));
+        assert!(memcache_data(Reader::new(&body))
+            .unwrap_err()
+            .message
+            .contains("flags"));
     }
 }

@@ -29,7 +29,7 @@ fn list_body<'a>(
     elem: u8,
 ) -> Result<(usize, Reader<'a>), CallError> {
     match args.get_value(id, name)? {
-        Value::List(t, n, body) if t == elem || n == 0 => Ok((n, Reader::new(body))),
+        Value::List(t, n, body) if t == elem || n == 0 => Ok((n, args.reader(body))),
         _ => Err(ArgError::Type {
             id,
             name,

@@ -5,7 +5,7 @@
 //! Thrift requires of unknown fields. Servants then ask for arguments by id and type.
 
 use super::binary::Reader;
-use super::{ttype, Limits, WireError};
+use super::{ttype, Limits, Protocol, WireError};
 
 /// The highest argument id kept; FunServant's widest method (`my_merge`) has eight.
 pub const MAX_ARG_ID: usize = 8;
@@ -50,6 +50,8 @@ impl Value<'_> {
 pub struct Args<'a> {
     vals: [Option<Value<'a>>; MAX_ARG_ID + 1],
     limits: Limits,
+    /// The protocol the arguments came in: a struct's or list's bytes are read in it.
+    proto: Protocol,
 }
 
 /// A missing or mistyped argument: the call is answered with a PROTOCOL_ERROR, the session stays open.
@@ -90,6 +92,7 @@ impl<'a> Args<'a> {
         Args {
             vals: [None; MAX_ARG_ID + 1],
             limits: *limits,
+            proto: Protocol::Binary,
         }
     }
 
@@ -102,6 +105,7 @@ impl<'a> Args<'a> {
 
     /// Reads the argument struct at the reader's position into `self` (cleared first).
     pub fn read_into(&mut self, r: &mut Reader<'a>) -> Result<(), WireError> {
+        self.proto = r.protocol();
         let limits = &self.limits;
         let vals = &mut self.vals;
         *vals = [None; MAX_ARG_ID + 1];
@@ -149,6 +153,16 @@ impl<'a> Args<'a> {
         self.get(id, name)
     }
 
+    /// The protocol the arguments came in.
+    pub fn protocol(&self) -> Protocol {
+        self.proto
+    }
+
+    /// A reader over a struct's or list's bytes taken from these arguments (in their protocol).
+    pub fn reader(&self, bytes: &'a [u8]) -> Reader<'a> {
+        Reader::of(self.proto, bytes)
+    }
+
     /// Whether argument `id` was sent.
     pub fn has(&self, id: i16) -> bool {
         usize::try_from(id)
@@ -168,7 +182,7 @@ impl<'a> Args<'a> {
     pub fn string_list(&self, id: i16, name: &'static str) -> Result<ListIter<'a>, ArgError> {
         match self.get(id, name)? {
             Value::List(ttype::STRING, n, body) => Ok(ListIter {
-                r: Reader::new(body),
+                r: Reader::of(self.proto, body),
                 left: n,
             }),
             other => Err(ArgError::Type {
@@ -183,7 +197,7 @@ impl<'a> Args<'a> {
     /// The `Context` in argument 1.
     pub fn context(&self) -> Result<Context<'a>, ArgError> {
         let body = self.structure(1, "ctx")?;
-        Context::read(body, &self.limits)
+        Context::read(Reader::of(self.proto, body), &self.limits)
     }
 }
 
@@ -225,8 +239,7 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    fn read(body: &'a [u8], limits: &Limits) -> Result<Self, ArgError> {
-        let mut r = Reader::new(body);
+    fn read(mut r: Reader<'a>, limits: &Limits) -> Result<Self, ArgError> {
         let (mut rid, mut reason, mut uid, mut sticky) = (None, None, None, false);
         while let Some((id, t)) = r.field()? {
             match (id, t) {

@@ -1,6 +1,12 @@
-//! TBinaryProtocol decoding over a borrowed buffer.
+//! Decoding of TBinaryProtocol and TCompactProtocol over a borrowed buffer.
+//!
+//! One [`Reader`] serves both protocols: each accessor reads the value in the reader's protocol (a branch
+//! the CPU predicts, since a message never changes protocol half way). The compact protocol's state, the
+//! last field id of the struct being read (field ids are sent as deltas) and a bool carried in its field
+//! header, lives in the reader; entering a nested struct saves and restores it.
 
-use super::{mtype, ttype, Limits, WireError, VERSION_1, VERSION_MASK};
+use super::compact;
+use super::{mtype, ttype, Limits, Protocol, WireError, VERSION_1, VERSION_MASK};
 
 /// A cursor over one message's bytes. Every accessor checks the remaining length first, so none panics;
 /// borrowed values (`bytes`) point into the buffer and copy nothing.
@@ -11,21 +17,50 @@ pub struct Reader<'a> {
     /// The furthest position a well-formed message may reach: past it a value is too long, not merely
     /// not arrived yet.
     cap: usize,
+    proto: Protocol,
+    /// Compact: the id of the last field header read in the current struct.
+    last_field: i16,
+    /// Compact: a bool field's value, carried in its header (0: none, 1: true, 2: false).
+    pending_bool: u8,
 }
 
 impl<'a> Reader<'a> {
-    /// A reader over one whole message: running past its end is a truncated message.
+    /// A reader over one whole binary-protocol message: running past its end is a truncated message.
     pub fn new(buf: &'a [u8]) -> Self {
+        Self::of(Protocol::Binary, buf)
+    }
+
+    /// A reader over one whole message (or a struct's or list's bytes) in `proto`.
+    pub fn of(proto: Protocol, buf: &'a [u8]) -> Self {
+        Self::with_cap_of(proto, buf, buf.len())
+    }
+
+    /// A reader over the part of a binary message that has arrived so far; a message may grow to `cap`
+    /// bytes.
+    pub fn with_cap(buf: &'a [u8], cap: usize) -> Self {
+        Self::with_cap_of(Protocol::Binary, buf, cap)
+    }
+
+    /// As [`Reader::with_cap`], in `proto`.
+    pub fn with_cap_of(proto: Protocol, buf: &'a [u8], cap: usize) -> Self {
         Reader {
             buf,
             pos: 0,
-            cap: buf.len(),
+            cap,
+            proto,
+            last_field: 0,
+            pending_bool: 0,
         }
     }
 
-    /// A reader over the part of a message that has arrived so far; a message may grow to `cap` bytes.
-    pub fn with_cap(buf: &'a [u8], cap: usize) -> Self {
-        Reader { buf, pos: 0, cap }
+    /// The protocol this reader decodes.
+    pub fn protocol(&self) -> Protocol {
+        self.proto
+    }
+
+    /// Compact: the last field id read in the current struct (the resumable walk keeps it between reads).
+    pub(super) fn set_last_field(&mut self, id: i16) {
+        self.last_field = id;
     }
 
     /// Bytes consumed so far.
@@ -79,38 +114,90 @@ impl<'a> Reader<'a> {
         Ok(self.array::<1>()?[0])
     }
     pub fn i16(&mut self) -> Result<i16, WireError> {
-        Ok(i16::from_be_bytes(self.array()?))
+        match self.proto {
+            Protocol::Binary => Ok(i16::from_be_bytes(self.array()?)),
+            // Kept as the compact libraries do: the low 16 bits of the zigzag i32.
+            Protocol::Compact => Ok(compact::unzigzag32(self.varint32()?) as i16),
+        }
     }
     pub fn i32(&mut self) -> Result<i32, WireError> {
-        Ok(i32::from_be_bytes(self.array()?))
+        match self.proto {
+            Protocol::Binary => Ok(i32::from_be_bytes(self.array()?)),
+            Protocol::Compact => Ok(compact::unzigzag32(self.varint32()?)),
+        }
     }
     pub fn i64(&mut self) -> Result<i64, WireError> {
-        Ok(i64::from_be_bytes(self.array()?))
+        match self.proto {
+            Protocol::Binary => Ok(i64::from_be_bytes(self.array()?)),
+            Protocol::Compact => Ok(compact::unzigzag64(self.varint64()?)),
+        }
     }
     pub fn f64(&mut self) -> Result<f64, WireError> {
-        Ok(f64::from_bits(u64::from_be_bytes(self.array()?)))
+        match self.proto {
+            Protocol::Binary => Ok(f64::from_bits(u64::from_be_bytes(self.array()?))),
+            Protocol::Compact => Ok(f64::from_bits(u64::from_le_bytes(self.array()?))),
+        }
     }
     pub fn bool(&mut self) -> Result<bool, WireError> {
-        Ok(self.u8()? != 0)
+        if self.pending_bool != 0 {
+            let v = self.pending_bool == compact::TRUE;
+            self.pending_bool = 0;
+            return Ok(v);
+        }
+        match self.proto {
+            Protocol::Binary => Ok(self.u8()? != 0),
+            Protocol::Compact => Ok(self.u8()? == compact::TRUE),
+        }
+    }
+
+    /// A varint of at most 5 bytes (a compact i32, length or count); a longer one is malformed.
+    fn varint32(&mut self) -> Result<u32, WireError> {
+        Ok(self.varint(5)? as u32)
+    }
+
+    /// A varint of at most 10 bytes (a compact i64).
+    fn varint64(&mut self) -> Result<u64, WireError> {
+        self.varint(10)
+    }
+
+    fn varint(&mut self, max_bytes: u32) -> Result<u64, WireError> {
+        let mut v = 0u64;
+        for i in 0..max_bytes {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(WireError::BadVarint(max_bytes as u8))
+    }
+
+    /// A length or count as an i32 on the wire (compact: a varint); negative ones are malformed.
+    fn length(&mut self) -> Result<usize, WireError> {
+        let n = match self.proto {
+            Protocol::Binary => self.i32()?,
+            Protocol::Compact => self.varint32()? as i32,
+        };
+        if n < 0 {
+            return Err(WireError::NegativeLength(n.into()));
+        }
+        Ok(n as usize)
     }
 
     /// A length-prefixed string or binary, borrowed.
     pub fn bytes(&mut self) -> Result<&'a [u8], WireError> {
-        let n = self.i32()?;
-        if n < 0 {
-            return Err(WireError::NegativeLength(n.into()));
-        }
-        self.take(n as usize)
+        let n = self.length()?;
+        self.take(n)
     }
 
     /// A container size; `min_elem` is the smallest encoding of one element, so that a count the remaining
     /// bytes cannot possibly hold is refused before anything is scanned.
     fn count(&mut self, min_elem: usize, limits: &Limits) -> Result<usize, WireError> {
-        let n = self.i32()?;
-        if n < 0 {
-            return Err(WireError::NegativeLength(n.into()));
-        }
-        let n = n as usize;
+        let n = self.length()?;
+        self.check_count(n, min_elem, limits)
+    }
+
+    fn check_count(&self, n: usize, min_elem: usize, limits: &Limits) -> Result<usize, WireError> {
         if n > limits.max_container {
             return Err(WireError::ContainerTooLarge {
                 n,
@@ -121,27 +208,67 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    /// A field header: `None` at the struct's STOP.
+    /// A field header: `None` at the struct's STOP. The type is a binary-protocol type id in either
+    /// protocol.
     pub fn field(&mut self) -> Result<Option<(i16, u8)>, WireError> {
         let t = self.u8()?;
         if t == ttype::STOP {
             return Ok(None);
         }
-        Ok(Some((self.i16()?, t)))
+        if self.proto == Protocol::Binary {
+            return Ok(Some((self.i16()?, t)));
+        }
+        let delta = t >> 4;
+        let id = if delta == 0 {
+            self.i16()?
+        } else {
+            self.last_field.wrapping_add(i16::from(delta))
+        };
+        self.last_field = id;
+        let ct = t & 0x0f;
+        if ct == compact::TRUE || ct == compact::FALSE {
+            self.pending_bool = ct;
+        }
+        Ok(Some((id, compact::to_ttype(ct)?)))
     }
 
     /// A list or set header: element type and count.
     pub fn list_header(&mut self, limits: &Limits) -> Result<(u8, usize), WireError> {
-        let elem = self.u8()?;
-        let n = self.count(min_size(elem)?, limits)?;
+        if self.proto == Protocol::Binary {
+            let elem = self.u8()?;
+            let n = self.count(min_size(self.proto, elem)?, limits)?;
+            return Ok((elem, n));
+        }
+        let b = self.u8()?;
+        let elem = compact::to_ttype(b & 0x0f)?;
+        let n = match b >> 4 {
+            15 => self.length()?,
+            short => usize::from(short),
+        };
+        let n = self.check_count(n, min_size(self.proto, elem)?, limits)?;
         Ok((elem, n))
     }
 
-    /// A map header: key type, value type and count.
+    /// A map header: key type, value type and count. An empty compact map carries no types: both are
+    /// given as STOP.
     pub fn map_header(&mut self, limits: &Limits) -> Result<(u8, u8, usize), WireError> {
-        let k = self.u8()?;
-        let v = self.u8()?;
-        let n = self.count(min_size(k)? + min_size(v)?, limits)?;
+        if self.proto == Protocol::Binary {
+            let k = self.u8()?;
+            let v = self.u8()?;
+            let n = self.count(min_size(self.proto, k)? + min_size(self.proto, v)?, limits)?;
+            return Ok((k, v, n));
+        }
+        let n = self.length()?;
+        if n == 0 {
+            return Ok((ttype::STOP, ttype::STOP, 0));
+        }
+        let b = self.u8()?;
+        let (k, v) = (compact::to_ttype(b >> 4)?, compact::to_ttype(b & 0x0f)?);
+        let n = self.check_count(
+            n,
+            min_size(self.proto, k)? + min_size(self.proto, v)?,
+            limits,
+        )?;
         Ok((k, v, n))
     }
 
@@ -154,31 +281,49 @@ impl<'a> Reader<'a> {
 }
 
 /// The smallest encoding of one value of type `t`; an unknown type is malformed.
-fn min_size(t: u8) -> Result<usize, WireError> {
-    Ok(match t {
-        ttype::BOOL | ttype::BYTE | ttype::STRUCT => 1,
-        ttype::I16 => 2,
-        ttype::I32 | ttype::STRING | ttype::SET | ttype::LIST => 4,
-        ttype::MAP => 6,
-        ttype::DOUBLE | ttype::I64 => 8,
-        ttype::UUID => 16,
-        other => return Err(WireError::BadType(other)),
+fn min_size(proto: Protocol, t: u8) -> Result<usize, WireError> {
+    Ok(match (proto, t) {
+        (_, ttype::BOOL | ttype::BYTE | ttype::STRUCT) => 1,
+        (_, ttype::DOUBLE) => 8,
+        (_, ttype::UUID) => 16,
+        // Compact: a varint, a length or a container header of one byte at least.
+        (
+            Protocol::Compact,
+            ttype::I16
+            | ttype::I32
+            | ttype::I64
+            | ttype::STRING
+            | ttype::SET
+            | ttype::LIST
+            | ttype::MAP,
+        ) => 1,
+        (_, ttype::I16) => 2,
+        (_, ttype::I32 | ttype::STRING | ttype::SET | ttype::LIST) => 4,
+        (_, ttype::MAP) => 6,
+        (_, ttype::I64) => 8,
+        (_, other) => return Err(WireError::BadType(other)),
     })
 }
 
 /// Skips one value of type `t` at nesting `depth`, checking every bound on the way.
 pub fn skip(r: &mut Reader<'_>, t: u8, limits: &Limits, depth: usize) -> Result<(), WireError> {
     match t {
-        ttype::BOOL | ttype::BYTE => {
+        ttype::BOOL => {
+            r.bool()?;
+        }
+        ttype::BYTE => {
             r.take(1)?;
         }
         ttype::I16 => {
-            r.take(2)?;
+            r.i16()?;
         }
         ttype::I32 => {
-            r.take(4)?;
+            r.i32()?;
         }
-        ttype::I64 | ttype::DOUBLE => {
+        ttype::I64 => {
+            r.i64()?;
+        }
+        ttype::DOUBLE => {
             r.take(8)?;
         }
         ttype::UUID => {
@@ -189,9 +334,12 @@ pub fn skip(r: &mut Reader<'_>, t: u8, limits: &Limits, depth: usize) -> Result<
         }
         ttype::STRUCT => {
             let depth = enter(depth, limits)?;
+            // A nested struct counts its field ids from 0 (compact); the outer count resumes after it.
+            let outer = std::mem::replace(&mut r.last_field, 0);
             while let Some((_, ft)) = r.field()? {
                 skip(r, ft, limits, depth)?;
             }
+            r.last_field = outer;
         }
         ttype::LIST | ttype::SET => {
             let depth = enter(depth, limits)?;
@@ -211,14 +359,15 @@ pub fn skip(r: &mut Reader<'_>, t: u8, limits: &Limits, depth: usize) -> Result<
     Ok(())
 }
 
-/// The encoded size of a value of type `t`, if every value of that type has the same size.
-pub(super) fn fixed_size(t: u8) -> Option<usize> {
-    match t {
-        ttype::BOOL | ttype::BYTE => Some(1),
-        ttype::I16 => Some(2),
-        ttype::I32 => Some(4),
-        ttype::I64 | ttype::DOUBLE => Some(8),
-        ttype::UUID => Some(16),
+/// The encoded size of an element of type `t` in a list, if every value of that type has the same size.
+pub(super) fn fixed_size(proto: Protocol, t: u8) -> Option<usize> {
+    match (proto, t) {
+        (_, ttype::BOOL | ttype::BYTE) => Some(1),
+        (_, ttype::DOUBLE) => Some(8),
+        (_, ttype::UUID) => Some(16),
+        (Protocol::Binary, ttype::I16) => Some(2),
+        (Protocol::Binary, ttype::I32) => Some(4),
+        (Protocol::Binary, ttype::I64) => Some(8),
         _ => None,
     }
 }
@@ -231,7 +380,7 @@ fn skip_n(
     depth: usize,
 ) -> Result<(), WireError> {
     // Fixed-size elements are skipped in one step rather than one by one.
-    match fixed_size(elem) {
+    match fixed_size(r.proto, elem) {
         Some(size) => {
             r.take(size * n)?;
         }
@@ -251,7 +400,8 @@ fn enter(depth: usize, limits: &Limits) -> Result<usize, WireError> {
     Ok(depth + 1)
 }
 
-/// The header of a strict binary message and the position of its body (the argument or result struct).
+/// The header of a strict binary or compact message and the position of its body (the argument or result
+/// struct).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageHeader<'a> {
     pub name: &'a [u8],
@@ -260,8 +410,11 @@ pub struct MessageHeader<'a> {
 }
 
 impl<'a> MessageHeader<'a> {
-    /// Reads the header; the reader is left at the start of the body.
+    /// Reads the header in the reader's protocol; the reader is left at the start of the body.
     pub fn read(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        if r.proto == Protocol::Compact {
+            return Self::read_compact(r);
+        }
         let word = r.i32()? as u32;
         if word & VERSION_MASK != VERSION_1 {
             return Err(WireError::BadVersion(word));
@@ -272,6 +425,23 @@ impl<'a> MessageHeader<'a> {
         }
         let name = r.bytes()?;
         let seqid = r.i32()?;
+        Ok(MessageHeader { name, mtype, seqid })
+    }
+
+    /// Compact: protocol id 0x82, version and type in one byte, the sequence id (a plain varint, not
+    /// zigzag), then the name.
+    fn read_compact(r: &mut Reader<'a>) -> Result<Self, WireError> {
+        let id = r.u8()?;
+        let vt = r.u8()?;
+        if id != compact::PROTOCOL_ID || vt & compact::VERSION_MASK != compact::VERSION {
+            return Err(WireError::BadCompactVersion(u16::from_be_bytes([id, vt])));
+        }
+        let mtype = vt >> compact::TYPE_SHIFT;
+        if !(mtype::CALL..=mtype::ONEWAY).contains(&mtype) {
+            return Err(WireError::BadMessageType(mtype));
+        }
+        let seqid = r.varint32()? as i32;
+        let name = r.bytes()?;
         Ok(MessageHeader { name, mtype, seqid })
     }
 }

@@ -1,5 +1,5 @@
-//! Thrift wire formats: the binary protocol (strict), message boundaries for the buffered and framed
-//! transports, zero-copy argument views and reply encoders.
+//! Thrift wire formats: the binary (strict) and compact protocols, message boundaries for the buffered,
+//! framed and header (THeader, TTHeader) transports, zero-copy argument views and reply encoders.
 //!
 //! This module is the bedrock of fae: it imports nothing else of the crate, does no I/O and does not allocate
 //! while it parses. Every length, nesting depth and element count taken from the network is checked against
@@ -7,15 +7,38 @@
 
 mod args;
 mod binary;
+pub mod compact;
 mod encode;
 mod frame;
+pub mod header;
 mod resume;
 
 pub use args::{ArgError, Args, Context, ListIter, Value, MAX_ARG_ID};
 pub use binary::{skip, MessageHeader, Reader};
 pub use encode::{AppErrorKind, Encoder, Reply};
-pub use frame::{next_call, scan, Call, Frame, Malformed, Transport};
+pub use frame::{next_call, scan, Call, Dialect, Frame, Malformed, Transport};
+pub use header::{HeaderKind, InfoHeaders};
 pub use resume::Progress;
+
+/// The protocol of one message, told by its first byte (0x80 binary, 0x82 compact) or by a header
+/// transport's protocol id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Protocol {
+    /// TBinaryProtocol, strict (the version word 0x8001....).
+    #[default]
+    Binary,
+    /// TCompactProtocol.
+    Compact,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Binary => "binary",
+            Protocol::Compact => "compact",
+        }
+    }
+}
 
 /// Thrift type ids (the `TType` of every Apache Thrift library).
 pub mod ttype {
@@ -74,11 +97,26 @@ pub enum WireError {
     /// bad protocol version word {0:#010x}: expected a strict TBinaryProtocol message (0x8001....)
     #[error("bad protocol version word {0:#010x}: expected a strict TBinaryProtocol message (0x8001....)")]
     BadVersion(u32),
-    /// the first byte does not start a binary message, a compact message or a frame
+    /// bad compact protocol id and version
+    #[error("bad compact protocol id and version {0:#06x}: expected 0x82 then version 1")]
+    BadCompactVersion(u16),
+    /// a varint longer than its type allows
+    #[error("malformed varint: longer than {0} bytes")]
+    BadVarint(u8),
+    /// a header transport's frame that cannot be read
+    #[error("malformed {kind} header: {why}")]
+    BadHeader {
+        kind: &'static str,
+        why: &'static str,
+    },
+    /// a header transport's feature fae does not implement
     #[error(
-        "unrecognised transport: first byte {0:#04x} starts neither a binary message nor a frame"
+        "{kind}: {what} is not supported (fae reads binary or compact payloads without transforms)"
     )]
-    UnknownTransport(u8),
+    Unsupported {
+        kind: &'static str,
+        what: &'static str,
+    },
     /// negative length
     #[error("negative length {0}")]
     NegativeLength(i64),

@@ -7,12 +7,12 @@
 //! byte is walked once however the message is split.
 
 use super::binary::{fixed_size, MessageHeader, Reader};
-use super::{ttype, Limits, WireError};
+use super::{compact, ttype, Limits, Protocol, WireError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {
-    /// Inside a struct: next is a field header or STOP.
-    Struct,
+    /// Inside a struct: next is a field header or STOP; `last` is the last field id read (compact).
+    Struct { last: i16 },
     /// Inside a list or set: `left` elements of type `elem` to go.
     Seq { elem: u8, left: usize },
     /// Inside a map: `left` entries to go; `value` when the next value is an entry's value.
@@ -31,6 +31,8 @@ pub struct Progress {
     pos: usize,
     /// The containers the walk is inside of, innermost last; empty before the header is read.
     open: Vec<Open>,
+    /// The message's protocol, told by its first byte.
+    proto: Protocol,
 }
 
 impl Progress {
@@ -48,14 +50,18 @@ impl Progress {
     /// and `len` bytes long (the progress is reset); `Ok(None)`: more bytes are needed.
     pub fn walk(&mut self, buf: &[u8], limits: &Limits) -> Result<Option<usize>, WireError> {
         if self.open.is_empty() {
-            let mut r = Reader::with_cap(buf, limits.max_message);
+            self.proto = match buf.first() {
+                Some(&compact::PROTOCOL_ID) => Protocol::Compact,
+                _ => Protocol::Binary,
+            };
+            let mut r = Reader::with_cap_of(self.proto, buf, limits.max_message);
             match MessageHeader::read(&mut r) {
                 Ok(_) => {}
                 Err(WireError::Truncated) => return Ok(None),
                 Err(e) => return Err(e),
             }
             self.pos = r.position();
-            self.open.push(Open::Struct);
+            self.open.push(Open::Struct { last: 0 });
         }
         loop {
             let Some(top) = self.open.last_mut() else {
@@ -64,25 +70,37 @@ impl Progress {
                 return Ok(Some(len));
             };
             let avail = &buf[self.pos.min(buf.len())..];
-            let mut r = Reader::with_cap(avail, limits.max_message.saturating_sub(self.pos));
+            let mut r = Reader::with_cap_of(
+                self.proto,
+                avail,
+                limits.max_message.saturating_sub(self.pos),
+            );
+            // A field's id, kept once its value is walked (compact ids are deltas from the last one).
+            let mut field_id = None;
             // The type of the next value, once whatever precedes it (a field header) is consumed.
             let next = match top {
-                Open::Struct => match r.field() {
-                    Ok(None) => {
-                        self.pos += r.position();
-                        self.open.pop();
-                        continue;
+                Open::Struct { last } => {
+                    r.set_last_field(*last);
+                    match r.field() {
+                        Ok(None) => {
+                            self.pos += r.position();
+                            self.open.pop();
+                            continue;
+                        }
+                        Ok(Some((id, t))) => {
+                            field_id = Some(id);
+                            t
+                        }
+                        Err(WireError::Truncated) => return Ok(None),
+                        Err(e) => return Err(e),
                     }
-                    Ok(Some((_, t))) => t,
-                    Err(WireError::Truncated) => return Ok(None),
-                    Err(e) => return Err(e),
-                },
+                }
                 Open::Seq { left: 0, .. } | Open::Map { left: 0, .. } => {
                     self.open.pop();
                     continue;
                 }
                 Open::Seq { elem, left } => {
-                    if let Some(size) = fixed_size(*elem) {
+                    if let Some(size) = fixed_size(self.proto, *elem) {
                         // Skip every whole element that has arrived in one step.
                         let n = (*left).min(avail.len() / size);
                         *left -= n;
@@ -104,7 +122,7 @@ impl Progress {
             };
             let depth = self.open.len();
             let opened = match next {
-                ttype::STRUCT => Some(Open::Struct),
+                ttype::STRUCT => Some(Open::Struct { last: 0 }),
                 ttype::LIST | ttype::SET => match r.list_header(limits) {
                     Ok((elem, left)) => Some(Open::Seq { elem, left }),
                     Err(WireError::Truncated) => return Ok(None),
@@ -135,7 +153,12 @@ impl Progress {
                     }
                     *value = !*value;
                 }
-                _ => {}
+                Some(Open::Struct { last }) => {
+                    if let Some(id) = field_id {
+                        *last = id;
+                    }
+                }
+                None => {}
             }
             self.pos += r.position();
             if let Some(o) = opened {
@@ -153,9 +176,9 @@ mod tests {
     use super::*;
     use crate::wire::{mtype, skip, Encoder};
 
-    fn message() -> Vec<u8> {
+    fn message(proto: Protocol) -> Vec<u8> {
         let mut out = Vec::new();
-        let mut e = Encoder::new(&mut out);
+        let mut e = Encoder::of(proto, &mut out);
         e.message_begin(b"m", mtype::CALL, 1);
         e.field_begin(ttype::STRUCT, 1);
         e.field_i64(1, 5);
@@ -172,9 +195,7 @@ mod tests {
             e.i64(v);
         }
         e.field_begin(ttype::MAP, 4);
-        out.extend_from_slice(&[ttype::STRING, ttype::LIST]);
-        out.extend_from_slice(&2i32.to_be_bytes());
-        let mut e = Encoder::new(&mut out);
+        e.map_begin(ttype::STRING, ttype::LIST, 2);
         for k in [&b"k1"[..], b"k2"] {
             e.bytes(k);
             e.list_begin(ttype::I32, 1);
@@ -183,16 +204,30 @@ mod tests {
         e.field_begin(ttype::LIST, 5);
         e.list_begin(ttype::STRUCT, 0);
         e.field_bool(6, true);
+        e.field_begin(ttype::MAP, 7);
+        e.map_begin(ttype::I32, ttype::I32, 0);
+        e.field_begin(ttype::LIST, 40);
+        e.list_begin(ttype::BOOL, 20);
+        for i in 0..20 {
+            e.bool(i % 3 == 0);
+        }
+        e.field_bool(41, false);
         e.stop();
         out
     }
 
     #[test]
     fn finds_the_end_however_the_message_is_split() {
-        let msg = message();
+        for proto in [Protocol::Binary, Protocol::Compact] {
+            finds_the_end(proto);
+        }
+    }
+
+    fn finds_the_end(proto: Protocol) {
+        let msg = message(proto);
         let limits = Limits::default();
         // the same length the recursive walk finds
-        let mut r = Reader::new(&msg);
+        let mut r = Reader::of(proto, &msg);
         MessageHeader::read(&mut r).unwrap();
         skip(&mut r, ttype::STRUCT, &limits, 0).unwrap();
         assert_eq!(r.position(), msg.len());

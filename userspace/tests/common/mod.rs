@@ -524,6 +524,12 @@ pub fn on(transport: Transport, msg: &[u8]) -> Vec<u8> {
     match transport {
         Transport::Buffered => msg.to_vec(),
         Transport::Framed => framed(msg),
+        Transport::Header(kind) => {
+            let mut out = Vec::new();
+            let info: &[(&[u8], &[u8])] = &[(b"caller", b"fae-tests")];
+            fae::wire::header::request(&mut out, kind, 1, fae::wire::Protocol::Binary, info, msg);
+            out
+        }
     }
 }
 
@@ -725,6 +731,28 @@ pub fn read_message(r: &mut dyn Read, transport: Transport) -> io::Result<Msg> {
                 )));
             }
             Ok(m)
+        }
+        Transport::Header(kind) => {
+            let len = rd_i32(r)?;
+            if len <= 0 || len as usize > MAX_DECODE {
+                return Err(bad(format!("reply frame length {len}")));
+            }
+            let mut frame = (len as u32).to_be_bytes().to_vec();
+            frame.resize(4 + len as usize, 0);
+            r.read_exact(&mut frame[4..])?;
+            // The header's fields, read here rather than by fae's parser: magic, header size, protocol 0.
+            if frame[4..6] != kind.magic() {
+                return Err(bad(format!("reply magic {:02x?}", &frame[4..6])));
+            }
+            let words = u16::from_be_bytes([frame[12], frame[13]]) as usize;
+            let payload = frame
+                .get(14 + 4 * words..)
+                .ok_or_else(|| bad("reply header size past its frame".to_string()))?;
+            if frame.get(14) != Some(&0) {
+                return Err(bad("reply header's protocol is not binary".to_string()));
+            }
+            let mut cur = io::Cursor::new(payload);
+            rd_message(&mut cur)
         }
     }
 }
