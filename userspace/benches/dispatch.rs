@@ -1,6 +1,8 @@
 //! In-process cost of the protocol layer per call, sockets excluded: decode a call, run it, encode the
 //! reply. fae's zero-copy `wire` + `Session` against the Apache `thrift` crate's generated processor and
-//! `TBinaryInputProtocol`/`TBinaryOutputProtocol` over in-memory transports, on the same pipelined input.
+//! `TBinaryInputProtocol`/`TBinaryOutputProtocol` over in-memory transports, on the same pipelined input;
+//! then fae per protocol and transport: binary, compact, and both in THeader frames (the compact
+//! protocol's goal: within 1.1x binary's ns per call), beside the thrift crate's compact protocol.
 //!
 //! Run: `cargo bench --bench dispatch` (prints ns per call for each; no assertions).
 
@@ -15,8 +17,11 @@ use fae::config::Config;
 use fae::engine::metrics::LoopMetrics;
 use fae::engine::session::{Env, Session};
 use fae::servant::Servants;
-use fae::wire::{mtype, ttype, Encoder};
-use thrift::protocol::{TBinaryInputProtocol, TBinaryOutputProtocol};
+use fae::wire::header::{self, HeaderKind};
+use fae::wire::{mtype, ttype, Encoder, Protocol};
+use thrift::protocol::{
+    TBinaryInputProtocol, TBinaryOutputProtocol, TCompactInputProtocol, TCompactOutputProtocol,
+};
 use thrift::server::TProcessor;
 
 const CALLS: usize = 1000;
@@ -30,9 +35,16 @@ fn ctx(e: &mut Encoder<'_>) {
 }
 
 fn calls(method: &str, value: &[u8]) -> Vec<u8> {
+    calls_in(Protocol::Binary, None, method, value)
+}
+
+/// `CALLS` calls of `method` in `proto`, each in a header frame of `kind` if given.
+fn calls_in(proto: Protocol, kind: Option<HeaderKind>, method: &str, value: &[u8]) -> Vec<u8> {
+    let mut all = Vec::new();
     let mut out = Vec::new();
     for seq in 0..CALLS as i32 {
-        let mut e = Encoder::new(&mut out);
+        out.clear();
+        let mut e = Encoder::of(proto, &mut out);
         e.message_begin(method.as_bytes(), mtype::CALL, seq);
         match method {
             "noop" => e.field_i32(1, seq),
@@ -48,8 +60,12 @@ fn calls(method: &str, value: &[u8]) -> Vec<u8> {
             _ => unreachable!(),
         }
         e.stop();
+        match kind {
+            Some(k) => header::request(&mut all, k, seq as u32, proto, &[], &out),
+            None => all.extend_from_slice(&out),
+        }
     }
-    out
+    all
 }
 
 fn time(mut f: impl FnMut()) -> f64 {
@@ -117,6 +133,56 @@ fn main() {
         println!(
             "| {method} | {fae:.0} | {thrift:.0} | {:.1}x |",
             thrift / fae
+        );
+    }
+    if std::env::var_os("DISPATCH_FIRST_TABLE_ONLY").is_some() {
+        return; // for profiling the first table alone
+    }
+    println!();
+    println!("per protocol and transport, ns per call (fae; the thrift crate's processor for comparison):");
+    println!(
+        "| method | fae binary | fae compact | compact / binary | fae THeader binary | fae THeader compact | thrift binary | thrift compact |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for method in ["noop", "lc_get", "lc_set"] {
+        if !only.is_empty() && !only.iter().any(|o| o == method) {
+            continue;
+        }
+        let fae_ns = |proto, kind| {
+            let input = calls_in(proto, kind, method, &value);
+            let mut session = Session::new();
+            time(|| {
+                session.on_bytes(black_box(&input), &env, &metrics, Instant::now());
+                assert!(!session.closing());
+                session.sent(usize::MAX);
+            })
+        };
+        let binary = fae_ns(Protocol::Binary, None);
+        let compact = fae_ns(Protocol::Compact, None);
+        let th_binary = fae_ns(Protocol::Binary, Some(HeaderKind::THeader));
+        let th_compact = fae_ns(Protocol::Compact, Some(HeaderKind::THeader));
+        let mut out = Vec::with_capacity(1 << 20);
+        let input = calls(method, &value);
+        let thrift_binary = time(|| {
+            out.clear();
+            let mut i = TBinaryInputProtocol::new(Cursor::new(black_box(&input[..])), true);
+            let mut o = TBinaryOutputProtocol::new(&mut out, true);
+            for _ in 0..CALLS {
+                processor.process(&mut i, &mut o).expect("thrift process");
+            }
+        });
+        let input = calls_in(Protocol::Compact, None, method, &value);
+        let thrift_compact = time(|| {
+            out.clear();
+            let mut i = TCompactInputProtocol::new(Cursor::new(black_box(&input[..])));
+            let mut o = TCompactOutputProtocol::new(&mut out);
+            for _ in 0..CALLS {
+                processor.process(&mut i, &mut o).expect("thrift process");
+            }
+        });
+        println!(
+            "| {method} | {binary:.0} | {compact:.0} | {:.2}x | {th_binary:.0} | {th_compact:.0} | {thrift_binary:.0} | {thrift_compact:.0} |",
+            compact / binary
         );
     }
 }

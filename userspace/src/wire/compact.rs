@@ -31,6 +31,26 @@ const MAP: u8 = 11;
 const STRUCT: u8 = 12;
 const UUID: u8 = 13;
 
+/// The binary type id of each compact type id 0-15 (STOP where there is none: 0 and 14-15).
+pub const TTYPE: [u8; 16] = [
+    ttype::STOP,
+    ttype::BOOL,
+    ttype::BOOL,
+    ttype::BYTE,
+    ttype::I16,
+    ttype::I32,
+    ttype::I64,
+    ttype::DOUBLE,
+    ttype::STRING,
+    ttype::LIST,
+    ttype::SET,
+    ttype::MAP,
+    ttype::STRUCT,
+    ttype::UUID,
+    ttype::STOP,
+    ttype::STOP,
+];
+
 /// The binary type id of compact type `ct` (both bool ids give BOOL).
 pub fn to_ttype(ct: u8) -> Result<u8, WireError> {
     Ok(match ct {
@@ -120,6 +140,16 @@ mod tests {
         }
         assert_eq!(zigzag32(-1), 1);
         assert_eq!(zigzag32(1), 2);
+    }
+
+    #[test]
+    fn type_table_matches_the_mapping() {
+        for ct in 0..16u8 {
+            match to_ttype(ct) {
+                Ok(t) => assert_eq!(TTYPE[usize::from(ct)], t),
+                Err(_) => assert_eq!(TTYPE[usize::from(ct)], ttype::STOP),
+            }
+        }
     }
 
     #[test]

@@ -4,8 +4,9 @@
 use super::compact::{self, put_varint, zigzag32, zigzag64};
 use super::{header, mtype, ttype, Dialect, Protocol, Transport, VERSION_1};
 
-/// Deepest struct nesting whose field ids the compact encoder tracks (fae's replies nest two deep).
-const MAX_NESTING: usize = 16;
+/// Struct nesting whose last field ids the compact encoder keeps (16 bits each in a u128); deeper structs
+/// write their field ids in full, which needs no last id (fae's replies nest two deep).
+const KEPT_LEVELS: u8 = 8;
 
 /// Appends binary- or compact-protocol values to a byte buffer. Structs are opened by
 /// `field_begin(STRUCT, id)` and closed by [`Encoder::stop`] (the compact protocol numbers a struct's
@@ -13,33 +14,42 @@ const MAX_NESTING: usize = 16;
 pub struct Encoder<'b> {
     out: &'b mut Vec<u8>,
     proto: Protocol,
-    /// Compact: the last field id written, per open struct.
-    last: [i16; MAX_NESTING],
-    depth: usize,
+    /// Compact: the last field id written in the current struct, and the outer structs' ones.
+    last: i16,
+    outer: u128,
+    depth: u8,
+    /// Compact: open structs past `KEPT_LEVELS`.
+    overflow: u32,
     /// Compact: a bool field whose header waits for its value.
     bool_field: Option<i16>,
 }
 
 impl<'b> Encoder<'b> {
     /// A binary-protocol encoder.
+    #[inline]
     pub fn new(out: &'b mut Vec<u8>) -> Self {
         Self::of(Protocol::Binary, out)
     }
 
+    #[inline]
     pub fn of(proto: Protocol, out: &'b mut Vec<u8>) -> Self {
         Encoder {
             out,
             proto,
-            last: [0; MAX_NESTING],
+            last: 0,
+            outer: 0,
             depth: 0,
+            overflow: 0,
             bool_field: None,
         }
     }
 
+    #[inline]
     pub fn protocol(&self) -> Protocol {
         self.proto
     }
 
+    #[inline]
     pub fn message_begin(&mut self, name: &[u8], mtype: u8, seqid: i32) {
         match self.proto {
             Protocol::Binary => {
@@ -57,6 +67,7 @@ impl<'b> Encoder<'b> {
             }
         }
     }
+    #[inline]
     pub fn field_begin(&mut self, t: u8, id: i16) {
         if self.proto == Protocol::Binary {
             self.out.push(t);
@@ -69,28 +80,43 @@ impl<'b> Encoder<'b> {
             return;
         }
         self.compact_field(compact::of_ttype(t), id);
-        if t == ttype::STRUCT && self.depth + 1 < MAX_NESTING {
-            self.depth += 1;
-            self.last[self.depth] = 0;
+        if t == ttype::STRUCT {
+            if self.overflow > 0 || self.depth == KEPT_LEVELS {
+                self.overflow += 1;
+            } else {
+                self.outer = (self.outer << 16) | u128::from(self.last as u16);
+                self.depth += 1;
+                self.last = 0;
+            }
         }
     }
+    #[inline]
     fn compact_field(&mut self, ct: u8, id: i16) {
-        let last = &mut self.last[self.depth];
-        let delta = i32::from(id) - i32::from(*last);
-        if (1..=15).contains(&delta) {
+        let delta = i32::from(id) - i32::from(self.last);
+        if self.overflow == 0 && (1..=15).contains(&delta) {
             self.out.push(((delta as u8) << 4) | ct);
         } else {
             self.out.push(ct);
             put_varint(self.out, u64::from(zigzag32(i32::from(id))));
         }
-        *last = id;
+        if self.overflow == 0 {
+            self.last = id;
+        }
     }
+    #[inline]
     pub fn stop(&mut self) {
         self.out.push(ttype::STOP);
         if self.proto == Protocol::Compact {
-            self.depth = self.depth.saturating_sub(1);
+            if self.overflow > 0 {
+                self.overflow -= 1;
+            } else if self.depth > 0 {
+                self.last = self.outer as u16 as i16;
+                self.outer >>= 16;
+                self.depth -= 1;
+            }
         }
     }
+    #[inline]
     pub fn list_begin(&mut self, elem: u8, n: usize) {
         match self.proto {
             Protocol::Binary => {
@@ -106,6 +132,7 @@ impl<'b> Encoder<'b> {
             }
         }
     }
+    #[inline]
     pub fn map_begin(&mut self, k: u8, v: u8, n: usize) {
         match self.proto {
             Protocol::Binary => {
@@ -121,6 +148,7 @@ impl<'b> Encoder<'b> {
             }
         }
     }
+    #[inline]
     pub fn bool(&mut self, v: bool) {
         match (self.proto, self.bool_field.take()) {
             (Protocol::Binary, _) => self.out.push(u8::from(v)),
@@ -134,24 +162,28 @@ impl<'b> Encoder<'b> {
             }
         }
     }
+    #[inline]
     pub fn i16(&mut self, v: i16) {
         match self.proto {
             Protocol::Binary => self.out.extend_from_slice(&v.to_be_bytes()),
             Protocol::Compact => put_varint(self.out, u64::from(zigzag32(i32::from(v)))),
         }
     }
+    #[inline]
     pub fn i32(&mut self, v: i32) {
         match self.proto {
             Protocol::Binary => self.out.extend_from_slice(&v.to_be_bytes()),
             Protocol::Compact => put_varint(self.out, u64::from(zigzag32(v))),
         }
     }
+    #[inline]
     pub fn i64(&mut self, v: i64) {
         match self.proto {
             Protocol::Binary => self.out.extend_from_slice(&v.to_be_bytes()),
             Protocol::Compact => put_varint(self.out, zigzag64(v)),
         }
     }
+    #[inline]
     pub fn bytes(&mut self, v: &[u8]) {
         match self.proto {
             Protocol::Binary => self.out.extend_from_slice(&(v.len() as i32).to_be_bytes()),
@@ -161,11 +193,13 @@ impl<'b> Encoder<'b> {
     }
 
     /// A struct field holding a string or binary.
+    #[inline]
     pub fn field_bytes(&mut self, id: i16, v: &[u8]) {
         self.field_begin(ttype::STRING, id);
         self.bytes(v);
     }
     /// A string field formatted in place: no intermediate `String`.
+    #[inline]
     pub fn field_fmt(&mut self, id: i16, args: std::fmt::Arguments<'_>) {
         use std::io::Write;
         self.field_begin(ttype::STRING, id);
@@ -183,14 +217,17 @@ impl<'b> Encoder<'b> {
             self.out.splice(at..at, len[..n].iter().copied());
         }
     }
+    #[inline]
     pub fn field_i32(&mut self, id: i16, v: i32) {
         self.field_begin(ttype::I32, id);
         self.i32(v);
     }
+    #[inline]
     pub fn field_i64(&mut self, id: i16, v: i64) {
         self.field_begin(ttype::I64, id);
         self.i64(v);
     }
+    #[inline]
     pub fn field_bool(&mut self, id: i16, v: bool) {
         self.field_begin(ttype::BOOL, id);
         self.bool(v);
@@ -321,6 +358,37 @@ impl Dialect {
 mod tests {
     use super::*;
     use crate::wire::{Args, Limits, MessageHeader, Reader};
+
+    /// Structs nested deeper than the encoder keeps last ids for still read back (their ids written in full).
+    #[test]
+    fn deep_compact_nesting_reads_back() {
+        let mut out = Vec::new();
+        let mut e = Encoder::of(Protocol::Compact, &mut out);
+        e.message_begin(b"m", mtype::CALL, 1);
+        for level in 0..20i16 {
+            e.field_i32(3, i32::from(level));
+            e.field_begin(ttype::STRUCT, 5);
+        }
+        for _ in 0..20 {
+            e.stop();
+            e.field_i32(9, 9);
+        }
+        e.stop();
+        let mut r = Reader::of(Protocol::Compact, &out);
+        MessageHeader::read(&mut r).unwrap();
+        let limits = Limits::default();
+        crate::wire::skip(&mut r, ttype::STRUCT, &limits, 0).unwrap();
+        assert_eq!(r.remaining(), 0);
+        // and the field ids come back right at every level
+        let mut r = Reader::of(Protocol::Compact, &out);
+        MessageHeader::read(&mut r).unwrap();
+        for level in 0..20 {
+            assert_eq!(r.field().unwrap(), Some((3, ttype::I32)));
+            assert_eq!(r.i32().unwrap(), level);
+            assert_eq!(r.field().unwrap(), Some((5, ttype::STRUCT)));
+            r.set_last_field(0);
+        }
+    }
 
     /// The same struct written in each protocol reads back the same, nested struct and bool fields included.
     #[test]

@@ -65,10 +65,7 @@ impl HeaderKind {
     }
 
     fn bad(self, why: &'static str) -> WireError {
-        WireError::BadHeader {
-            kind: self.name(),
-            why,
-        }
+        WireError::BadHeader { kind: self, why }
     }
 }
 
@@ -161,7 +158,7 @@ pub fn parse<'a>(
         2 => Protocol::Compact,
         1 => {
             return Err(fail(WireError::Unsupported {
-                kind: kind.name(),
+                kind,
                 what: "the JSON protocol",
             }))
         }
@@ -175,10 +172,7 @@ pub fn parse<'a>(
             3 => "the snappy transform",
             _ => "an unknown transform",
         };
-        return Err(fail(WireError::Unsupported {
-            kind: kind.name(),
-            what,
-        }));
+        return Err(fail(WireError::Unsupported { kind, what }));
     }
     let info = InfoHeaders {
         kind,
