@@ -19,7 +19,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{Faed, FaedSpec, TempDir, Val};
-use fae::client::{self, fun_rpc::TCacheMissed, Client, TFunServantSyncClient, Transport};
+use fae::client::{
+    self, fun_rpc::TCacheMissed, Client, Protocol, TFunServantSyncClient, Transport,
+};
+use fae::wire::HeaderKind;
 use fae_cluster::{ClusterStatus, MemberState};
 
 /// `cluster.failover_timeout_ms` of every node (the default is 2500; shorter keeps the tests quick).
@@ -890,6 +893,31 @@ fn three_nodes_share_keys_locks_ids_and_the_registry() {
         |i| Some(value(&keys[i], if i % 3 == 0 { "c" } else { "a" })),
         "set through C",
     );
+    // Forwarded calls in the compact protocol and in header frames come back the way they went: the node
+    // re-encodes the sticky call in the call's own protocol and the owner answers in it.
+    let dialects = [
+        (Transport::Buffered, Protocol::Compact),
+        (Transport::Framed, Protocol::Compact),
+        (Transport::Header(HeaderKind::THeader), Protocol::Compact),
+        (Transport::Header(HeaderKind::TTHeader), Protocol::Binary),
+    ];
+    for (transport, protocol) in dialects {
+        let addr = cl.nodes[b].sock_addr().to_string();
+        let mut cli =
+            client::connect_as(&addr, transport, protocol, CALL_TIMEOUT).expect("connect");
+        let remote: Vec<usize> = (0..keys.len())
+            .filter(|&i| owners[i] != b)
+            .take(20)
+            .collect();
+        assert!(remote.len() >= 10, "keys B does not own: {remote:?}");
+        for i in remote {
+            let want = value(&keys[i], if i % 3 == 0 { "c" } else { "a" });
+            let got = cli
+                .lc_get(ctx(), keys[i].clone())
+                .unwrap_or_else(|e| panic!("{transport:?} {protocol:?} lc_get {}: {e}", keys[i]));
+            assert_eq!(got, want, "{transport:?} {protocol:?} {}", keys[i]);
+        }
+    }
 
     // mc_* and rd_call run on the node the client reached, straight to the store: never forwarded.
     let forwarded = |i: usize| -> u64 {

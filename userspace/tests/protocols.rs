@@ -581,3 +581,33 @@ fn unix_socket_is_served_and_cleaned_up() {
     assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A header frame's caller reaches the filters: the sampled call log names it.
+#[test]
+fn the_callers_service_from_a_header_reaches_the_call_log() {
+    let dir = TempDir::new();
+    let spec = FaedSpec {
+        sections: "[metrics]\nsample_per_10000 = 10000\n".into(),
+        log_level: "warn,fae::calls=info".into(),
+        ..FaedSpec::new(dir.path().join("faed"))
+    };
+    let mut faed = Faed::spawn(&spec);
+    faed.wait_ready(Duration::from_secs(10))
+        .expect("faed ready");
+    for kind in [HeaderKind::THeader, HeaderKind::TTHeader] {
+        let mut s = open(&faed);
+        let msg = call_in(Protocol::Binary, "ping", 1, ctx);
+        s.write_all(&wrap(Dialect::Header(kind), Protocol::Binary, &msg))
+            .unwrap();
+        read_reply(&mut s, Dialect::Header(kind), Protocol::Binary).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while faed.log().matches("caller=protocols-test").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the sampled call log does not name the caller:\n{}",
+            faed.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -642,6 +642,11 @@ fn run(
             method,
             peer,
             admitted: started,
+            caller: c
+                .info
+                .caller()
+                .map(crate::filter::Caller::new)
+                .unwrap_or_default(),
         };
         if let Err(r) = env.filters.admit(&info) {
             app_error(

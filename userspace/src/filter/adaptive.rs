@@ -158,6 +158,7 @@ mod tests {
             method: crate::servant::Method::Noop,
             peer: std::net::Ipv4Addr::LOCALHOST.into(),
             admitted: Instant::now(),
+            caller: Default::default(),
         }
     }
 

@@ -74,6 +74,7 @@ mod tests {
             method: m,
             peer: std::net::Ipv4Addr::LOCALHOST.into(),
             admitted: Instant::now(),
+            caller: Default::default(),
         };
         let end = Ending {
             took: std::time::Duration::ZERO,

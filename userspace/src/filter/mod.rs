@@ -39,6 +39,35 @@ pub struct CallInfo {
     pub peer: IpAddr,
     /// When the call was admitted.
     pub admitted: Instant,
+    /// The calling service, when a header frame named it (Kitex's FromService, a `caller` info header).
+    pub caller: Caller,
+}
+
+/// A caller's service name from a header frame's info headers, kept inline (at most 32 bytes; a longer one
+/// is cut), so that a call's filter record allocates nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caller {
+    len: u8,
+    bytes: [u8; 32],
+}
+
+impl Caller {
+    pub fn new(name: &[u8]) -> Caller {
+        let mut c = Caller::default();
+        let n = name.len().min(c.bytes.len());
+        c.bytes[..n].copy_from_slice(&name[..n]);
+        c.len = n as u8;
+        c
+    }
+
+    /// The name as sent (lossy UTF-8), empty when the call named none.
+    pub fn name(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.bytes[..usize::from(self.len)])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Why a filter refused a call; each is counted.

@@ -110,6 +110,7 @@ mod tests {
             method: crate::servant::Method::Noop,
             peer: ip,
             admitted: t0 + Duration::from_millis(ms),
+            caller: Default::default(),
         };
         // A burst of 10 at once, then refused.
         let admitted = (0..20).filter(|_| f.admit(&at(a, 0)).is_ok()).count();

@@ -34,6 +34,7 @@ impl Filter for Sample {
                 target: "fae::calls",
                 method = call.method.name(),
                 client = %call.peer,
+                caller = %call.caller.name(),
                 took_us = ending.took.as_micros() as u64,
                 ok = ending.ok,
                 "sampled call"
