@@ -126,6 +126,9 @@ compact_bad = {
     "huge_list": ccall("ping", 1, bytes([0x19, 0xF6]) + varint(1 << 30)),
     "bad_type": ccall("ping", 1, bytes([0x1E])),
     "bad_version": bytes([0x82, 0x22, 0x01, 0x04]) + b"noop\x00",
+    # found by the fuzzer: lists nested to the depth limit ending at the last byte (the resumable walk
+    # checked the depth after reading a container's header, the one-pass walk before)
+    "depth_at_last_byte": bytes([0x82, 0x21, 0x2E, 0x18, 0x04]) + b"svs" + b"\xd9" * 84,
 }
 compact_seeds = dict(compact_calls)
 compact_seeds["pipelined"] = b"".join(compact_calls.values())

@@ -121,6 +121,12 @@ impl Progress {
                 }
             };
             let depth = self.open.len();
+            // A container too deep is refused before its header is read, as the one-pass walk does (so
+            // that both stop at the same byte).
+            let container = matches!(next, ttype::STRUCT | ttype::LIST | ttype::SET | ttype::MAP);
+            if container && depth >= limits.max_depth {
+                return Err(WireError::TooDeep(limits.max_depth));
+            }
             let opened = match next {
                 ttype::STRUCT => Some(Open::Struct { last: 0 }),
                 ttype::LIST | ttype::SET => match r.list_header(limits) {
