@@ -184,6 +184,14 @@ for target, prefix in (("wire_decode", b""), ("session", b"\x07")):
             f.write(prefix + data)
 print(f"wrote {len(seeds)} seeds per target")
 
+# wire_decode, first byte 0xff (the message whole, not split): a call whose argument nests 64 structs, one
+# past the fuzz limit of 64 levels counting the argument struct. The argument reader once counted one level
+# fewer than the message walks and accepted it.
+# (compact, so that the message is shorter than the 255 bytes a whole-message first byte can say)
+deep64 = ccall("noop", 1, bytes([0x1C]) * 64 + bytes([0]) * 64)
+with open(os.path.join(HERE, "corpus", "wire_decode", "seed-deep_64_whole"), "wb") as f:
+    f.write(b"\xff" + deep64)
+
 # Store replies for backend_replies: first byte = what the parser expects (0 get, 1 store, 2 delete, 3 incr,
 # 4 version, 5 Redis), second = where the bytes are split between two reads.
 replies = {

@@ -70,9 +70,36 @@ fn stream(data: &[u8], limits: &Limits) {
         let resumed = p
             .walk(&data[..split], &limits)
             .and_then(|found| found.map_or_else(|| p.walk(data, &limits), |len| Ok(Some(len))));
-        match (one_pass, resumed) {
-            (Ok(Some(f)), Ok(Some(len))) => assert_eq!(f.consumed, len),
-            (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        // And the walk that reads the arguments on the way (what sessions use) agrees with both, whole
+        // and split at the same byte.
+        let mut args = Args::new(&limits);
+        let mut q = Progress::default();
+        let called = wire::next_call(&data[..split], None, &limits, &mut args, &mut q)
+            .map(|c| c.map(|c| c.consumed))
+            .and_then(|found| match found {
+                Some(n) => Ok(Some(n)),
+                None => wire::next_call(data, None, &limits, &mut args, &mut q)
+                    .map(|c| c.map(|c| c.consumed)),
+            })
+            .map_err(|m| m.error);
+        let unframed = matches!(data.first(), Some(&0x80 | &wire::compact::PROTOCOL_ID));
+        match (&one_pass, &resumed) {
+            (Ok(Some(f)), Ok(Some(len))) => {
+                assert_eq!(f.consumed, *len);
+                if unframed {
+                    assert_eq!(called, Ok(Some(*len)), "next_call, split at {split}");
+                }
+            }
+            (Ok(None), Ok(None)) => {
+                if unframed {
+                    assert_eq!(called, Ok(None), "next_call, split at {split}");
+                }
+            }
+            (Err(_), Err(_)) => {
+                if unframed {
+                    assert!(called.is_err(), "next_call {called:?}, split at {split}");
+                }
+            }
             (a, b) => panic!("one-pass walk {a:?}, resumed walk {b:?}"),
         }
     }

@@ -74,16 +74,19 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net
     Ok(s.into())
 }
 
-/// Binds `server.unix_socket`: a stale socket file (nobody accepts on it) is replaced, a live one or
-/// another kind of file is an error; then the mode and owner are set.
+/// Binds `server.unix_socket`: a stale socket file (connecting to it is refused: nobody listens) is
+/// replaced; a live one, one that cannot be probed, or another kind of file is an error. The mode and owner
+/// are set before `listen`, so that no client can connect while the file is still open to others. Returns
+/// the listener and the file's identity (device, inode), so that only this file is removed at exit.
 pub fn unix_listener(
     s: &crate::config::ServerConfig,
-) -> io::Result<Option<std::os::unix::net::UnixListener>> {
+) -> io::Result<Option<(std::os::unix::net::UnixListener, (u64, u64))>> {
     use socket2::{Domain, SockAddr, Socket, Type};
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let Some(path) = &s.unix_socket else {
         return Ok(None);
     };
+    let addr = SockAddr::unix(path)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -91,20 +94,47 @@ pub fn unix_listener(
                 format!("{} exists and is not a socket", path.display()),
             ));
         }
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => {
+        // A non-blocking probe: a server with a full backlog answers EAGAIN rather than hanging us.
+        let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        probe.set_nonblocking(true)?;
+        match probe.connect(&addr) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)?,
+            Ok(()) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("another server accepts on {}", path.display()),
                 ))
             }
-            Err(_) => std::fs::remove_file(path)?,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another server accepts on {} (its backlog is full)",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} exists and cannot be probed ({e}); remove it if no server uses it",
+                        path.display()
+                    ),
+                ))
+            }
         }
     }
     let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     sock.set_nonblocking(true)?;
-    sock.bind(&SockAddr::unix(path)?)?;
-    sock.listen(s.backlog)?;
+    sock.bind(&addr)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::other(format!(
+            "{} was replaced while faed bound it",
+            path.display()
+        )));
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(s.unix_socket_mode))?;
     if let Some(owner) = &s.unix_socket_owner {
         let (user, group) = owner.split_once(':').unwrap_or((owner, ""));
@@ -114,9 +144,10 @@ pub fn unix_listener(
         let gid = (!group.is_empty())
             .then(|| lookup_id(group, "/etc/group"))
             .transpose()?;
-        std::os::unix::fs::chown(path, uid, gid)?;
+        std::os::unix::fs::lchown(path, uid, gid)?;
     }
-    Ok(Some(sock.into()))
+    sock.listen(s.backlog)?;
+    Ok(Some((sock.into(), (meta.dev(), meta.ino()))))
 }
 
 /// A user's or group's id: a number, or a name looked up in /etc/passwd or /etc/group (local accounts,
@@ -341,7 +372,10 @@ impl KernelLoop {
                     (Stream::Tcp(s), peer.ip())
                 }),
                 (true, _, Some(l)) => l.accept().map(|(s, _)| (Stream::Unix(s), UNIX_PEER)),
-                _ => return,
+                _ => {
+                    self.gate.leave();
+                    return;
+                }
             };
             match accepted {
                 Ok((mut stream, peer)) => {

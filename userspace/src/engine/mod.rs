@@ -115,19 +115,23 @@ pub struct Server {
     stopping: Arc<AtomicBool>,
     wakers: Vec<Arc<Doorbell>>,
     loops: Vec<JoinHandle<std::io::Result<()>>>,
-    /// The unix socket's file, removed once the loops are done.
-    unix_path: Option<std::path::PathBuf>,
+    /// The unix socket's file and its identity (device, inode), removed once the loops are done if it is
+    /// still the file this server bound (a newer faed may have replaced it while this one drained).
+    unix_file: Option<(std::path::PathBuf, (u64, u64))>,
 }
 
 /// What [`Server::bind_first`] binds before a node joins a cluster.
 #[derive(Default)]
 pub struct Bound {
     first: Option<std::net::TcpListener>,
-    unix: Option<std::os::unix::net::UnixListener>,
+    unix: Option<UnixBound>,
     xdp: Option<xdp::XdpPath>,
 }
 
-fn bind_unix(cfg: &Config) -> Result<Option<std::os::unix::net::UnixListener>, EngineError> {
+/// The unix socket's listener and its file's identity.
+type UnixBound = (std::os::unix::net::UnixListener, (u64, u64));
+
+fn bind_unix(cfg: &Config) -> Result<Option<UnixBound>, EngineError> {
     kernel::unix_listener(&cfg.server).map_err(|source| EngineError::ListenUnix {
         path: cfg.server.unix_socket.clone().unwrap_or_default(),
         source,
@@ -238,7 +242,7 @@ impl Server {
             };
             let unix = unix
                 .as_ref()
-                .map(|u| u.try_clone())
+                .map(|(u, _)| u.try_clone())
                 .transpose()
                 .map_err(EngineError::Loop)?;
             let m = Arc::new(LoopMetrics::default());
@@ -333,7 +337,7 @@ impl Server {
             stopping,
             wakers,
             loops,
-            unix_path: s.unix_socket.clone(),
+            unix_file: s.unix_socket.clone().zip(unix.as_ref().map(|(_, id)| *id)),
         })
     }
 
@@ -355,8 +359,12 @@ impl Server {
                 Err(_) => result = Err(std::io::Error::other("an event loop panicked")),
             }
         }
-        if let Some(p) = &self.unix_path {
-            let _ = std::fs::remove_file(p);
+        if let Some((path, id)) = &self.unix_file {
+            use std::os::unix::fs::MetadataExt;
+            let same = std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id);
+            if same {
+                let _ = std::fs::remove_file(path);
+            }
         }
         result
     }

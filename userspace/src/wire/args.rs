@@ -118,19 +118,22 @@ impl<'a> Args<'a> {
                 ttype::I64 => Value::I64(r.i64()?),
                 ttype::DOUBLE => Value::Double(r.f64()?),
                 ttype::STRING => Value::Bytes(r.bytes()?),
-                ttype::STRUCT => Value::Struct(r.skip_value(t, limits)?),
+                // Depths as the message walk counts them (`scan`, the resumable walk): the argument
+                // struct is level 1, so an argument's value is entered from 1.
+                ttype::STRUCT => Value::Struct(r.skip_value_at(t, limits, 1)?),
                 ttype::LIST | ttype::SET => {
+                    let depth = super::binary::enter(1, limits)?;
                     let (elem, n) = r.list_header(limits)?;
                     let start = r.position();
                     let mut body = r.clone();
                     for _ in 0..n {
-                        super::binary::skip(r, elem, limits, 1)?;
+                        super::binary::skip(r, elem, limits, depth)?;
                     }
                     let len = r.position() - start;
                     Value::List(elem, n, body.take_slice(len)?)
                 }
                 other => {
-                    r.skip_value(other, limits)?;
+                    r.skip_value_at(other, limits, 1)?;
                     Value::Other(other)
                 }
             };

@@ -345,8 +345,19 @@ impl<'a> Reader<'a> {
 
     /// Skips one value of type `t`, returning the bytes it occupied.
     pub fn skip_value(&mut self, t: u8, limits: &Limits) -> Result<&'a [u8], WireError> {
+        self.skip_value_at(t, limits, 0)
+    }
+
+    /// As [`Reader::skip_value`], for a value inside `depth` containers (counted as the message walk
+    /// counts them, so that a message is as deep however it is read).
+    pub fn skip_value_at(
+        &mut self,
+        t: u8,
+        limits: &Limits,
+        depth: usize,
+    ) -> Result<&'a [u8], WireError> {
         let start = self.pos;
-        skip(self, t, limits, 0)?;
+        skip(self, t, limits, depth)?;
         Ok(&self.buf[start..self.pos])
     }
 }
@@ -464,7 +475,7 @@ fn skip_n(
     Ok(())
 }
 
-fn enter(depth: usize, limits: &Limits) -> Result<usize, WireError> {
+pub(super) fn enter(depth: usize, limits: &Limits) -> Result<usize, WireError> {
     if depth >= limits.max_depth {
         return Err(WireError::TooDeep(limits.max_depth));
     }
