@@ -64,10 +64,6 @@ impl Caller {
     pub fn name(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.bytes[..usize::from(self.len)])
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// Why a filter refused a call; each is counted.

@@ -45,11 +45,6 @@ impl<'b> Encoder<'b> {
     }
 
     #[inline]
-    pub fn protocol(&self) -> Protocol {
-        self.proto
-    }
-
-    #[inline]
     pub fn message_begin(&mut self, name: &[u8], mtype: u8, seqid: i32) {
         match self.proto {
             Protocol::Binary => {

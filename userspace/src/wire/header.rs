@@ -204,6 +204,33 @@ pub fn parse<'a>(
     }))
 }
 
+/// The header's id of `protocol`.
+fn protocol_id(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Binary => 0,
+        Protocol::Compact => 2,
+    }
+}
+
+/// Writes a frame's fixed part up to the header size (the length left 0 for [`finish`]); returns where the
+/// frame starts.
+fn fixed_part(out: &mut Vec<u8>, kind: HeaderKind, flags: u16, seq: u32) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&kind.magic());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    start
+}
+
+/// Appends a count or length in `kind`'s encoding (a varint in THeader, a u16 in TTHeader).
+fn put_length(out: &mut Vec<u8>, kind: HeaderKind, n: usize) {
+    match kind {
+        HeaderKind::THeader => put_varint(out, n as u64),
+        HeaderKind::TTHeader => out.extend_from_slice(&(n as u16).to_be_bytes()),
+    }
+}
+
 /// Writes the start of a reply frame (its length is filled in by [`finish`]); returns where it starts.
 /// The header holds the protocol id and no transforms or info, padded to one word.
 pub fn begin(
@@ -214,17 +241,9 @@ pub fn begin(
     protocol: Protocol,
     inner_framed: bool,
 ) -> usize {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&kind.magic());
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
+    let start = fixed_part(out, kind, flags, seq);
     out.extend_from_slice(&1u16.to_be_bytes());
-    let id = match protocol {
-        Protocol::Binary => 0,
-        Protocol::Compact => 2,
-    };
-    out.extend_from_slice(&[id, 0, INFO_PADDING, INFO_PADDING]);
+    out.extend_from_slice(&[protocol_id(protocol), 0, INFO_PADDING, INFO_PADDING]);
     if inner_framed {
         out.extend_from_slice(&[0; 4]);
     }
@@ -332,6 +351,9 @@ impl<'a> InfoHeaders<'a> {
     }
 
     fn find(&self, want: InfoKey<'_>) -> Option<&'a [u8]> {
+        if self.bytes.is_empty() {
+            return None;
+        }
         let mut found = None;
         let limits = Limits {
             max_container: usize::MAX,
@@ -352,11 +374,6 @@ impl<'a> InfoHeaders<'a> {
             .or_else(|| self.get(b"caller"))
             .or_else(|| self.get(b"from_service"))
             .or_else(|| self.get(b"client_name"))
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.bytes.iter().all(|&b| b == 0)
     }
 }
 
@@ -409,12 +426,17 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// A count or length: a varint in THeader, a u16 in TTHeader. At least one byte per item must remain.
-    fn count(&mut self, kind: HeaderKind) -> Result<usize, &'static str> {
-        let n = match kind {
+    /// A count or length: a varint in THeader, a u16 in TTHeader.
+    fn length(&mut self, kind: HeaderKind) -> Result<usize, &'static str> {
+        Ok(match kind {
             HeaderKind::THeader => self.varint()? as usize,
             HeaderKind::TTHeader => usize::from(self.u16()?),
-        };
+        })
+    }
+
+    /// A count of items; at least one byte per item must remain.
+    fn count(&mut self, kind: HeaderKind) -> Result<usize, &'static str> {
+        let n = self.length(kind)?;
         if n > self.buf.len() - self.pos {
             return Err("a count runs past the header");
         }
@@ -422,10 +444,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn string(&mut self, kind: HeaderKind) -> Result<&'a [u8], &'static str> {
-        let n = match kind {
-            HeaderKind::THeader => self.varint()? as usize,
-            HeaderKind::TTHeader => usize::from(self.u16()?),
-        };
+        let n = self.length(kind)?;
         let s = self
             .buf
             .get(self.pos..self.pos.saturating_add(n))
@@ -444,39 +463,18 @@ pub fn request(
     info: &[(&[u8], &[u8])],
     message: &[u8],
 ) {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&kind.magic());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
+    let start = fixed_part(out, kind, 0, seq);
     let size_at = out.len();
     out.extend_from_slice(&[0, 0]);
     let h = out.len();
-    let id = match protocol {
-        Protocol::Binary => 0,
-        Protocol::Compact => 2,
-    };
-    out.extend_from_slice(&[id, 0]);
+    out.extend_from_slice(&[protocol_id(protocol), 0]);
     if !info.is_empty() {
         out.push(INFO_KEYVALUE);
-        match kind {
-            HeaderKind::THeader => {
-                put_varint(out, info.len() as u64);
-                for (k, v) in info {
-                    put_varint(out, k.len() as u64);
-                    out.extend_from_slice(k);
-                    put_varint(out, v.len() as u64);
-                    out.extend_from_slice(v);
-                }
-            }
-            HeaderKind::TTHeader => {
-                out.extend_from_slice(&(info.len() as u16).to_be_bytes());
-                for (k, v) in info {
-                    out.extend_from_slice(&(k.len() as u16).to_be_bytes());
-                    out.extend_from_slice(k);
-                    out.extend_from_slice(&(v.len() as u16).to_be_bytes());
-                    out.extend_from_slice(v);
-                }
+        put_length(out, kind, info.len());
+        for (k, v) in info {
+            for s in [k, v] {
+                put_length(out, kind, s.len());
+                out.extend_from_slice(s);
             }
         }
     }
@@ -486,8 +484,7 @@ pub fn request(
     let words = ((out.len() - h) / 4) as u16;
     out[size_at..size_at + 2].copy_from_slice(&words.to_be_bytes());
     out.extend_from_slice(message);
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    finish(out, start, false);
 }
 
 #[cfg(test)]
