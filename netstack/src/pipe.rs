@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
@@ -29,6 +30,8 @@ pub struct PipeEnd {
     held: Option<Vec<u8>>,
     mtu: usize,
     admission: crate::admission::Admission,
+    /// Packets this end has put on the wire.
+    sent: Arc<AtomicU64>,
 }
 
 fn eventfd() -> Arc<OwnedFd> {
@@ -68,6 +71,7 @@ pub fn pair(mtu: usize, reorder_pct: u8, seed: u32) -> (PipeEnd, PipeEnd) {
                 held: None,
                 mtu,
                 admission: crate::admission::Admission::new(0),
+                sent: Arc::default(),
             }
         };
     (
@@ -90,6 +94,7 @@ impl PipeEnd {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(packet);
+        self.sent.fetch_add(1, Ordering::Relaxed);
         signal(&self.peer);
     }
 
@@ -109,6 +114,12 @@ impl PipeEnd {
         if let Some(h) = self.held.take() {
             self.deliver(h);
         }
+    }
+
+    /// A counter of the packets this end sends (its own, not an injector's), readable after the end has
+    /// moved into a stack.
+    pub fn sent_counter(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
     }
 
     /// Packets waiting to be received.

@@ -2,8 +2,9 @@
 //!
 //! smoltcp's listening socket accepts one connection and then is that connection, so the stack keeps a
 //! pool of listening sockets per port and tops it up as connections are accepted. Connections have Nagle
-//! and delayed ACK off (an RPC reply must leave at once) and buffers larger than 64 KiB, so that window
-//! scaling is on.
+//! off (an RPC reply must leave at once), a received segment's ACK delayed until the reply carries it (at
+//! most 10 ms; one frame per call, not two), and buffers larger than 64 KiB, so that window scaling is
+//! on.
 //!
 //! A socket's life: listening (the pool) → half-open (SYN received, SYN-ACK sent) → a connection handed to
 //! the application once established → closed → kept as a spare that listens again. Half-open sockets are
@@ -173,6 +174,9 @@ pub struct Stack<P: Port = XskPort> {
     /// When every group was last polled for its timers.
     last_tick: Instant,
 }
+
+/// How long an ACK may wait for data to ride on (the kernel's delayed ACK is 40 ms at least).
+const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
 
 /// Every group is polled at least this often, for its timers (retransmission, close): smoltcp's own
 /// timers are coarser, and asking each group when it next wants a poll walks all its sockets.
@@ -353,7 +357,11 @@ impl<P: Port> Stack<P> {
         // not its options, and smoltcp turns timestamps off for good on a socket whose peer did not offer
         // them (a spare that once served such a client would never offer them again).
         s.set_nagle_enabled(false);
-        s.set_ack_delay(None);
+        // A received segment's ACK waits (at most ACK_DELAY) for the reply, which carries it: the loop polls
+        // the stack, serves what arrived and polls again, and an immediate ACK would be a second frame per
+        // call (measured: two frames sent per call at depth 1, each also costing the client a receive).
+        // Every second full-sized segment is still ACKed at once (smoltcp, RFC 9293).
+        s.set_ack_delay(Some(ACK_DELAY));
         // TCP timestamps (RFC 7323), as the kernel sends them: without them a client cannot reuse its
         // TIME-WAIT ports (`tcp_tw_reuse` needs timestamps on both sides) and a host opening a connection
         // per request runs out of ports against the XDP path. smoltcp drops them for a peer that does not

@@ -46,6 +46,8 @@ struct Served {
     /// The most half-open connections seen at once, and those dropped (past the cap or timed out).
     worst_half_open: u64,
     half_open_dropped: u64,
+    /// Packets the server put on the wire.
+    server_packets: u64,
 }
 
 /// A bare SYN to the server from `src`:`sport`, checksums done (smoltcp checks them).
@@ -133,6 +135,7 @@ struct Client {
 fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> Served {
     let (server_end, client_end) = pipe::pair(1500, imp.reorder_pct, 0x5eed_f00d);
     let client_fd = client_end.raw_fd();
+    let server_sent = server_end.sent_counter();
     let injector = client_end.injector();
     let mut stack = Stack::over(
         server_end,
@@ -316,6 +319,7 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> Served
         worst_half_open: worst_half_open.max(half_open()),
         half_open_dropped: queue_stats.half_open_evicted.load(Ordering::Relaxed)
             + queue_stats.half_open_timed_out.load(Ordering::Relaxed),
+        server_packets: server_sent.load(Ordering::Relaxed),
     }
 }
 
@@ -331,6 +335,14 @@ fn sessions_over_a_clean_wire() {
     assert_eq!(r.answered, 16 * 50);
     assert_eq!(r.accepted, 16);
     assert_eq!(r.open, 0, "sessions left open after the clients closed");
+    // One frame per reply, its ACK riding on it: a bare ACK sent first would double the frames (and the
+    // client's receive work). Per connection a SYN-ACK and the close's few frames come on top.
+    assert!(
+        r.server_packets <= (16 * 50 + 16 * 4) as u64,
+        "the server sent {} packets for {} calls on 16 connections",
+        r.server_packets,
+        16 * 50
+    );
 }
 
 #[test]

@@ -167,9 +167,10 @@ enum Cmd {
         /// Client event-loop threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
-        /// The server's pid: report its CPU time per call (from /proc).
-        #[arg(long = "server-pid")]
-        server_pid: Option<u32>,
+        /// The server's pid: report its CPU time per call (from /proc). Several (repeated or separated by
+        /// commas) are summed: faed and the kernel threads that do the server's packet work.
+        #[arg(long = "server-pid", value_delimiter = ',')]
+        server_pid: Vec<u32>,
         /// Connect from this local address (e.g. 127.0.0.2: a second client IP on loopback).
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
@@ -381,7 +382,7 @@ fn main() -> ExitCode {
                 target,
                 pool,
                 threads,
-                server_pid,
+                server_pids: server_pid,
                 bind,
                 calls_per_conn,
                 progress: !json,

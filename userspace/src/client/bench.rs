@@ -141,8 +141,9 @@ pub struct BenchConfig {
     /// The pool of fae's mc_*/rd_call calls.
     pub pool: String,
     pub threads: usize,
-    /// The server's pid, to read its CPU time from /proc.
-    pub server_pid: Option<u32>,
+    /// The server's processes (faed, and in the XDP lab the server side's NAPI threads), to read their CPU
+    /// time from /proc; none: no CPU figure.
+    pub server_pids: Vec<u32>,
     /// The local address to connect from.
     pub bind: Option<std::net::IpAddr>,
     /// Short-lived connections: each connection makes this many calls, closes, and a new one is opened in
@@ -261,6 +262,18 @@ impl std::fmt::Display for BenchReport {
 }
 
 /// User + system CPU time of a process, in microseconds, from /proc/PID/stat.
+/// The CPU time of all of `pids` together (`None` for no pid).
+fn server_cpu_us(pids: &[u32]) -> io::Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = 0;
+    for &pid in pids {
+        sum += process_cpu_us(pid)?;
+    }
+    Ok(Some(sum))
+}
+
 pub fn process_cpu_us(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
@@ -556,7 +569,7 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(cfg.warmup);
-    let cpu0 = cfg.server_pid.map(process_cpu_us).transpose()?;
+    let cpu0 = server_cpu_us(&cfg.server_pids)?;
     let t0 = Instant::now();
     shared.measuring.store(true, Ordering::Release);
     let mut last = (t0, 0u64);
@@ -577,7 +590,7 @@ pub fn run(cfg: &BenchConfig) -> io::Result<BenchReport> {
     }
     shared.measuring.store(false, Ordering::Release);
     let secs = t0.elapsed().as_secs_f64();
-    let cpu1 = cfg.server_pid.map(process_cpu_us).transpose()?;
+    let cpu1 = server_cpu_us(&cfg.server_pids)?;
     shared.stop.store(true, Ordering::Release);
     for h in handles {
         h.join()
