@@ -34,6 +34,8 @@ const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 const FRAMES: u32 = 4096;
 const FRAME_SIZE: u32 = 2048;
 const RX_FRAMES: usize = (FRAMES / 2) as usize;
+/// Descriptors the TX ring holds.
+const TX_RING: u32 = FRAMES / 2;
 const BATCH: usize = 64;
 /// Pinned neighbours at most (the kernel's and those of established connections).
 const MAX_NEIGHBOURS: usize = 65536;
@@ -131,7 +133,7 @@ impl XskPort {
         };
         let sock_cfg = SocketConfig::builder()
             .rx_queue_size(qsize(FRAMES / 2)?)
-            .tx_queue_size(qsize(FRAMES / 2)?)
+            .tx_queue_size(qsize(TX_RING)?)
             .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
             .xdp_flags(XdpFlags::empty())
             .bind_flags(bind | BindFlags::XDP_USE_NEED_WAKEUP)
@@ -273,9 +275,13 @@ impl XskPort {
         }
         // In copy mode one wake-up sends at most 32 frames (the kernel's TX batch), so kick the kernel
         // again while it completes frames and some remain: otherwise a burst (thousands of SYN-ACKs)
-        // leaves the TX ring full and every frame in flight.
+        // leaves the TX ring full and every frame in flight. A wake-up is a sendto(2) (in copy mode the
+        // kernel always asks for one): it is made only while descriptors wait on the ring (the kernel's
+        // consumer index behind ours), not on every poll (8 clients making 3 calls per connection: 138,000
+        // sendto calls a second before, 63,000 after, at the same call rate).
         for _ in 0..(FRAMES as usize / 2 / 32 + 1) {
-            if self.tx.needs_wakeup() {
+            let waiting = self.tx.nb_free_exact() < TX_RING;
+            if waiting && self.tx.needs_wakeup() {
                 self.tx.wakeup()?;
             }
             let mut done = 0;
