@@ -209,6 +209,31 @@ def test_sigkill_leaves_no_xdp_program(tools, tmp_path):
         lab.down()
 
 
+def test_a_panic_on_an_xdp_loop_ends_faed(tools, tmp_path):
+    # The test-only trigger makes an XDP loop panic on accepting a connection: faed must end with status 70
+    # (so systemd restarts it), not keep running with a dead loop, and its XDP program goes with it.
+    lab = Lab("fx%d" % (os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    try:
+        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp", wrapper=["env", "FAED_TEST_PANIC=xdp"])
+        try:
+            deadline = time.monotonic() + 30
+            while f.proc.poll() is None and time.monotonic() < deadline:
+                lab.cli_run(FAE, "ping", XDP_ADDR, "--timeout-ms", "500", check=False, timeout=10)
+                time.sleep(0.2)
+            assert f.proc.poll() == 70, (f.proc.returncode, f.log_tail())
+            assert "FAED_TEST_PANIC" in f.log_tail(), f.log_tail()
+        finally:
+            f.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while xdp_attached(lab.srv, lab.srv_if) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not xdp_attached(lab.srv, lab.srv_if), "XDP program left attached after the panic"
+    finally:
+        lab.down()
+
+
 CAPS = "+net_admin,+bpf,+net_raw,+ipc_lock,+perfmon"
 
 
