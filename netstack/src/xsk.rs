@@ -279,7 +279,7 @@ impl XskPort {
         // kernel always asks for one): it is made only while descriptors wait on the ring (the kernel's
         // consumer index behind ours), not on every poll (8 clients making 3 calls per connection: 138,000
         // sendto calls a second before, 63,000 after, at the same call rate).
-        for _ in 0..(FRAMES as usize / 2 / 32 + 1) {
+        for _ in 0..(TX_RING / 32 + 1) {
             let waiting = self.tx.nb_free_exact() < TX_RING;
             if waiting && self.tx.needs_wakeup() {
                 self.tx.wakeup()?;

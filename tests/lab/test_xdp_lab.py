@@ -183,6 +183,14 @@ def test_xdp_counters_move(lab, served):
     assert re.search(r'^fae_xdp_queue_rx_packets_total\{queue="\d+"\} [1-9]', text, re.M), text[-2000:]
 
 
+def assert_detached(lab, when):
+    """The XDP program leaves with the process that attached it (its link closes): within 5 s."""
+    deadline = time.monotonic() + 5
+    while xdp_attached(lab.srv, lab.srv_if) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not xdp_attached(lab.srv, lab.srv_if), "XDP program left attached " + when
+
+
 def test_sigkill_leaves_no_xdp_program(tools, tmp_path):
     lab = Lab("fk%d" % (os.getpid() % 100000))
     lab.down()
@@ -194,10 +202,7 @@ def test_sigkill_leaves_no_xdp_program(tools, tmp_path):
             assert xdp_attached(lab.srv, lab.srv_if)
         finally:
             f.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while xdp_attached(lab.srv, lab.srv_if) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not xdp_attached(lab.srv, lab.srv_if), "XDP program left attached after SIGKILL"
+        assert_detached(lab, "after SIGKILL")
         # The next start attaches cleanly.
         f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
         try:
@@ -226,10 +231,7 @@ def test_a_panic_on_an_xdp_loop_ends_faed(tools, tmp_path):
             assert "FAED_TEST_PANIC" in f.log_tail(), f.log_tail()
         finally:
             f.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while xdp_attached(lab.srv, lab.srv_if) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not xdp_attached(lab.srv, lab.srv_if), "XDP program left attached after the panic"
+        assert_detached(lab, "after the panic")
     finally:
         lab.down()
 

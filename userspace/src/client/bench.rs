@@ -261,8 +261,7 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-/// User + system CPU time of a process, in microseconds, from /proc/PID/stat.
-/// The CPU time of all of `pids` together (`None` for no pid).
+/// The CPU time of all of `pids` together, in microseconds (`None` for no pid).
 fn server_cpu_us(pids: &[u32]) -> io::Result<Option<u64>> {
     if pids.is_empty() {
         return Ok(None);
@@ -274,6 +273,7 @@ fn server_cpu_us(pids: &[u32]) -> io::Result<Option<u64>> {
     Ok(Some(sum))
 }
 
+/// User + system CPU time of a process, in microseconds, from /proc/PID/stat.
 pub fn process_cpu_us(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
