@@ -12,8 +12,10 @@
 //! older than 100 ms is dropped silently to make room, and a SYN with no room is dropped at the device
 //! (no SYN cookies: smoltcp has none); under a flood of N SYNs/s a client's handshake has about cap/N
 //! seconds, at least 100 ms, to complete. A SYN that finds no listening socket left in the pool during
-//! one poll is also dropped at the device rather than answered with a reset (which would refuse the
-//! client), so the client retransmits it; the pool doubles (up to half the cap) when that happens.
+//! one poll gets a listening socket added for it before its group is polled (a spare's, or a new one), so
+//! the backlog follows the load within the half-open cap; the pool's size between polls then doubles (up
+//! to half the cap). (Until 2026-12-02 such a SYN was dropped and the client retransmitted it 1 s later:
+//! ~75 per queue in a bench-xdp run, each a connection's 1 s connect time.)
 //!
 //! Connection groups: smoltcp finds the socket of a received packet by walking its whole socket set, and
 //! every poll walks it again to send (at 5,000 connections that walk took 17.5% of faed's CPU). The stack
@@ -62,6 +64,8 @@ pub struct StackConfig {
     /// Receive and send buffer of each connection.
     pub buffer: usize,
     pub zero_copy: bool,
+    /// UMEM frames of the queue's AF_XDP socket (see [`XskPort::bind`]).
+    pub frames: u32,
     /// The connections of all the stacks serving one interface (one per queue).
     pub shared: std::sync::Arc<Connections>,
     /// smoltcp interfaces the connections are spread over by their 4-tuple (see the module's doc).
@@ -173,6 +177,9 @@ pub struct Stack<P: Port = XskPort> {
     bufs: Vec<Vec<u8>>,
     /// When every group was last polled for its timers.
     last_tick: Instant,
+    /// (group, port) of the SYNs of one poll that found their group's listening pool empty (kept for
+    /// reuse: no allocation per poll).
+    extra: Vec<(usize, u16)>,
 }
 
 /// How long an ACK may wait for data to ride on (the kernel's delayed ACK is 40 ms at least).
@@ -186,7 +193,7 @@ impl Stack<XskPort> {
     /// The stack of one queue of `cfg.iface`, on the interface's IPv4 address.
     pub fn new(cfg: StackConfig) -> Result<Stack, NetError> {
         let (addr, prefix) = crate::sys::ipv4(&cfg.iface)?;
-        let mut port = XskPort::bind(&cfg.iface, cfg.queue, cfg.zero_copy)?;
+        let mut port = XskPort::bind(&cfg.iface, cfg.queue, cfg.zero_copy, cfg.frames)?;
         port.share(cfg.shared.clone());
         Stack::over(port, addr, prefix, cfg)
     }
@@ -334,6 +341,7 @@ impl<P: Port> Stack<P> {
             epoch,
             bufs: Vec::new(),
             last_tick: Instant::from_micros(0),
+            extra: Vec::new(),
         };
         for g in 0..stack.groups.len() {
             for p in stack.cfg.ports.clone() {
@@ -449,6 +457,7 @@ impl<P: Port> Stack<P> {
         }
         let n = self.groups.len();
         let mut dropped = 0u64;
+        let mut extra = std::mem::take(&mut self.extra);
         let groups = &mut self.groups;
         let bufs = &mut self.bufs;
         let (by_tuple, touched) = (&self.by_tuple, &mut self.touched);
@@ -461,13 +470,20 @@ impl<P: Port> Stack<P> {
                 }
                 let g = group_of(p, n);
                 if is_syn(p) {
-                    if groups[g].free == 0 || room == 0 {
-                        groups[g].ran_out |= groups[g].free == 0;
+                    if room == 0 {
                         dropped += 1;
                         return;
                     }
-                    groups[g].free -= 1;
                     room -= 1;
+                    if groups[g].free == 0 {
+                        // No listening socket left in this group for this poll: one is added before the
+                        // group is polled (below), so the SYN is answered now, not after the client's
+                        // 1 s retransmission.
+                        groups[g].ran_out = true;
+                        extra.push((g, tuple_of(p).map_or(0, |t| t.2)));
+                    } else {
+                        groups[g].free -= 1;
+                    }
                 }
                 let mut b = bufs.pop().unwrap_or_default();
                 b.extend_from_slice(p);
@@ -475,6 +491,14 @@ impl<P: Port> Stack<P> {
             });
         }
         self.counters.syn_dropped += dropped;
+        for &(g, port) in &extra {
+            self.counters.pool_added += 1;
+            if let Err(e) = self.listen(g, port) {
+                tracing::warn!(error = %e, "cannot add a listening socket");
+            }
+        }
+        extra.clear();
+        self.extra = extra;
         let mut changed = false;
         let tick = now >= self.last_tick + TICK;
         if tick {
@@ -813,7 +837,9 @@ pub struct HandshakeStats {
     pub evicted: u64,
     /// Times a group's listening pool ran out during a poll and was doubled.
     pub pool_grown: u64,
-    /// SYNs dropped for want of a listening socket or of half-open room in a poll.
+    /// Listening sockets added during a poll for a SYN that found its group's pool empty.
+    pub pool_added: u64,
+    /// SYNs dropped for want of half-open room (`max_half_open`).
     pub syn_dropped: u64,
 }
 

@@ -30,12 +30,13 @@ use crate::NetError;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-/// UMEM frames: 4096 × 2 KiB = 8 MiB (more needs CAP_IPC_LOCK above the default memlock limit).
-const FRAMES: u32 = 4096;
+/// UMEM frames by default: 8192 × 2 KiB = 16 MiB, pinned (past the default memlock limit of 8 MiB: faed
+/// has CAP_IPC_LOCK, or systemd's LimitMEMLOCK=infinity). Half receive: a queue serving N connections
+/// at depth 1 can get N requests at once, and with 2,048 receive frames 5,000 connections over two
+/// queues made the kernel drop ~3,200 frames per bench run for want of a free frame (the fill ring
+/// empty), each a client's retransmission 200 ms or more later.
+pub const DEFAULT_FRAMES: u32 = 8192;
 const FRAME_SIZE: u32 = 2048;
-const RX_FRAMES: usize = (FRAMES / 2) as usize;
-/// Descriptors the TX ring holds.
-const TX_RING: u32 = FRAMES / 2;
 const BATCH: usize = 64;
 /// Pinned neighbours at most (the kernel's and those of established connections).
 const MAX_NEIGHBOURS: usize = 65536;
@@ -57,6 +58,12 @@ pub struct PortStats {
     pub syn_duplicate: u64,
     /// Packets of connections another queue holds, handed to it.
     pub rx_foreign: u64,
+    /// The kernel's counters of the socket (`XDP_STATISTICS`): frames the XDP program redirected that
+    /// were dropped because the RX ring was full (faed not keeping up), because the fill ring had no free
+    /// frame, or for another reason.
+    pub rx_ring_full: u64,
+    pub rx_fill_empty: u64,
+    pub rx_kernel_dropped: u64,
 }
 
 /// A pinned neighbour: from the kernel's table, or the peer of `pins` established connections.
@@ -94,6 +101,8 @@ pub struct XskPort {
     /// Frames smoltcp has consumed, waiting to go back on the fill ring.
     refill: RefCell<Vec<FrameDesc>>,
     txs: RefCell<TxState>,
+    /// Descriptors the TX ring holds.
+    tx_ring: u32,
     scratch: Vec<FrameDesc>,
     mtu: usize,
     /// What gets past the device to smoltcp (SYN budget, connections of this and the other queues).
@@ -113,27 +122,45 @@ fn socket_error(iface: &str, queue: u32, reason: impl std::fmt::Display) -> NetE
 }
 
 impl XskPort {
-    /// Creates the UMEM and binds a socket to `queue` of `iface` in copy mode with need-wakeup; the
-    /// caller's XDP program (not libxdp's) must then steer packets to it through its XSKMAP.
-    pub fn bind(iface: &str, queue: u32, zero_copy: bool) -> Result<XskPort, NetError> {
+    /// Creates the UMEM of `frames` 2 KiB frames (a power of two, at least 64; half receive, half
+    /// transmit) and binds a socket to `queue` of `iface` in copy mode with need-wakeup; the caller's XDP
+    /// program (not libxdp's) must then steer packets to it through its XSKMAP.
+    pub fn bind(
+        iface: &str,
+        queue: u32,
+        zero_copy: bool,
+        frames: u32,
+    ) -> Result<XskPort, NetError> {
         let err = |r: &dyn std::fmt::Display| socket_error(iface, queue, r);
+        if frames < 64 || !frames.is_power_of_two() {
+            return Err(err(&format!(
+                "{frames} UMEM frames: a power of two, at least 64"
+            )));
+        }
+        let half = frames / 2;
         let qsize = |n: u32| QueueSize::new(n).map_err(|e| err(&e));
         let umem_cfg = UmemConfig::builder()
             .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| err(&e))?)
-            .fill_queue_size(qsize(FRAMES)?)
-            .comp_queue_size(qsize(FRAMES / 2)?)
+            .fill_queue_size(qsize(frames)?)
+            .comp_queue_size(qsize(half)?)
             .build()
             .map_err(|e| err(&e))?;
-        let count = NonZeroU32::new(FRAMES).expect("non-zero");
-        let (umem, mut frames) = Umem::new(umem_cfg, count, false).map_err(|e| err(&e))?;
+        let count = NonZeroU32::new(frames).expect("checked above");
+        let (umem, mut frames) = Umem::new(umem_cfg, count, false).map_err(|e| {
+            err(&format!(
+                "{e} (a UMEM of {} MiB is pinned memory: faed needs CAP_IPC_LOCK or a memlock limit \
+                 above it, or a smaller listener.xdp_frames)",
+                (u64::from(count.get()) * u64::from(FRAME_SIZE)) >> 20
+            ))
+        })?;
         let bind = if zero_copy {
             BindFlags::XDP_ZEROCOPY
         } else {
             BindFlags::XDP_COPY
         };
         let sock_cfg = SocketConfig::builder()
-            .rx_queue_size(qsize(FRAMES / 2)?)
-            .tx_queue_size(qsize(TX_RING)?)
+            .rx_queue_size(qsize(half)?)
+            .tx_queue_size(qsize(half)?)
             .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
             .xdp_flags(XdpFlags::empty())
             .bind_flags(bind | BindFlags::XDP_USE_NEED_WAKEUP)
@@ -145,7 +172,8 @@ impl XskPort {
             unsafe { Socket::new(sock_cfg, &umem, &name, queue) }.map_err(|e| err(&e))?;
         let (mut fill, comp) =
             fq_cq.ok_or_else(|| err(&"the UMEM came without fill and completion rings"))?;
-        let tx_frames = frames.split_off(RX_FRAMES);
+        let rx_frames = half as usize;
+        let tx_frames = frames.split_off(rx_frames);
         // SAFETY: these frames belong to this UMEM and are not used elsewhere until the kernel hands
         // them back through the RX ring.
         let lent = unsafe { fill.produce(&frames) };
@@ -162,8 +190,9 @@ impl XskPort {
             tx,
             fill,
             comp,
-            received: VecDeque::with_capacity(RX_FRAMES),
-            refill: RefCell::new(Vec::with_capacity(RX_FRAMES)),
+            received: VecDeque::with_capacity(rx_frames),
+            refill: RefCell::new(Vec::with_capacity(rx_frames)),
+            tx_ring: half,
             txs: RefCell::new(TxState {
                 free: tx_frames,
                 queued: Vec::with_capacity(BATCH),
@@ -199,7 +228,16 @@ impl XskPort {
     }
 
     pub fn stats(&self) -> PortStats {
-        self.txs.borrow().stats
+        let mut s = self.txs.borrow().stats;
+        match self.rx.fd().xdp_statistics() {
+            Ok(k) => {
+                s.rx_ring_full = k.rx_ring_full();
+                s.rx_fill_empty = k.rx_fill_ring_empty_descs();
+                s.rx_kernel_dropped = k.rx_dropped();
+            }
+            Err(e) => tracing::debug!(error = %e, "XDP_STATISTICS"),
+        }
+        s
     }
 
     /// Moves received frames off the RX ring (learning the senders' MACs), and takes the frames other
@@ -279,8 +317,8 @@ impl XskPort {
         // kernel always asks for one): it is made only while descriptors wait on the ring (the kernel's
         // consumer index behind ours), not on every poll (8 clients making 3 calls per connection: 138,000
         // sendto calls a second before, 63,000 after, at the same call rate).
-        for _ in 0..(TX_RING / 32 + 1) {
-            let waiting = self.tx.nb_free_exact() < TX_RING;
+        for _ in 0..(self.tx_ring / 32 + 1) {
+            let waiting = self.tx.nb_free_exact() < self.tx_ring;
             if waiting && self.tx.needs_wakeup() {
                 self.tx.wakeup()?;
             }

@@ -87,10 +87,11 @@ fn run(
     }
 }
 
-#[test]
-fn a_recycled_socket_offers_timestamps_after_serving_a_client_without_them() {
+/// A stack on 10.9.0.1 (one group, `backlog` listening sockets, at most `max_half_open` handshakes) and a client on 10.9.0.2, over a clean
+/// wire.
+fn lab(backlog: usize, max_half_open: usize) -> (Stack<PipeEnd>, Client) {
     let (server_end, client_end) = pipe::pair(1500, 0, 7);
-    let mut stack = Stack::over(
+    let stack = Stack::over(
         server_end,
         Ipv4Addr::new(10, 9, 0, 1),
         24,
@@ -98,11 +99,12 @@ fn a_recycled_socket_offers_timestamps_after_serving_a_client_without_them() {
             iface: "pipe".into(),
             queue: 0,
             ports: vec![PORT],
-            backlog: 1,
-            max_half_open: 8,
+            backlog,
+            max_half_open,
             half_open_timeout: Duration::from_secs(5),
             buffer: 16 << 10,
             zero_copy: false,
+            frames: fae_netstack::xsk::DEFAULT_FRAMES,
             shared: Default::default(),
             groups: 1,
         },
@@ -121,12 +123,18 @@ fn a_recycled_socket_offers_timestamps_after_serving_a_client_without_them() {
             24,
         ));
     });
-    let mut client = Client {
+    let client = Client {
         iface,
         dev,
         sockets: SocketSet::new(Vec::new()),
         epoch,
     };
+    (stack, client)
+}
+
+#[test]
+fn a_recycled_socket_offers_timestamps_after_serving_a_client_without_them() {
+    let (mut stack, mut client) = lab(1, 8);
     // One client after the other, each closing first: the pool's socket of the first (a client without
     // timestamps) is kept and listens again for the third.
     let mut seen = Vec::new();
@@ -154,4 +162,24 @@ fn a_recycled_socket_offers_timestamps_after_serving_a_client_without_them() {
         [false, true, true, true],
         "timestamps negotiated per connection"
     );
+}
+
+#[test]
+fn a_burst_of_syns_past_the_listening_pool_is_answered_in_the_same_poll() {
+    // One listening socket, 24 SYNs in one poll: each finds a listening socket (the pool grows within
+    // the poll), none is dropped to wait for the client's retransmission a second later.
+    let (mut stack, mut client) = lab(1, 64);
+    let handles: Vec<_> = (0..24u16)
+        .map(|i| client.connect(42000 + i, true))
+        .collect();
+    let mut open = Vec::new();
+    run(&mut stack, &mut open, &mut client, |c| {
+        handles
+            .iter()
+            .all(|h| c.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Established)
+    });
+    let h = stack.handshakes();
+    assert_eq!(h.syn_dropped, 0, "{h:?}");
+    assert!(h.pool_added >= 23, "{h:?}");
+    assert_eq!(h.established, 24, "{h:?}");
 }

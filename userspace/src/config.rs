@@ -156,6 +156,8 @@ pub struct ListenerConfig {
     /// smoltcp interfaces each XDP queue spreads its connections over (by client address and port), so
     /// that a packet costs a walk of one group's sockets, not of all of them.
     pub xdp_socket_groups: usize,
+    /// UMEM frames (2 KiB) of each queue's AF_XDP socket, half for receiving, half for sending.
+    pub xdp_frames: u32,
 }
 
 impl ListenerConfig {
@@ -184,6 +186,7 @@ impl Default for ListenerConfig {
             xdp_half_open_timeout_ms: 10_000,
             busy_poll_us: 0,
             xdp_socket_groups: 16,
+            xdp_frames: fae_netstack::xsk::DEFAULT_FRAMES,
         }
     }
 }
@@ -958,6 +961,11 @@ impl Config {
             (1..=1024).contains(&l.xdp_socket_groups),
             "listener.xdp_socket_groups",
             "1..1024",
+        )?;
+        check(
+            (1024..=65536).contains(&l.xdp_frames) && l.xdp_frames.is_power_of_two(),
+            "listener.xdp_frames",
+            "a power of two, 1024..65536",
         )?;
         check(
             l.busy_poll_us <= 1_000_000,

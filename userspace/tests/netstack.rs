@@ -150,6 +150,7 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> Served
             half_open_timeout: Duration::from_secs(5),
             buffer: 64 << 10,
             zero_copy: false,
+            frames: fae_netstack::xsk::DEFAULT_FRAMES,
             shared: Arc::default(),
             groups: 4,
         },

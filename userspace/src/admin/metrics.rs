@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 10] = [
+        let per_queue: [(&str, &str, Get); 14] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -257,8 +257,13 @@ pub fn prometheus(state: &AdminState) -> String {
             ),
             (
                 "fae_xdp_queue_syn_dropped_total",
-                "SYNs dropped because the queue's listening sockets were all taken in that poll.",
+                "SYNs dropped because the queue's half-open connections were at listener.xdp_max_half_open.",
                 |q| &q.syn_dropped,
+            ),
+            (
+                "fae_xdp_queue_listen_added_total",
+                "Listening sockets added during a poll for SYNs that found the pool empty (the backlog growing).",
+                |q| &q.listen_added,
             ),
             (
                 "fae_xdp_queue_syn_duplicate_total",
@@ -269,6 +274,21 @@ pub fn prometheus(state: &AdminState) -> String {
                 "fae_xdp_queue_rx_foreign_total",
                 "Packets received on the queue for another queue's connection, handed to that queue.",
                 |q| &q.rx_foreign,
+            ),
+            (
+                "fae_xdp_queue_rx_ring_full_total",
+                "Frames the kernel dropped because the queue's AF_XDP RX ring was full (faed behind).",
+                |q| &q.rx_ring_full,
+            ),
+            (
+                "fae_xdp_queue_rx_fill_empty_total",
+                "Frames the kernel dropped because the queue's fill ring had no free frame.",
+                |q| &q.rx_fill_empty,
+            ),
+            (
+                "fae_xdp_queue_rx_kernel_dropped_total",
+                "Frames the kernel dropped on the queue's AF_XDP socket for other reasons.",
+                |q| &q.rx_kernel_dropped,
             ),
             (
                 "fae_xdp_queue_handshakes_total",
@@ -367,8 +387,14 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                         "tx_no_neighbour": get(&q.tx_no_neighbour),
                         "tx_no_frame": get(&q.tx_no_frame),
                         "syn_dropped": get(&q.syn_dropped),
+                        "listen_added": get(&q.listen_added),
                         "syn_duplicate": get(&q.syn_duplicate),
                         "rx_foreign": get(&q.rx_foreign),
+                        "kernel_dropped": json!({
+                            "rx_ring_full": get(&q.rx_ring_full),
+                            "fill_ring_empty": get(&q.rx_fill_empty),
+                            "other": get(&q.rx_kernel_dropped),
+                        }),
                         "half_open": get(&q.half_open),
                         "handshakes": get(&q.established),
                         "half_open_timed_out": get(&q.half_open_timed_out),

@@ -56,6 +56,7 @@ pub fn prepare(cfg: &Config) -> Result<XdpPath, NetError> {
             half_open_timeout: Duration::from_millis(l.xdp_half_open_timeout_ms),
             buffer: l.xdp_buffer_bytes,
             zero_copy: l.zero_copy,
+            frames: l.xdp_frames,
             shared: shared.clone(),
             groups: l.xdp_socket_groups,
         })?;
@@ -191,8 +192,14 @@ pub struct QueueStats {
     pub tx_no_neighbour: AtomicU64,
     pub tx_no_frame: AtomicU64,
     pub syn_dropped: AtomicU64,
+    /// Listening sockets added in a poll for SYNs that found their group's pool empty.
+    pub listen_added: AtomicU64,
     pub syn_duplicate: AtomicU64,
     pub rx_foreign: AtomicU64,
+    /// The kernel's drops before faed saw the frame (RX ring full, fill ring empty, other).
+    pub rx_ring_full: AtomicU64,
+    pub rx_fill_empty: AtomicU64,
+    pub rx_kernel_dropped: AtomicU64,
     /// Handshakes: in progress now (a gauge), completed, timed out, dropped past the cap.
     pub half_open: AtomicU64,
     pub established: AtomicU64,
@@ -216,8 +223,12 @@ impl QueueStats {
             (&self.tx_no_neighbour, s.tx_no_neighbour),
             (&self.tx_no_frame, s.tx_no_frame),
             (&self.syn_dropped, h.syn_dropped),
+            (&self.listen_added, h.pool_added),
             (&self.syn_duplicate, s.syn_duplicate),
             (&self.rx_foreign, s.rx_foreign),
+            (&self.rx_ring_full, s.rx_ring_full),
+            (&self.rx_fill_empty, s.rx_fill_empty),
+            (&self.rx_kernel_dropped, s.rx_kernel_dropped),
             (&self.half_open, h.half_open),
             (&self.established, h.established),
             (&self.half_open_timed_out, h.timed_out),
