@@ -102,6 +102,10 @@ pub trait Port: smoltcp::phy::Device {
     fn has_forwarded(&self) -> bool {
         false
     }
+    /// Frames written and waiting to be sent by the next [`Port::push`].
+    fn tx_pending(&self) -> bool {
+        false
+    }
 }
 
 impl Port for XskPort {
@@ -131,6 +135,9 @@ impl Port for XskPort {
     }
     fn has_forwarded(&self) -> bool {
         XskPort::has_forwarded(self)
+    }
+    fn tx_pending(&self) -> bool {
+        XskPort::tx_pending(self)
     }
 }
 
@@ -184,6 +191,9 @@ pub struct Stack<P: Port = XskPort> {
 
 /// How long an ACK may wait for data to ride on (the kernel's delayed ACK is 40 ms at least).
 const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
+
+/// How long the loop may sleep while frames wait to be sent (see [`Stack::delay`]).
+const TX_RETRY: Duration = Duration::from_millis(1);
 
 /// Every group is polled at least this often, for its timers (retransmission, close): smoltcp's own
 /// timers are coarser, and asking each group when it next wants a poll walks all its sockets.
@@ -797,6 +807,11 @@ impl<P: Port> Stack<P> {
         let now = self.now();
         if self.groups.iter().any(|g| g.dirty || !g.inbox.is_empty()) {
             return Duration::ZERO;
+        }
+        if self.port.tx_pending() {
+            // Frames wait for room (a full TX ring, or a peer that dropped one): try again soon, not at
+            // once (the device is full).
+            return TX_RETRY.min(max);
         }
         // Until the next tick, if any group has a timer at all; else up to `max`.
         let mut timers = false;

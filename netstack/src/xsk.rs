@@ -54,6 +54,11 @@ pub struct PortStats {
     pub tx_no_neighbour: u64,
     /// Packets smoltcp wanted to send while every transmit frame was in flight.
     pub tx_no_frame: u64,
+    /// Wake-ups after which the device had dropped a frame (copy mode: EBUSY from sendto; veth drops a
+    /// frame when its peer's ring is full, where a NIC's driver makes the kernel retry).
+    pub tx_device_dropped: u64,
+    /// Of those, frames sent again at once (else smoltcp retransmits after its minimum RTO, 1 s).
+    pub tx_resent: u64,
     /// Retransmitted SYNs of handshakes under way, dropped.
     pub syn_duplicate: u64,
     /// Packets of connections another queue holds, handed to it.
@@ -87,6 +92,8 @@ struct TxState {
     candidates: HashMap<Ipv4Addr, [u8; 6]>,
     mac: [u8; 6],
     stats: PortStats,
+    /// The length of the frame last written in each UMEM frame (by index), to send it again.
+    lens: Vec<u16>,
 }
 
 /// An AF_XDP socket bound to one queue of one interface.
@@ -212,6 +219,7 @@ impl XskPort {
                 candidates: HashMap::new(),
                 mac: crate::sys::mac(iface)?,
                 stats: PortStats::default(),
+                lens: vec![0; count.get() as usize],
             }),
             scratch: vec![FrameDesc::default(); BATCH],
             mtu,
@@ -319,8 +327,9 @@ impl XskPort {
         // sendto calls a second before, 63,000 after, at the same call rate).
         for _ in 0..(self.tx_ring / 32 + 1) {
             let waiting = self.tx.nb_free_exact() < self.tx_ring;
+            let mut dropped = false;
             if waiting && self.tx.needs_wakeup() {
-                self.tx.wakeup()?;
+                dropped = self.kick(&mut txs.stats)?;
             }
             let mut done = 0;
             loop {
@@ -333,11 +342,67 @@ impl XskPort {
                 }
             }
             txs.in_flight = txs.in_flight.saturating_sub(done);
+            if dropped {
+                // The device dropped the last frame this wake-up took, and the kernel completed it like
+                // the others (veth completes each frame as it passes it on, in order, and drops it when
+                // the peer's ring is full, where a NIC's driver would make the kernel retry): it is the
+                // last completed. It goes first in the next push rather than wait for smoltcp's
+                // retransmission (1 s at least). Were a NIC to complete out of order, the frame sent again
+                // would be a duplicate segment, which TCP ignores.
+                if done > 0 {
+                    if let Some(mut desc) = txs.free.pop() {
+                        let len = usize::from(txs.lens[desc.addr() / FRAME_SIZE as usize]);
+                        // SAFETY: completed, so ours; untouched since it was written.
+                        unsafe { self.umem.data_mut(&mut desc) }
+                            .cursor()
+                            .set_pos(len);
+                        txs.queued.insert(0, desc);
+                        txs.stats.tx_resent += 1;
+                    }
+                }
+                // The peer is full: let it drain until the next poll.
+                break;
+            }
             if done == 0 || txs.in_flight == 0 {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// Frames written and not yet on the TX ring (it was full, or a frame the device dropped waits to
+    /// go again).
+    pub fn tx_pending(&self) -> bool {
+        !self.txs.borrow().queued.is_empty()
+    }
+
+    /// Wakes the kernel to send what waits on the TX ring (xsk-rs's `wakeup`, but telling EBUSY apart:
+    /// in copy mode the device dropped a frame, which the kernel still completes as sent). True then.
+    fn kick(&self, stats: &mut PortStats) -> std::io::Result<bool> {
+        let fd = self.tx.fd().as_raw_fd();
+        // SAFETY: a zero-length sendto on our own AF_XDP socket, no buffer.
+        let r = unsafe {
+            libc::sendto(
+                fd,
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EBUSY) => {
+                    stats.tx_device_dropped += 1;
+                    return Ok(true);
+                }
+                Some(libc::EAGAIN | libc::ENOBUFS | libc::ENETDOWN) => {}
+                _ => return Err(e),
+            }
+        }
+        Ok(false)
     }
 
     /// Pins `ip`'s MAC (the one its frames came from) for an established connection.
@@ -457,6 +522,8 @@ impl phy::TxToken for TxToken<'_> {
                 let mac = txs.mac;
                 frame[6..12].copy_from_slice(&mac);
                 frame[12..14].copy_from_slice(&ETH_P_IP);
+                let i = desc.addr() / FRAME_SIZE as usize;
+                txs.lens[i] = (ETH_HLEN + len) as u16;
                 txs.queued.push(desc);
             }
             None => {

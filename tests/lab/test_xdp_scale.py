@@ -72,7 +72,7 @@ def test_5000_connections_open_at_once_each_calling(scale):
     lab, f = scale
     r = load(lab, "many", SRV_IP, str(XDP_PORT), "5000", timeout=300)
     assert r["failures"] == 0 and r["conns"] == 5000 and r["calls"] == 5000, r
-    # 5,000 SYNs at once emptied the listening pools, which grew; none of them was refused.
+    # 5,000 SYNs at once emptied the listening pools, which grew (listen_added); none was refused.
     q = queues(f, lab)
     print("queues:", q)
     assert sum(x["handshakes"] for x in q) >= 5000, q

@@ -1362,6 +1362,11 @@ mod tests {
         assert!(err.to_string().contains("idgen.worker_id"), "{err}");
         let err = Config::from_toml("[server]\nmax_message_bytes = 10\n", "x").unwrap_err();
         assert!(err.to_string().contains("max_message_bytes"), "{err}");
+        for frames in [1000, 512, 131072] {
+            let text = format!("[listener]\nxdp_frames = {frames}\n");
+            let err = Config::from_toml(&text, "x").unwrap_err();
+            assert!(err.to_string().contains("listener.xdp_frames"), "{err}");
+        }
     }
 
     #[test]

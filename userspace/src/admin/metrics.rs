@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 14] = [
+        let per_queue: [(&str, &str, Get); 16] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -254,6 +254,16 @@ pub fn prometheus(state: &AdminState) -> String {
                 "fae_xdp_queue_tx_stalled_total",
                 "Packets the queue could not send at once (no neighbour MAC, or every frame in flight).",
                 |q| &q.tx_no_frame,
+            ),
+            (
+                "fae_xdp_queue_tx_device_dropped_total",
+                "Sends after which the device had dropped a frame (copy mode; TCP retransmits it).",
+                |q| &q.tx_device_dropped,
+            ),
+            (
+                "fae_xdp_queue_tx_resent_total",
+                "Frames the device dropped that the queue sent again at once.",
+                |q| &q.tx_resent,
             ),
             (
                 "fae_xdp_queue_syn_dropped_total",
@@ -390,10 +400,14 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                         "listen_added": get(&q.listen_added),
                         "syn_duplicate": get(&q.syn_duplicate),
                         "rx_foreign": get(&q.rx_foreign),
-                        "kernel_dropped": json!({
+                        // Frames the kernel dropped (the AF_XDP socket's counters, and sends the device
+                        // dropped), and those of them sent again.
+                        "drops": json!({
                             "rx_ring_full": get(&q.rx_ring_full),
-                            "fill_ring_empty": get(&q.rx_fill_empty),
-                            "other": get(&q.rx_kernel_dropped),
+                            "rx_fill_empty": get(&q.rx_fill_empty),
+                            "rx_other": get(&q.rx_kernel_dropped),
+                            "tx_device": get(&q.tx_device_dropped),
+                            "tx_resent": get(&q.tx_resent),
                         }),
                         "half_open": get(&q.half_open),
                         "handshakes": get(&q.established),

@@ -191,6 +191,8 @@ pub struct QueueStats {
     pub rx_dropped: AtomicU64,
     pub tx_no_neighbour: AtomicU64,
     pub tx_no_frame: AtomicU64,
+    pub tx_device_dropped: AtomicU64,
+    pub tx_resent: AtomicU64,
     pub syn_dropped: AtomicU64,
     /// Listening sockets added in a poll for SYNs that found their group's pool empty.
     pub listen_added: AtomicU64,
@@ -222,6 +224,8 @@ impl QueueStats {
             (&self.rx_dropped, s.rx_dropped),
             (&self.tx_no_neighbour, s.tx_no_neighbour),
             (&self.tx_no_frame, s.tx_no_frame),
+            (&self.tx_device_dropped, s.tx_device_dropped),
+            (&self.tx_resent, s.tx_resent),
             (&self.syn_dropped, h.syn_dropped),
             (&self.listen_added, h.pool_added),
             (&self.syn_duplicate, s.syn_duplicate),
