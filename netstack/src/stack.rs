@@ -453,18 +453,22 @@ impl<P: Port> Stack<P> {
         // kept here, per group: each listening socket takes one SYN, and no more SYNs than the half-open
         // cap has room for. A SYN beyond them is dropped (smoltcp would answer it with a reset, refusing
         // the client), and the client sends it again.
-        let mut room = self
-            .cfg
-            .max_half_open
-            .max(1)
-            .saturating_sub(self.half_open.len());
+        // (Handshakes include the pool's sockets that took a SYN in an earlier poll and that `accept` has
+        // not moved to the half-open list yet: the loop may poll twice before it accepts.)
+        let mut taken = 0;
         for g in self.groups.iter_mut() {
             g.free = g
                 .listening
                 .iter()
                 .filter(|(_, h)| g.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Listen)
                 .count();
+            taken += g.listening.len() - g.free;
         }
+        let mut room = self
+            .cfg
+            .max_half_open
+            .max(1)
+            .saturating_sub(self.half_open.len() + taken);
         let n = self.groups.len();
         let mut dropped = 0u64;
         let mut extra = std::mem::take(&mut self.extra);

@@ -181,6 +181,12 @@ def test_xdp_counters_move(lab, served):
     text = served.metrics(lab.cli)
     assert re.search(r"^fae_xdp_redirected_total [1-9]", text, re.M), text[-2000:]
     assert re.search(r'^fae_xdp_queue_rx_packets_total\{queue="\d+"\} [1-9]', text, re.M), text[-2000:]
+    # The kernel's own drop counters of each AF_XDP socket (XDP_STATISTICS) are read and published: a
+    # calm lab drops nothing.
+    for name in ("rx_ring_full", "rx_fill_empty", "rx_kernel_dropped", "tx_device_dropped", "tx_resent"):
+        assert re.search(r'^fae_xdp_queue_%s_total\{queue="\d+"\} 0$' % name, text, re.M), (name, text[-3000:])
+    drops = queues_moved()[0]["drops"]
+    assert drops == {"rx_ring_full": 0, "rx_fill_empty": 0, "rx_other": 0, "tx_device": 0, "tx_resent": 0}, drops
 
 
 def assert_detached(lab, when):
@@ -232,6 +238,47 @@ def test_a_panic_on_an_xdp_loop_ends_faed(tools, tmp_path):
         finally:
             f.stop(signal.SIGKILL)
         assert_detached(lab, "after the panic")
+    finally:
+        lab.down()
+
+
+def test_frames_the_kernel_drops_are_counted(tools, tmp_path):
+    # The smallest UMEM (1,024 frames: 512 to receive into) and faed stopped (SIGSTOP) while 2,000 SYNs
+    # arrive: the XDP program keeps steering them to the AF_XDP sockets, whose rings fill up, and the
+    # kernel drops the rest. Its counters (XDP_STATISTICS) reach the admin API and the metrics once faed
+    # runs again, and faed still answers.
+    lab = Lab("fd%d" % (os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    try:
+        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp", extra_toml="xdp_frames = 1024\n")
+        try:
+            f.wait_ready(lab.cli)
+            os.kill(f.proc.pid, signal.SIGSTOP)
+            try:
+                flood = lab.cli_run("/usr/bin/python3", str(Path(__file__).resolve().parent / "synflood.py"),
+                                    SRV_IP, str(XDP_PORT), "2000", "0.5", timeout=60)
+                assert int(flood.stdout) == 2000, flood.stdout
+            finally:
+                os.kill(f.proc.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            dropped = 0
+            while time.monotonic() < deadline:
+                q = f.stats(lab.cli)["xdp"]["queues"]
+                dropped = sum(x["drops"]["rx_ring_full"] + x["drops"]["rx_fill_empty"] for x in q)
+                if dropped > 0:
+                    break
+                time.sleep(0.3)
+            assert dropped > 0, q
+            print("frames the kernel dropped while faed was stopped:", dropped)
+            text = f.metrics(lab.cli)
+            counted = sum(int(v) for v in re.findall(
+                r'^fae_xdp_queue_rx_(?:ring_full|fill_empty)_total\{queue="\d+"\} (\d+)$', text, re.M))
+            assert counted >= dropped, (dropped, text[-3000:])
+            p = lab.cli_run(FAE, "ping", XDP_ADDR, "--timeout-ms", "5000", check=False, timeout=30)
+            assert p.returncode == 0 and p.stdout.startswith("ver:"), (p.stdout, p.stderr)
+        finally:
+            f.stop(signal.SIGKILL)
     finally:
         lab.down()
 
