@@ -103,7 +103,7 @@ pub trait Port: smoltcp::phy::Device {
         false
     }
     /// Frames written and waiting to be sent by the next [`Port::push`].
-    fn tx_pending(&self) -> bool {
+    fn tx_pending(&mut self) -> bool {
         false
     }
 }
@@ -136,7 +136,7 @@ impl Port for XskPort {
     fn has_forwarded(&self) -> bool {
         XskPort::has_forwarded(self)
     }
-    fn tx_pending(&self) -> bool {
+    fn tx_pending(&mut self) -> bool {
         XskPort::tx_pending(self)
     }
 }
@@ -506,9 +506,9 @@ impl<P: Port> Stack<P> {
         }
         self.counters.syn_dropped += dropped;
         for &(g, port) in &extra {
-            self.counters.pool_added += 1;
-            if let Err(e) = self.listen(g, port) {
-                tracing::warn!(error = %e, "cannot add a listening socket");
+            match self.listen(g, port) {
+                Ok(()) => self.counters.pool_added += 1,
+                Err(e) => tracing::warn!(error = %e, "cannot add a listening socket"),
             }
         }
         extra.clear();

@@ -65,7 +65,7 @@ pub struct PortStats {
     pub rx_foreign: u64,
     /// The kernel's counters of the socket (`XDP_STATISTICS`): frames the XDP program redirected that
     /// were dropped because the RX ring was full (faed not keeping up), because the fill ring had no free
-    /// frame, or for another reason.
+    /// frame, and all the kernel's drops (`rx_dropped`, which counts the fill-ring ones too).
     pub rx_ring_full: u64,
     pub rx_fill_empty: u64,
     pub rx_kernel_dropped: u64,
@@ -92,9 +92,13 @@ struct TxState {
     candidates: HashMap<Ipv4Addr, [u8; 6]>,
     mac: [u8; 6],
     stats: PortStats,
-    /// The length of the frame last written in each UMEM frame (by index), to send it again.
+    /// The length of the frame last written in each UMEM frame (by index), to send it again, with
+    /// [`RESENT`] once it was.
     lens: Vec<u16>,
 }
+
+/// In [`TxState::lens`]: the frame was already sent again once (a frame is length ≤ 2 KiB).
+const RESENT: u16 = 0x8000;
 
 /// An AF_XDP socket bound to one queue of one interface.
 pub struct XskPort {
@@ -110,6 +114,7 @@ pub struct XskPort {
     txs: RefCell<TxState>,
     /// Descriptors the TX ring holds.
     tx_ring: u32,
+    zero_copy: bool,
     scratch: Vec<FrameDesc>,
     mtu: usize,
     /// What gets past the device to smoltcp (SYN budget, connections of this and the other queues).
@@ -200,6 +205,7 @@ impl XskPort {
             received: VecDeque::with_capacity(rx_frames),
             refill: RefCell::new(Vec::with_capacity(rx_frames)),
             tx_ring: half,
+            zero_copy,
             txs: RefCell::new(TxState {
                 free: tx_frames,
                 queued: Vec::with_capacity(BATCH),
@@ -236,16 +242,17 @@ impl XskPort {
     }
 
     pub fn stats(&self) -> PortStats {
-        let mut s = self.txs.borrow().stats;
+        let mut txs = self.txs.borrow_mut();
+        // (Kept from the last reading if this one fails: counters never go back.)
         match self.rx.fd().xdp_statistics() {
             Ok(k) => {
-                s.rx_ring_full = k.rx_ring_full();
-                s.rx_fill_empty = k.rx_fill_ring_empty_descs();
-                s.rx_kernel_dropped = k.rx_dropped();
+                txs.stats.rx_ring_full = k.rx_ring_full();
+                txs.stats.rx_fill_empty = k.rx_fill_ring_empty_descs();
+                txs.stats.rx_kernel_dropped = k.rx_dropped();
             }
             Err(e) => tracing::debug!(error = %e, "XDP_STATISTICS"),
         }
-        s
+        txs.stats
     }
 
     /// Moves received frames off the RX ring (learning the senders' MACs), and takes the frames other
@@ -347,11 +354,17 @@ impl XskPort {
                 // the others (veth completes each frame as it passes it on, in order, and drops it when
                 // the peer's ring is full, where a NIC's driver would make the kernel retry): it is the
                 // last completed. It goes first in the next push rather than wait for smoltcp's
-                // retransmission (1 s at least). Were a NIC to complete out of order, the frame sent again
-                // would be a duplicate segment, which TCP ignores.
-                if done > 0 {
-                    if let Some(mut desc) = txs.free.pop() {
-                        let len = usize::from(txs.lens[desc.addr() / FRAME_SIZE as usize]);
+                // retransmission (1 s at least). Once only: a device without carrier drops every frame,
+                // and a frame going round would keep the loop awake and hold a TX frame; TCP's own
+                // retransmission takes it from there. Were a device to complete out of order (not in
+                // copy mode on veth), the frame sent again would be a duplicate segment, which TCP
+                // ignores; in zero-copy mode completions are the driver's, so nothing is guessed.
+                if done > 0 && !self.zero_copy {
+                    let i = txs.free.last().map(|d| d.addr() / FRAME_SIZE as usize);
+                    if let Some(i) = i.filter(|&i| txs.lens[i] & RESENT == 0) {
+                        let mut desc = txs.free.pop().expect("checked above");
+                        let len = usize::from(txs.lens[i]);
+                        txs.lens[i] |= RESENT;
                         // SAFETY: completed, so ours; untouched since it was written.
                         unsafe { self.umem.data_mut(&mut desc) }
                             .cursor()
@@ -360,7 +373,7 @@ impl XskPort {
                         txs.stats.tx_resent += 1;
                     }
                 }
-                // The peer is full: let it drain until the next poll.
+                // The peer is full (or gone): let it drain until the next poll.
                 break;
             }
             if done == 0 || txs.in_flight == 0 {
@@ -370,10 +383,11 @@ impl XskPort {
         Ok(())
     }
 
-    /// Frames written and not yet on the TX ring (it was full, or a frame the device dropped waits to
-    /// go again).
-    pub fn tx_pending(&self) -> bool {
-        !self.txs.borrow().queued.is_empty()
+    /// Frames written and not yet sent: off the TX ring (it was full, or a frame the device dropped
+    /// waits to go again), or on it with no wake-up of the kernel yet (the kick loop's bound, or a
+    /// drop that ended it).
+    pub fn tx_pending(&mut self) -> bool {
+        !self.txs.get_mut().queued.is_empty() || self.tx.nb_free_exact() < self.tx_ring
     }
 
     /// Wakes the kernel to send what waits on the TX ring (xsk-rs's `wakeup`, but telling EBUSY apart:

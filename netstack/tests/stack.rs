@@ -183,3 +183,26 @@ fn a_burst_of_syns_past_the_listening_pool_is_answered_in_the_same_poll() {
     assert!(h.pool_added >= 23, "{h:?}");
     assert_eq!(h.established, 24, "{h:?}");
 }
+
+#[test]
+fn syns_over_two_polls_before_an_accept_stay_within_the_half_open_cap() {
+    // A cap of 8 handshakes. 12 SYNs in one poll: 8 get sockets (the pool's one and 7 added), 4 are
+    // dropped. 12 more in a second poll before any accept: the 8 sockets that took a SYN are still in
+    // the pool, not yet on the half-open list, and count; all 12 are dropped.
+    let (mut stack, mut client) = lab(1, 8);
+    for i in 0..12u16 {
+        client.connect(43000 + i, true);
+    }
+    client.poll();
+    stack.poll();
+    for i in 12..24u16 {
+        client.connect(43000 + i, true);
+    }
+    client.poll();
+    stack.poll();
+    let _ = stack.accept();
+    let h = stack.handshakes();
+    assert_eq!(h.syn_dropped, 16, "{h:?}");
+    assert_eq!(h.half_open + h.established, 8, "{h:?}");
+    assert_eq!(h.pool_added, 7, "{h:?}");
+}

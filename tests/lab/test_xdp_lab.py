@@ -283,6 +283,57 @@ def test_frames_the_kernel_drops_are_counted(tools, tmp_path):
         lab.down()
 
 
+def test_a_reply_the_device_drops_is_sent_again_once(tools, tmp_path):
+    # A client's request waits in the RX ring while faed is stopped; the client's end of the veth goes
+    # down, so the server's end has no carrier and drops every frame faed sends (sendto: EBUSY). faed
+    # sends the dropped reply again once, not in a loop while the link is down (the loop would spin and
+    # hold a TX frame); once the link is back, TCP's retransmission delivers the answer.
+    lab = Lab("fr%d" % (os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    client = None
+    try:
+        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
+        try:
+            f.wait_ready(lab.cli)
+            client = subprocess.Popen(
+                ["ip", "netns", "exec", lab.cli, "/usr/bin/python3",
+                 str(Path(__file__).resolve().parent / "thrift_load.py"), "onecall", SRV_IP, str(XDP_PORT)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert client.stdout.readline().strip() == "connected"
+            os.kill(f.proc.pid, signal.SIGSTOP)
+            try:
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                time.sleep(0.5)  # the request reaches the RX ring; faed cannot answer yet
+                lab.cli_run("ip", "link", "set", lab.cli_if, "down")
+            finally:
+                os.kill(f.proc.pid, signal.SIGCONT)
+            time.sleep(2.5)  # faed answers into a link without carrier, and its TCP retransmits once
+            lab.cli_run("ip", "link", "set", lab.cli_if, "up")
+            out, _ = client.communicate(timeout=60)
+            r = json.loads(out)
+            assert r["calls"] == 1 and r["failures"] == 0, r
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                d = [q["drops"] for q in f.stats(lab.cli)["xdp"]["queues"]]
+                if sum(x["tx_device"] for x in d) > 0:
+                    break
+                time.sleep(0.3)
+            tx_device, resent = sum(x["tx_device"] for x in d), sum(x["tx_resent"] for x in d)
+            print("drops while the link was down:", d)
+            assert tx_device >= 2 and resent >= 1, d
+            # Once per frame: the reply and at most a few retransmissions in 2.5 s, not one a poll.
+            assert resent <= tx_device and resent <= 8, d
+        finally:
+            f.stop(signal.SIGKILL)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        lab.down()
+
+
 CAPS = "+net_admin,+bpf,+net_raw,+ipc_lock,+perfmon"
 
 

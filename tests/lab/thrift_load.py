@@ -5,6 +5,8 @@
                                                         in a loop, for SECONDS
   thrift_load.py many HOST PORT N                      N connections open at once, each making one call
                                                         while all are open
+  thrift_load.py onecall HOST PORT                     one connection; prints "connected", makes one call
+                                                        when a line comes on stdin, waits for its answer
 
 Prints one JSON object: calls, conns, failures and the first few failures described. Runs with
 /usr/bin/python3 (standard library only); every wait is bounded.
@@ -108,6 +110,22 @@ async def many(host, port, n):
     return t
 
 
+async def onecall(host, port):
+    t = Tally()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), TIMEOUT)
+    t.conns = 1
+    print("connected", flush=True)
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline), TIMEOUT)
+    try:
+        writer.write(call(1, 4242))
+        await asyncio.wait_for(answer(reader, 1, 4242), TIMEOUT)
+        t.calls = 1
+    except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+        t.fail("the call: %r" % (e,))
+    writer.close()
+    return t
+
+
 def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -117,8 +135,10 @@ def main():
         t = asyncio.run(churn(host, port, int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])))
     elif mode == "many":
         t = asyncio.run(many(host, port, int(sys.argv[4])))
+    elif mode == "onecall":
+        t = asyncio.run(onecall(host, port))
     else:
-        sys.exit("usage: thrift_load.py churn|many ...")
+        sys.exit("usage: thrift_load.py churn|many|onecall ...")
     print(json.dumps({"calls": t.calls, "conns": t.conns, "failures": t.failures, "first_failures": t.first,
                       "seconds": time.monotonic() - t0}))
 

@@ -257,7 +257,7 @@ pub fn prometheus(state: &AdminState) -> String {
             ),
             (
                 "fae_xdp_queue_tx_device_dropped_total",
-                "Sends after which the device had dropped a frame (copy mode; TCP retransmits it).",
+                "Sends after which the device had dropped a frame (copy mode; sent again once, see tx_resent).",
                 |q| &q.tx_device_dropped,
             ),
             (
@@ -297,7 +297,7 @@ pub fn prometheus(state: &AdminState) -> String {
             ),
             (
                 "fae_xdp_queue_rx_kernel_dropped_total",
-                "Frames the kernel dropped on the queue's AF_XDP socket for other reasons.",
+                "Frames the kernel dropped on the queue's AF_XDP socket, all reasons (fill-ring-empty drops included).",
                 |q| &q.rx_kernel_dropped,
             ),
             (
