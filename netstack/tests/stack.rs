@@ -206,3 +206,46 @@ fn syns_over_two_polls_before_an_accept_stay_within_the_half_open_cap() {
     assert_eq!(h.half_open + h.established, 8, "{h:?}");
     assert_eq!(h.pool_added, 7, "{h:?}");
 }
+
+#[test]
+fn a_syn_sent_again_after_a_lost_syn_ack_is_answered_at_once() {
+    // The client's SYN is answered, the SYN-ACK is lost, and the client sends the same SYN again 600 ms
+    // later (a client retransmits after 1 s; the test sends it itself, to be sure which comes first):
+    // the stack restarts the handshake and answers in the same poll, not after its own retransmission
+    // timer (1 s). A copy of the SYN sent at once (a duplicate on the way) is still dropped.
+    let (mut stack, mut client) = lab(1, 8);
+    let h = client.connect(45000, true);
+    client.poll();
+    let syn = client.dev.in_flight();
+    assert_eq!(syn.len(), 1, "one SYN on the wire");
+    stack.poll();
+    let _ = stack.accept();
+    assert_eq!(client.dev.discard(), 1, "the SYN-ACK, lost");
+    let inject = client.dev.injector();
+    inject.send(syn[0].clone());
+    stack.poll();
+    let _ = stack.accept();
+    assert_eq!(client.dev.pending(), 0, "a duplicate at once is dropped");
+    std::thread::sleep(Duration::from_millis(600));
+    inject.send(syn[0].clone());
+    stack.poll();
+    let _ = stack.accept();
+    assert_eq!(client.dev.pending(), 1, "a SYN-ACK for the SYN sent again");
+    client.poll();
+    assert_eq!(
+        client.sockets.get::<tcp::Socket>(h).state(),
+        tcp::State::Established
+    );
+    let hs = stack.handshakes();
+    assert_eq!(hs.restarted, 1, "{hs:?}");
+    for _ in 0..5 {
+        stack.poll();
+        let _ = stack.accept();
+    }
+    assert_eq!(
+        stack.handshakes().established,
+        1,
+        "{:?}",
+        stack.handshakes()
+    );
+}
