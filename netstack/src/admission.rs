@@ -1,26 +1,12 @@
 //! What a device lets through to smoltcp, the same for every device under a [`crate::stack::Stack`]
 //! (the AF_XDP socket, and the in-memory wire of the tests that run without root):
 //!
-//! - a retransmitted SYN of a handshake under way (here or on another queue) is dropped while the
-//!   handshake is younger than [`RESTART_AFTER`]: smoltcp would let a second listening socket take it,
-//!   and that socket would then reset the client's connection. Past that, the client's retransmission
-//!   means the SYN-ACK was lost (smoltcp ignores a SYN in SYN-RECEIVED and resends its SYN-ACK only on
-//!   its own timer, 1 s, 3 s, 7 s: two lost SYN-ACKs outlast a 5 s connect timeout, where Linux resends
-//!   at once): the SYN goes to the queue whose stack holds the handshake, which restarts it (see
-//!   [`crate::stack::Stack::poll`]);
+//! - a retransmitted SYN of a handshake under way (here or on another queue) is dropped: smoltcp would
+//!   let a second listening socket take it, and that socket would then reset the client's connection;
 //! - a packet of a connection another queue's stack holds goes to that stack (see [`Connections`]).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
-
-/// A client's SYN arriving this long after the handshake it repeats began restarts it (clients
-/// retransmit a SYN after 1 s at the earliest; a SYN duplicated or reordered on the way comes sooner).
-pub const RESTART_AFTER: Duration = Duration::from_millis(500);
-
-/// Where a connection is: the queue whose stack holds it, and since when it is in its handshake (None
-/// once established).
-type Held = (u32, Option<Instant>);
 
 /// A connection's (remote address, remote port, local port).
 pub type Tuple = (Ipv4Addr, u16, u16);
@@ -33,7 +19,7 @@ pub type Tuple = (Ipv4Addr, u16, u16);
 /// by a stack that does not know the connection.
 #[derive(Debug, Default)]
 pub struct Connections {
-    map: std::sync::Mutex<HashMap<Tuple, Held>>,
+    map: std::sync::Mutex<HashMap<Tuple, (u32, bool)>>,
     pub(crate) inboxes: std::sync::Mutex<HashMap<u32, std::sync::Arc<Inbox>>>,
 }
 
@@ -76,7 +62,7 @@ impl Connections {
             .cloned()
     }
 
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, Held>> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, (u32, bool)>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -97,8 +83,8 @@ pub enum Verdict {
 pub struct Admission {
     /// The TCP ports the stack serves.
     ports: Vec<u16>,
-    /// This stack's connections (past Listen), with since when they are in the handshake.
-    local: HashMap<Tuple, Option<Instant>>,
+    /// This stack's connections (past Listen), true while in the handshake.
+    local: HashMap<Tuple, bool>,
     /// Every queue's.
     shared: std::sync::Arc<Connections>,
     queue: u32,
@@ -124,16 +110,8 @@ impl Admission {
 
     /// A connection has a socket here (in its handshake, or established).
     pub fn track(&mut self, t: Tuple, half_open: bool) {
-        let since = half_open.then(|| {
-            // (A handshake keeps the time it began.)
-            self.local
-                .get(&t)
-                .copied()
-                .flatten()
-                .unwrap_or_else(Instant::now)
-        });
-        self.local.insert(t, since);
-        self.shared.lock().insert(t, (self.queue, since));
+        self.local.insert(t, half_open);
+        self.shared.lock().insert(t, (self.queue, half_open));
     }
 
     /// The connection's socket is gone.
@@ -183,18 +161,11 @@ impl Admission {
                 _ => Verdict::Pass,
             };
         }
-        let young = |since: &Instant| since.elapsed() < RESTART_AFTER;
         match self.local.get(&t) {
-            Some(Some(since)) if young(since) => Verdict::Duplicate,
-            Some(_) => Verdict::Pass,
+            Some(true) => Verdict::Duplicate,
+            Some(false) => Verdict::Pass,
             None => match self.shared.lock().get(&t) {
-                Some((q, Some(since))) if *q != self.queue => {
-                    if young(since) {
-                        Verdict::Duplicate
-                    } else {
-                        Verdict::Foreign(*q)
-                    }
-                }
+                Some((q, true)) if *q != self.queue => Verdict::Duplicate,
                 _ => Verdict::Pass,
             },
         }

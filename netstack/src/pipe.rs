@@ -122,24 +122,6 @@ impl PipeEnd {
         self.sent.clone()
     }
 
-    /// Copies of the packets this end sent that the other end has not received yet.
-    pub fn in_flight(&self) -> Vec<Vec<u8>> {
-        self.tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
-
-    /// Drops the packets waiting to be received (lost on the way); returns how many.
-    pub fn discard(&mut self) -> usize {
-        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
-        let n = rx.len();
-        rx.clear();
-        n
-    }
-
     /// Packets waiting to be received.
     pub fn pending(&self) -> usize {
         self.rx.lock().unwrap_or_else(|e| e.into_inner()).len()

@@ -187,8 +187,6 @@ pub struct Stack<P: Port = XskPort> {
     /// (group, port) of the SYNs of one poll that found their group's listening pool empty (kept for
     /// reuse: no allocation per poll).
     extra: Vec<(usize, u16)>,
-    /// Handshakes whose client sent its SYN again in this poll (kept for reuse).
-    restart: Vec<ConnId>,
 }
 
 /// How long an ACK may wait for data to ride on (the kernel's delayed ACK is 40 ms at least).
@@ -354,7 +352,6 @@ impl<P: Port> Stack<P> {
             bufs: Vec::new(),
             last_tick: Instant::from_micros(0),
             extra: Vec::new(),
-            restart: Vec::new(),
         };
         for g in 0..stack.groups.len() {
             for p in stack.cfg.ports.clone() {
@@ -478,17 +475,11 @@ impl<P: Port> Stack<P> {
         let groups = &mut self.groups;
         let bufs = &mut self.bufs;
         let (by_tuple, touched) = (&self.by_tuple, &mut self.touched);
-        let mut restart = std::mem::take(&mut self.restart);
         while let Some((rx, _tx)) = self.port.receive(now) {
             phy::RxToken::consume(rx, |p: &[u8]| {
                 if let Some(t) = tuple_of(p) {
                     if let Some(&id) = by_tuple.get(&t) {
                         touched.push(id);
-                        if is_syn(p) {
-                            // The client sent its SYN again (admission let it through: the handshake is
-                            // older than RESTART_AFTER, or established), see below.
-                            restart.push(id);
-                        }
                     }
                 }
                 let g = group_of(p, n);
@@ -514,22 +505,6 @@ impl<P: Port> Stack<P> {
             });
         }
         self.counters.syn_dropped += dropped;
-        // A handshake whose client sent its SYN again lost its SYN-ACK: smoltcp would ignore the SYN and
-        // resend only on its timer. The half-open socket goes, and the SYN (in the group's inbox) finds a
-        // listening socket, which answers at once (with a new initial sequence number: the first
-        // SYN-ACK is long lost). An established connection's socket stays (smoltcp answers a SYN there
-        // with a challenge ACK).
-        for &id in &restart {
-            if let Some(k) = self.half_open.iter().position(|(h, _)| *h == id) {
-                if self.socket(id).state() == tcp::State::SynReceived {
-                    self.half_open.remove(k);
-                    self.counters.restarted += 1;
-                    self.recycle(id);
-                }
-            }
-        }
-        restart.clear();
-        self.restart = restart;
         for &(g, port) in &extra {
             match self.listen(g, port) {
                 Ok(()) => self.counters.pool_added += 1,
@@ -885,8 +860,6 @@ pub struct HandshakeStats {
     pub pool_added: u64,
     /// SYNs dropped for want of half-open room (`max_half_open`).
     pub syn_dropped: u64,
-    /// Handshakes restarted because the client sent its SYN again (its SYN-ACK was lost).
-    pub restarted: u64,
 }
 
 fn to_smol(a: Ipv4Addr) -> Ipv4Address {

@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 17] = [
+        let per_queue: [(&str, &str, Get); 16] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -314,11 +314,6 @@ pub fn prometheus(state: &AdminState) -> String {
                 "fae_xdp_queue_half_open_evicted_total",
                 "Half-open connections dropped, oldest first, past listener.xdp_max_half_open.",
                 |q| &q.half_open_evicted,
-            ),
-            (
-                "fae_xdp_queue_half_open_restarted_total",
-                "Handshakes restarted at once because the client sent its SYN again (its SYN-ACK was lost).",
-                |q| &q.half_open_restarted,
             ),
         ];
         if !state.xdp_queues.is_empty() {
@@ -418,7 +413,6 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                         "handshakes": get(&q.established),
                         "half_open_timed_out": get(&q.half_open_timed_out),
                         "half_open_evicted": get(&q.half_open_evicted),
-                        "half_open_restarted": get(&q.half_open_restarted),
                         "sessions": get(&m.sessions),
                         "calls": crate::engine::metrics::Snapshot::merge(std::slice::from_ref(m))
                             .methods

@@ -207,8 +207,6 @@ pub struct QueueStats {
     pub established: AtomicU64,
     pub half_open_timed_out: AtomicU64,
     pub half_open_evicted: AtomicU64,
-    /// Handshakes restarted because the client sent its SYN again (its SYN-ACK was lost).
-    pub half_open_restarted: AtomicU64,
 }
 
 impl QueueStats {
@@ -239,7 +237,6 @@ impl QueueStats {
             (&self.established, h.established),
             (&self.half_open_timed_out, h.timed_out),
             (&self.half_open_evicted, h.evicted),
-            (&self.half_open_restarted, h.restarted),
         ] {
             to.store(v, Ordering::Relaxed);
         }
