@@ -477,10 +477,9 @@ impl<P: Port> Stack<P> {
         let (by_tuple, touched) = (&self.by_tuple, &mut self.touched);
         while let Some((rx, _tx)) = self.port.receive(now) {
             phy::RxToken::consume(rx, |p: &[u8]| {
-                if let Some(t) = tuple_of(p) {
-                    if let Some(&id) = by_tuple.get(&t) {
-                        touched.push(id);
-                    }
+                let t = tuple_of(p);
+                if let Some(&id) = t.as_ref().and_then(|t| by_tuple.get(t)) {
+                    touched.push(id);
                 }
                 let g = group_of(p, n);
                 if is_syn(p) {
@@ -494,7 +493,7 @@ impl<P: Port> Stack<P> {
                         // group is polled (below), so the SYN is answered now, not after the client's
                         // 1 s retransmission.
                         groups[g].ran_out = true;
-                        extra.push((g, tuple_of(p).map_or(0, |t| t.2)));
+                        extra.push((g, t.map_or(0, |t| t.2)));
                     } else {
                         groups[g].free -= 1;
                     }

@@ -1,5 +1,6 @@
 """The XDP path end to end: real XDP program on a real veth pair, AF_XDP sockets, smoltcp, and the
 Python, PHP and Rust clients calling every servant from the client namespace."""
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,30 @@ from conftest import (ADMIN_PORT, CLI_IP, FAE, KERNEL_PORT, NET, REPO, SRV_IP, X
                       backends_env, run, xdp_attached)
 
 XDP_ADDR = "%s:%d" % (SRV_IP, XDP_PORT)
+HERE = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def fresh_lab(tag):
+    """A lab of its own (prefix TAG and this process's pid), taken down afterwards whatever happens."""
+    lab = Lab("%s%d" % (tag, os.getpid() % 100000))
+    lab.down()
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def queue_drops(f, lab, moved, timeout=10):
+    """The XDP queues' `drops` once `moved(drops)` holds (the counters are published every second), or
+    the last reading after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        d = [q["drops"] for q in f.stats(lab.cli)["xdp"]["queues"]]
+        if moved(d) or time.monotonic() >= deadline:
+            return d
+        time.sleep(0.3)
 
 
 def test_python_suite_over_xdp(lab, stores, served):
@@ -198,10 +223,7 @@ def assert_detached(lab, when):
 
 
 def test_sigkill_leaves_no_xdp_program(tools, tmp_path):
-    lab = Lab("fk%d" % (os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    try:
+    with fresh_lab("fk") as lab:
         f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
         try:
             f.wait_ready(lab.cli)
@@ -216,17 +238,12 @@ def test_sigkill_leaves_no_xdp_program(tools, tmp_path):
         finally:
             assert f.stop() == 0, f.log_tail()
         assert not xdp_attached(lab.srv, lab.srv_if)
-    finally:
-        lab.down()
 
 
 def test_a_panic_on_an_xdp_loop_ends_faed(tools, tmp_path):
     # The test-only trigger makes an XDP loop panic on accepting a connection: faed must end with status 70
     # (so systemd restarts it), not keep running with a dead loop, and its XDP program goes with it.
-    lab = Lab("fx%d" % (os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    try:
+    with fresh_lab("fx") as lab:
         f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp", wrapper=["env", "FAED_TEST_PANIC=xdp"])
         try:
             deadline = time.monotonic() + 30
@@ -238,8 +255,6 @@ def test_a_panic_on_an_xdp_loop_ends_faed(tools, tmp_path):
         finally:
             f.stop(signal.SIGKILL)
         assert_detached(lab, "after the panic")
-    finally:
-        lab.down()
 
 
 def test_frames_the_kernel_drops_are_counted(tools, tmp_path):
@@ -247,29 +262,22 @@ def test_frames_the_kernel_drops_are_counted(tools, tmp_path):
     # arrive: the XDP program keeps steering them to the AF_XDP sockets, whose rings fill up, and the
     # kernel drops the rest. Its counters (XDP_STATISTICS) reach the admin API and the metrics once faed
     # runs again, and faed still answers.
-    lab = Lab("fd%d" % (os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    try:
+    with fresh_lab("fd") as lab:
         f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp", extra_toml="xdp_frames = 1024\n")
         try:
             f.wait_ready(lab.cli)
             os.kill(f.proc.pid, signal.SIGSTOP)
             try:
-                flood = lab.cli_run("/usr/bin/python3", str(Path(__file__).resolve().parent / "synflood.py"),
+                flood = lab.cli_run("/usr/bin/python3", str(HERE / "synflood.py"),
                                     SRV_IP, str(XDP_PORT), "2000", "0.5", timeout=60)
                 assert int(flood.stdout) == 2000, flood.stdout
             finally:
                 os.kill(f.proc.pid, signal.SIGCONT)
-            deadline = time.monotonic() + 10
-            dropped = 0
-            while time.monotonic() < deadline:
-                q = f.stats(lab.cli)["xdp"]["queues"]
-                dropped = sum(x["drops"]["rx_ring_full"] + x["drops"]["rx_fill_empty"] for x in q)
-                if dropped > 0:
-                    break
-                time.sleep(0.3)
-            assert dropped > 0, q
+            def rx_dropped(d):
+                return sum(x["rx_ring_full"] + x["rx_fill_empty"] for x in d)
+            d = queue_drops(f, lab, lambda d: rx_dropped(d) > 0)
+            dropped = rx_dropped(d)
+            assert dropped > 0, d
             print("frames the kernel dropped while faed was stopped:", dropped)
             text = f.metrics(lab.cli)
             counted = sum(int(v) for v in re.findall(
@@ -279,8 +287,6 @@ def test_frames_the_kernel_drops_are_counted(tools, tmp_path):
             assert p.returncode == 0 and p.stdout.startswith("ver:"), (p.stdout, p.stderr)
         finally:
             f.stop(signal.SIGKILL)
-    finally:
-        lab.down()
 
 
 def test_a_reply_the_device_drops_is_sent_again_once(tools, tmp_path):
@@ -288,50 +294,42 @@ def test_a_reply_the_device_drops_is_sent_again_once(tools, tmp_path):
     # down, so the server's end has no carrier and drops every frame faed sends (sendto: EBUSY). faed
     # sends the dropped reply again once, not in a loop while the link is down (the loop would spin and
     # hold a TX frame); once the link is back, TCP's retransmission delivers the answer.
-    lab = Lab("fr%d" % (os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    client = None
-    try:
-        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
+    with fresh_lab("fr") as lab:
+        client = None
         try:
-            f.wait_ready(lab.cli)
-            client = subprocess.Popen(
-                ["ip", "netns", "exec", lab.cli, "/usr/bin/python3",
-                 str(Path(__file__).resolve().parent / "thrift_load.py"), "onecall", SRV_IP, str(XDP_PORT)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            assert client.stdout.readline().strip() == "connected"
-            os.kill(f.proc.pid, signal.SIGSTOP)
+            f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
             try:
-                client.stdin.write("go\n")
-                client.stdin.flush()
-                time.sleep(0.5)  # the request reaches the RX ring; faed cannot answer yet
-                lab.cli_run("ip", "link", "set", lab.cli_if, "down")
+                f.wait_ready(lab.cli)
+                client = subprocess.Popen(
+                    ["ip", "netns", "exec", lab.cli, "/usr/bin/python3",
+                     str(HERE / "thrift_load.py"), "onecall", SRV_IP, str(XDP_PORT)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                assert client.stdout.readline().strip() == "connected"
+                os.kill(f.proc.pid, signal.SIGSTOP)
+                try:
+                    client.stdin.write("go\n")
+                    client.stdin.flush()
+                    time.sleep(0.5)  # the request reaches the RX ring; faed cannot answer yet
+                    lab.cli_run("ip", "link", "set", lab.cli_if, "down")
+                finally:
+                    os.kill(f.proc.pid, signal.SIGCONT)
+                time.sleep(2.5)  # faed answers into a link without carrier, and its TCP retransmits once
+                lab.cli_run("ip", "link", "set", lab.cli_if, "up")
+                out, _ = client.communicate(timeout=60)
+                r = json.loads(out)
+                assert r["calls"] == 1 and r["failures"] == 0, r
+                d = queue_drops(f, lab, lambda d: sum(x["tx_device"] for x in d) > 0, timeout=5)
+                tx_device, resent = sum(x["tx_device"] for x in d), sum(x["tx_resent"] for x in d)
+                print("drops while the link was down:", d)
+                assert tx_device >= 2 and resent >= 1, d
+                # Once per frame: the reply and at most a few retransmissions in 2.5 s, not one a poll.
+                assert resent <= tx_device and resent <= 8, d
             finally:
-                os.kill(f.proc.pid, signal.SIGCONT)
-            time.sleep(2.5)  # faed answers into a link without carrier, and its TCP retransmits once
-            lab.cli_run("ip", "link", "set", lab.cli_if, "up")
-            out, _ = client.communicate(timeout=60)
-            r = json.loads(out)
-            assert r["calls"] == 1 and r["failures"] == 0, r
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                d = [q["drops"] for q in f.stats(lab.cli)["xdp"]["queues"]]
-                if sum(x["tx_device"] for x in d) > 0:
-                    break
-                time.sleep(0.3)
-            tx_device, resent = sum(x["tx_device"] for x in d), sum(x["tx_resent"] for x in d)
-            print("drops while the link was down:", d)
-            assert tx_device >= 2 and resent >= 1, d
-            # Once per frame: the reply and at most a few retransmissions in 2.5 s, not one a poll.
-            assert resent <= tx_device and resent <= 8, d
+                f.stop(signal.SIGKILL)
         finally:
-            f.stop(signal.SIGKILL)
-    finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-            client.wait()
-        lab.down()
+            if client is not None and client.poll() is None:
+                client.kill()
+                client.wait()
 
 
 CAPS = "+net_admin,+bpf,+net_raw,+ipc_lock,+perfmon"
@@ -339,32 +337,29 @@ CAPS = "+net_admin,+bpf,+net_raw,+ipc_lock,+perfmon"
 
 def test_unprivileged_user_with_capabilities(tools, tmp_path):
     # faed as nobody with only the capabilities etc/faed.service grants, serving the XDP path.
-    lab = Lab("fu%d" % (os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    # pytest's tmp_path is private to root; nobody must be able to read faed's config.
-    shared = tempfile.mkdtemp(prefix="fae-lab-")
-    os.chmod(shared, 0o755)
-    tmp_path = Path(shared)
-    try:
-        wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                   "--inh-caps=" + CAPS, "--ambient-caps=" + CAPS, "--bounding-set=-all," + CAPS]
-        f = Faed(lab.srv, lab.srv_if, tmp_path, wrapper=wrapper, mode="xdp")
+    with fresh_lab("fu") as lab:
+        # pytest's tmp_path is private to root; nobody must be able to read faed's config.
+        shared = tempfile.mkdtemp(prefix="fae-lab-")
+        os.chmod(shared, 0o755)
+        tmp_path = Path(shared)
         try:
-            f.wait_ready(lab.cli)
-            status = open("/proc/%d/status" % f.proc.pid).read()
-            assert re.search(r"^Uid:\s+65534", status, re.M), status
-            # Once XDP is attached faed keeps none of the capabilities it was started with.
-            for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
-                assert re.search(r"^%s:\s+0{16}$" % field, status, re.M), status
-            p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "4", "-n", "100", "--json", check=False)
-            assert json.loads(p.stdout)["failures"] == 0, p.stdout
+            wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                       "--inh-caps=" + CAPS, "--ambient-caps=" + CAPS, "--bounding-set=-all," + CAPS]
+            f = Faed(lab.srv, lab.srv_if, tmp_path, wrapper=wrapper, mode="xdp")
+            try:
+                f.wait_ready(lab.cli)
+                status = open("/proc/%d/status" % f.proc.pid).read()
+                assert re.search(r"^Uid:\s+65534", status, re.M), status
+                # Once XDP is attached faed keeps none of the capabilities it was started with.
+                for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                    assert re.search(r"^%s:\s+0{16}$" % field, status, re.M), status
+                p = lab.cli_run(FAE, "check", XDP_ADDR, "-c", "4", "-n", "100", "--json", check=False)
+                assert json.loads(p.stdout)["failures"] == 0, p.stdout
+            finally:
+                assert f.stop() == 0, f.log_tail()
+            assert not xdp_attached(lab.srv, lab.srv_if)
         finally:
-            assert f.stop() == 0, f.log_tail()
-        assert not xdp_attached(lab.srv, lab.srv_if)
-    finally:
-        lab.down()
-        shutil.rmtree(shared, ignore_errors=True)
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_loss_and_reordering(tools, tmp_path):
