@@ -4,6 +4,7 @@ faed attached with XDP in the server namespace, clients in the client namespace.
 Everything a test starts is stopped by PID, and every namespace, veth and XDP program is removed, even
 when a test fails. Names carry this process's pid so that a lab left by someone else is never touched.
 """
+import contextlib
 import json
 import os
 import signal
@@ -178,15 +179,22 @@ def tools():
         pytest.fail("the XDP lab needs root (network namespaces, XDP)")
 
 
-@pytest.fixture(scope="module")
-def lab(tools):
-    lab = Lab("fl%d" % (os.getpid() % 100000))
+@contextlib.contextmanager
+def fresh_lab(tag):
+    """A lab of its own (prefix TAG and this process's pid), taken down afterwards whatever happens."""
+    lab = Lab("%s%d" % (tag, os.getpid() % 100000))
     lab.down()
     lab.up()
     try:
         yield lab
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def lab(tools):
+    with fresh_lab("fl") as lab:
+        yield lab
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The XDP path end to end: real XDP program on a real veth pair, AF_XDP sockets, smoltcp, and the
 Python, PHP and Rust clients calling every servant from the client namespace."""
-import contextlib
 import json
 import os
 import re
@@ -13,23 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ADMIN_PORT, CLI_IP, FAE, KERNEL_PORT, NET, REPO, SRV_IP, XDP_PORT, Faed, Lab,
+from conftest import (ADMIN_PORT, CLI_IP, FAE, KERNEL_PORT, NET, REPO, SRV_IP, XDP_PORT, Faed, fresh_lab,
                       backends_env, run, xdp_attached)
 
 XDP_ADDR = "%s:%d" % (SRV_IP, XDP_PORT)
 HERE = Path(__file__).resolve().parent
-
-
-@contextlib.contextmanager
-def fresh_lab(tag):
-    """A lab of its own (prefix TAG and this process's pid), taken down afterwards whatever happens."""
-    lab = Lab("%s%d" % (tag, os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
 
 
 def queue_drops(f, lab, moved, timeout=10):

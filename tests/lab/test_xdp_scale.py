@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAE, KERNEL_PORT, SRV_IP, CLI_IP, XDP_PORT, Faed, Lab, run
+from conftest import FAE, KERNEL_PORT, SRV_IP, CLI_IP, XDP_PORT, Faed, fresh_lab, run
 
 HERE = Path(__file__).resolve().parent
 XDP_ADDR = "%s:%d" % (SRV_IP, XDP_PORT)
@@ -23,23 +23,20 @@ BUFFER = 64 << 10
 
 @pytest.fixture(scope="module")
 def scale(tools, tmp_path_factory):
-    lab = Lab("fs%d" % (os.getpid() % 100000))
-    lab.down()
-    lab.up()
-    f = None
-    try:
-        # A busy PHP host: TIME-WAIT ports reused (needs TCP timestamps from the server too).
-        lab.cli_run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.tcp_timestamps=1")
-        extra = ("xdp_buffer_bytes = %d\nxdp_max_half_open = %d\nxdp_half_open_timeout_ms = 2000\n\n"
-                 "[server]\nmax_sessions = %d\n" % (BUFFER, MAX_HALF_OPEN, MAX_SESSIONS))
-        f = Faed(lab.srv, lab.srv_if, tmp_path_factory.mktemp("faed"), extra_toml=extra)
-        f.wait_ready(lab.cli)
-        yield lab, f
-        assert f.stop() == 0, f.log_tail()
-    finally:
-        if f is not None and f.proc.poll() is None:
-            f.stop(signal.SIGKILL)
-        lab.down()
+    with fresh_lab("fs") as lab:
+        f = None
+        try:
+            # A busy PHP host: TIME-WAIT ports reused (needs TCP timestamps from the server too).
+            lab.cli_run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.tcp_timestamps=1")
+            extra = ("xdp_buffer_bytes = %d\nxdp_max_half_open = %d\nxdp_half_open_timeout_ms = 2000\n\n"
+                     "[server]\nmax_sessions = %d\n" % (BUFFER, MAX_HALF_OPEN, MAX_SESSIONS))
+            f = Faed(lab.srv, lab.srv_if, tmp_path_factory.mktemp("faed"), extra_toml=extra)
+            f.wait_ready(lab.cli)
+            yield lab, f
+            assert f.stop() == 0, f.log_tail()
+        finally:
+            if f is not None and f.proc.poll() is None:
+                f.stop(signal.SIGKILL)
 
 
 def load(lab, *args, timeout=120):
