@@ -279,6 +279,12 @@ packets = {
     "truncated_tcp": ipv4_tcp(cli, srv, 40000, 9002, 0x02)[:30],
     "header_only": ipv4_tcp(cli, srv, 40000, 9002, 0x02)[:20],
     "empty": b"",
+    # The stack's reading of a segment's numbers: an IPv4 total length past the packet's end, a TCP data
+    # offset past it.
+    "total_len_past_end": ipv4_tcp(cli, srv, 40000, 9002, 0x18, payload=b"abcd")[:2] + b"\xff\xff"
+    + ipv4_tcp(cli, srv, 40000, 9002, 0x18, payload=b"abcd")[4:],
+    "data_offset_past_end": ipv4_tcp(cli, srv, 40000, 9002, 0x10)[:32] + b"\xf0"
+    + ipv4_tcp(cli, srv, 40000, 9002, 0x10)[33:],
 }
 d = os.path.join(HERE, "corpus", "xdp_admission")
 os.makedirs(d, exist_ok=True)

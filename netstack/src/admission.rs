@@ -1,9 +1,15 @@
 //! What a device lets through to smoltcp, the same for every device under a [`crate::stack::Stack`]
 //! (the AF_XDP socket, and the in-memory wire of the tests that run without root):
 //!
-//! - a retransmitted SYN of a handshake under way (here or on another queue) is dropped: smoltcp would
-//!   let a second listening socket take it, and that socket would then reset the client's connection;
-//! - a packet of a connection another queue's stack holds goes to that stack (see [`Connections`]).
+//! - a bare SYN for a connection the stack already holds (a handshake under way, or an established
+//!   connection) never reaches smoltcp: a second listening socket would take it, and two sockets would
+//!   then share one 4-tuple (in a handshake, the second one resets the client's connection). It is
+//!   noted ([`Admission::take_repeated`]) for the stack to answer as Linux does: a handshake's SYN-ACK
+//!   is sent again (the client's SYN came again because the SYN-ACK was lost), an established
+//!   connection's peer gets a challenge ACK (RFC 5961 4.2: a client that lost its connection answers it
+//!   with a reset, which frees the 4-tuple for its new connection);
+//! - a packet of a connection another queue's stack holds goes to that stack (see [`Connections`]), a
+//!   bare SYN too (that stack notes it).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -11,15 +17,15 @@ use std::net::Ipv4Addr;
 /// A connection's (remote address, remote port, local port).
 pub type Tuple = (Ipv4Addr, u16, u16);
 
-/// The connections of every queue's stack: which queue holds each one's socket, and whether it is still
-/// in its handshake. A client's packets normally all arrive on one RX queue (a NIC hashes the 4-tuple),
-/// but some devices pick the queue otherwise: veth uses the sender's TX queue, which Linux changes when
-/// it retransmits or answers from TIME-WAIT. A packet of another queue's connection is handed to that
+/// The connections of every queue's stack: which queue holds each one's socket. A client's packets
+/// normally all arrive on one RX queue (a NIC hashes the 4-tuple), but some devices pick the queue
+/// otherwise: veth uses the sender's TX queue, which Linux changes when it retransmits or answers from
+/// TIME-WAIT. A packet of another queue's connection is handed to that
 /// queue's stack (a copy, through its inbox, waking its thread) instead of being answered with a reset
 /// by a stack that does not know the connection.
 #[derive(Debug, Default)]
 pub struct Connections {
-    map: std::sync::Mutex<HashMap<Tuple, (u32, bool)>>,
+    map: std::sync::Mutex<HashMap<Tuple, u32>>,
     pub(crate) inboxes: std::sync::Mutex<HashMap<u32, std::sync::Arc<Inbox>>>,
 }
 
@@ -62,7 +68,7 @@ impl Connections {
             .cloned()
     }
 
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, (u32, bool)>> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tuple, u32>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -71,7 +77,7 @@ impl Connections {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
-    /// A retransmitted SYN of a handshake under way.
+    /// A bare SYN for a connection this stack holds (noted, see [`Admission::take_repeated`]).
     Duplicate,
     /// A packet of a connection another queue holds.
     Foreign(u32),
@@ -88,7 +94,23 @@ pub struct Admission {
     /// Every queue's.
     shared: std::sync::Arc<Connections>,
     queue: u32,
+    /// Bare SYNs for this stack's connections since the stack last took them.
+    repeated: Vec<RepeatedSyn>,
 }
+
+/// A bare SYN received for a connection the stack already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepeatedSyn {
+    pub tuple: Tuple,
+    /// The SYN's sequence number (the client's initial one).
+    pub seq: u32,
+    /// The connection is in its handshake (else established, or closing).
+    pub half_open: bool,
+}
+
+/// Repeated SYNs kept between two polls at most (a poll takes them all; more in one poll are dropped
+/// unanswered, as they were before).
+const MAX_REPEATED: usize = 1024;
 
 impl Admission {
     pub fn new(queue: u32) -> Admission {
@@ -111,14 +133,14 @@ impl Admission {
     /// A connection has a socket here (in its handshake, or established).
     pub fn track(&mut self, t: Tuple, half_open: bool) {
         self.local.insert(t, half_open);
-        self.shared.lock().insert(t, (self.queue, half_open));
+        self.shared.lock().insert(t, self.queue);
     }
 
     /// The connection's socket is gone.
     pub fn untrack(&mut self, t: Tuple) {
         if self.local.remove(&t).is_some() {
             let mut m = self.shared.lock();
-            if m.get(&t).is_some_and(|(q, _)| *q == self.queue) {
+            if m.get(&t) == Some(&self.queue) {
                 m.remove(&t);
             }
         }
@@ -129,9 +151,14 @@ impl Admission {
         self.ports = ports.to_vec();
     }
 
-    /// What to do with a received IPv4 packet before smoltcp sees it: a retransmitted SYN of a handshake
-    /// under way (here or on another queue) is dropped, and a packet of a connection another queue holds
-    /// goes to that queue.
+    /// Moves the bare SYNs received for this stack's connections since the last call to `into`.
+    pub fn take_repeated(&mut self, into: &mut Vec<RepeatedSyn>) {
+        into.append(&mut self.repeated);
+    }
+
+    /// What to do with a received IPv4 packet before smoltcp sees it: a bare SYN for a connection this
+    /// stack holds is dropped (and noted), and a packet of a connection another queue holds goes to that
+    /// queue.
     pub fn classify(&mut self, f: &[u8]) -> Verdict {
         if f.len() < 20 || f[9] != 6 || f[0] & 0x0f < 5 {
             return Verdict::Pass;
@@ -150,22 +177,23 @@ impl Admission {
         const SYN: u8 = 0x02;
         const RST: u8 = 0x04;
         const ACK: u8 = 0x10;
-        // Everything but a bare SYN (a reset too) belongs to an existing connection: to whichever queue
-        // holds it.
-        if flags & (SYN | ACK) != SYN || flags & RST != 0 {
-            if self.local.contains_key(&t) {
-                return Verdict::Pass;
-            }
-            return match self.shared.lock().get(&t) {
-                Some((q, _)) if *q != self.queue => Verdict::Foreign(*q),
-                _ => Verdict::Pass,
-            };
-        }
         match self.local.get(&t) {
-            Some(true) => Verdict::Duplicate,
-            Some(false) => Verdict::Pass,
+            Some(&half_open) if flags & (SYN | ACK | RST) == SYN => {
+                if self.repeated.len() < MAX_REPEATED {
+                    let seq = u32::from_be_bytes([f[tcp + 4], f[tcp + 5], f[tcp + 6], f[tcp + 7]]);
+                    self.repeated.push(RepeatedSyn {
+                        tuple: t,
+                        seq,
+                        half_open,
+                    });
+                }
+                Verdict::Duplicate
+            }
+            Some(_) => Verdict::Pass,
+            // A connection another queue holds: its packets go there, a bare SYN too (that queue
+            // answers it). Anything else is new.
             None => match self.shared.lock().get(&t) {
-                Some((q, true)) if *q != self.queue => Verdict::Duplicate,
+                Some(&q) if q != self.queue => Verdict::Foreign(q),
                 _ => Verdict::Pass,
             },
         }

@@ -1,6 +1,6 @@
 //! The fuzz target's entry point for what faces the network in this crate: the admission's look at every
-//! received packet (`fuzz/fuzz_targets/xdp_admission.rs`; `cargo test` replays its corpus through
-//! `netstack/tests/fuzz_corpus.rs`).
+//! received packet, and the stack's (`fuzz/fuzz_targets/xdp_admission.rs`; `cargo test` replays its
+//! corpus through `netstack/tests/fuzz_corpus.rs`).
 
 use std::net::Ipv4Addr;
 
@@ -37,10 +37,20 @@ pub fn admission(data: &[u8]) {
             );
         }
     }
+    // What the stack reads of the segments it sends (smoltcp's, bounded all the same).
+    let _ = crate::stack::sent_segment(data);
     if let Some(t) = tuple {
         for half_open in [true, false] {
             a.track(t, half_open);
             let _ = a.classify(data);
+            let mut seen = Vec::new();
+            a.take_repeated(&mut seen);
+            assert!(
+                seen.len() <= 1
+                    && seen
+                        .iter()
+                        .all(|r| r.tuple == t && r.half_open == half_open)
+            );
             a.untrack(t);
             other.track(t, half_open);
             let _ = a.classify(data);

@@ -122,6 +122,24 @@ impl PipeEnd {
         self.sent.clone()
     }
 
+    /// Copies of the packets this end sent that the other end has not received yet.
+    pub fn in_flight(&self) -> Vec<Vec<u8>> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.iter().cloned().collect()
+    }
+
+    /// Loses the packets waiting to be received by this end; returns how many.
+    pub fn discard(&mut self) -> usize {
+        let mut rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *rx).len()
+    }
+
+    /// Loses the packets this end sent that the other end has not received yet; returns how many.
+    pub fn discard_sent(&mut self) -> usize {
+        let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *tx).len()
+    }
+
     /// Packets waiting to be received.
     pub fn pending(&self) -> usize {
         self.rx.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -188,7 +206,8 @@ impl Device for PipeEnd {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front()?;
-            // As the AF_XDP device does: retransmitted SYNs of a handshake under way are dropped.
+            // As the AF_XDP device does: a bare SYN for a connection the stack holds is kept from
+            // smoltcp (and noted, for the stack to answer).
             if self.admission.classify(&packet) == crate::admission::Verdict::Pass {
                 return Some((RxToken(packet), TxToken(self)));
             }

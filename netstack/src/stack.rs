@@ -34,7 +34,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-use crate::admission::{Admission, Connections, Tuple, Waker};
+use crate::admission::{Admission, Connections, RepeatedSyn, Tuple, Waker};
 use crate::xsk::{PortStats, XskPort};
 use crate::NetError;
 
@@ -166,12 +166,12 @@ pub struct Stack<P: Port = XskPort> {
     /// Connections, with the peer address whose MAC they pinned.
     conns: HashMap<ConnId, Option<Ipv4Addr>>,
     /// The 4-tuple of every socket past Listen, also known to the device (see `admission::Connections`):
-    /// it drops a retransmitted SYN of a handshake under way (a SYN-ACK lost or late), which smoltcp would
-    /// let another listening socket take, that second half-open socket then resetting the client's
-    /// connection; and it hands a packet of a connection another queue's stack holds to that stack.
+    /// it keeps a bare SYN for one of them from smoltcp (which would let another listening socket take
+    /// it: two sockets on one 4-tuple), for the stack to answer; and it hands a packet of a connection
+    /// another queue's stack holds to that stack.
     tuples: HashMap<ConnId, Tuple>,
-    /// The other way round: the connection of a received packet.
-    by_tuple: HashMap<Tuple, ConnId>,
+    /// The other way round: the connection of a received packet, and its last segment sent.
+    by_tuple: HashMap<Tuple, Known>,
     /// Connections that received packets since the application last asked.
     touched: Vec<ConnId>,
     counters: HandshakeStats,
@@ -187,7 +187,95 @@ pub struct Stack<P: Port = XskPort> {
     /// (group, port) of the SYNs of one poll that found their group's listening pool empty (kept for
     /// reuse: no allocation per poll).
     extra: Vec<(usize, u16)>,
+    /// The stack's address.
+    addr: Ipv4Addr,
+    /// The last SYN-ACK sent for each handshake, to send again (see [`Stack::answer_repeated`]).
+    syn_acks: HashMap<Tuple, SentSynAck>,
+    /// Bare SYNs for connections the stack holds, taken from the device (kept for reuse).
+    repeated: Vec<RepeatedSyn>,
 }
+
+/// A connection's socket, and the numbers of the last segment smoltcp sent on it (smoltcp does not tell
+/// them, and a challenge ACK needs them).
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    id: ConnId,
+    sent: Option<Numbers>,
+    /// When a challenge ACK last went to the client (at most one per CHALLENGE_AGAIN).
+    challenged: Option<std::time::Instant>,
+}
+
+impl Known {
+    fn new(id: ConnId) -> Known {
+        Known {
+            id,
+            sent: None,
+            challenged: None,
+        }
+    }
+}
+
+/// Of a segment the stack sent: the sequence number just past it (SND.NXT), its acknowledgement number
+/// (RCV.NXT) and its window field (as sent: scaled, except on a SYN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Numbers {
+    pub(crate) next: u32,
+    pub(crate) ack: u32,
+    pub(crate) window: u16,
+}
+
+/// Of a TCP segment the stack sends (an IPv4 packet; not a reset): its connection (client address,
+/// client port, local port), its flags and its numbers.
+pub(crate) fn sent_segment(p: &[u8]) -> Option<(Tuple, u8, Numbers)> {
+    if p.len() < 20 || p[9] != 6 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let tcp = p.get(ihl..ihl.checked_add(20)?)?;
+    let flags = tcp[13];
+    if ihl < 20 || flags & 0x04 != 0 {
+        return None;
+    }
+    let t = (
+        Ipv4Addr::new(p[16], p[17], p[18], p[19]),
+        u16::from_be_bytes([tcp[2], tcp[3]]),
+        u16::from_be_bytes([tcp[0], tcp[1]]),
+    );
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+    let payload = total.saturating_sub(ihl + usize::from(tcp[12] >> 4) * 4);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    // SYN and FIN take one sequence number each.
+    let next = seq
+        .wrapping_add(payload as u32)
+        .wrapping_add(u32::from(flags & 0x03).count_ones());
+    let n = Numbers {
+        next,
+        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+        window: u16::from_be_bytes([tcp[14], tcp[15]]),
+    };
+    Some((t, flags, n))
+}
+
+/// A SYN-ACK as sent (the IPv4 packet), when it (or a challenge ACK in its handshake) was last sent, and
+/// its numbers (the acknowledgement number is the client's initial sequence number + 1).
+#[derive(Debug)]
+struct SentSynAck {
+    packet: Vec<u8>,
+    at: std::time::Instant,
+    numbers: Numbers,
+}
+
+/// A client's SYN sent again this long after the last SYN-ACK draws that SYN-ACK again; sooner, the
+/// SYN was duplicated on the way or crossed a SYN-ACK (a client retransmits after 1 s at the earliest).
+const SYN_ACK_AGAIN: Duration = Duration::from_millis(250);
+
+/// Challenge ACKs go to one connection's client at most this often (RFC 5961 7; a client retransmits its
+/// SYN after 1 s).
+const CHALLENGE_AGAIN: Duration = Duration::from_millis(500);
+
+/// Handshakes' SYN-ACKs kept beyond those of the half-open list (sockets reset back to Listen before
+/// they were accepted leave theirs; dropped when this many are).
+const SYN_ACKS_SLACK: usize = 64;
 
 /// How long an ACK may wait for data to ride on (the kernel's delayed ACK is 40 ms at least).
 const ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(10);
@@ -253,6 +341,59 @@ struct GroupDev<'a, P: Port> {
     port: &'a mut P,
     inbox: &'a mut VecDeque<Vec<u8>>,
     bufs: &'a mut Vec<Vec<u8>>,
+    syn_acks: &'a mut HashMap<Tuple, SentSynAck>,
+    by_tuple: &'a mut HashMap<Tuple, Known>,
+}
+
+/// The device's transmit token, keeping a copy of each SYN-ACK it sends and the numbers of each other
+/// segment of a known connection.
+struct Tx<'a, T> {
+    inner: T,
+    syn_acks: &'a mut HashMap<Tuple, SentSynAck>,
+    by_tuple: &'a mut HashMap<Tuple, Known>,
+}
+
+impl<T: phy::TxToken> phy::TxToken for Tx<'_, T> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let (syn_acks, by_tuple) = (self.syn_acks, self.by_tuple);
+        self.inner.consume(len, |p| {
+            let r = f(p);
+            match sent_segment(p) {
+                Some((t, flags, numbers)) if flags & 0x12 == 0x12 => {
+                    let at = std::time::Instant::now();
+                    match syn_acks.get_mut(&t) {
+                        Some(s) => {
+                            s.packet.clear();
+                            s.packet.extend_from_slice(p);
+                            (s.at, s.numbers) = (at, numbers);
+                        }
+                        None => {
+                            let packet = p.to_vec();
+                            syn_acks.insert(
+                                t,
+                                SentSynAck {
+                                    packet,
+                                    at,
+                                    numbers,
+                                },
+                            );
+                        }
+                    }
+                }
+                Some((t, _, numbers)) => {
+                    if let Some(k) = by_tuple.get_mut(&t) {
+                        k.sent = Some(numbers);
+                    }
+                }
+                None => {}
+            }
+            r
+        })
+    }
+
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.inner.set_meta(meta)
+    }
 }
 
 struct Packet<'a> {
@@ -276,25 +417,34 @@ impl<P: Port> Device for GroupDev<'_, P> {
     where
         Self: 'a;
     type TxToken<'a>
-        = P::TxToken<'a>
+        = Tx<'a, P::TxToken<'a>>
     where
         Self: 'a;
 
-    fn receive(&mut self, now: Instant) -> Option<(Packet<'_>, P::TxToken<'_>)> {
+    fn receive(&mut self, now: Instant) -> Option<(Packet<'_>, Self::TxToken<'_>)> {
         if self.inbox.is_empty() {
             return None;
         }
-        let tx = self.port.transmit(now)?;
+        let inner = self.port.transmit(now)?;
         let data = self.inbox.pop_front()?;
         let packet = Packet {
             data,
             bufs: self.bufs,
         };
+        let tx = Tx {
+            inner,
+            syn_acks: self.syn_acks,
+            by_tuple: self.by_tuple,
+        };
         Some((packet, tx))
     }
 
-    fn transmit(&mut self, now: Instant) -> Option<P::TxToken<'_>> {
-        self.port.transmit(now)
+    fn transmit(&mut self, now: Instant) -> Option<Self::TxToken<'_>> {
+        Some(Tx {
+            inner: self.port.transmit(now)?,
+            syn_acks: self.syn_acks,
+            by_tuple: self.by_tuple,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -352,6 +502,9 @@ impl<P: Port> Stack<P> {
             bufs: Vec::new(),
             last_tick: Instant::from_micros(0),
             extra: Vec::new(),
+            addr,
+            syn_acks: HashMap::new(),
+            repeated: Vec::new(),
         };
         for g in 0..stack.groups.len() {
             for p in stack.cfg.ports.clone() {
@@ -478,8 +631,8 @@ impl<P: Port> Stack<P> {
         while let Some((rx, _tx)) = self.port.receive(now) {
             phy::RxToken::consume(rx, |p: &[u8]| {
                 let t = tuple_of(p);
-                if let Some(&id) = t.as_ref().and_then(|t| by_tuple.get(t)) {
-                    touched.push(id);
+                if let Some(k) = t.as_ref().and_then(|t| by_tuple.get(t)) {
+                    touched.push(k.id);
                 }
                 let g = group_of(p, n);
                 if is_syn(p) {
@@ -504,6 +657,7 @@ impl<P: Port> Stack<P> {
             });
         }
         self.counters.syn_dropped += dropped;
+        self.answer_repeated(now);
         for &(g, port) in &extra {
             match self.listen(g, port) {
                 Ok(()) => self.counters.pool_added += 1,
@@ -525,6 +679,8 @@ impl<P: Port> Stack<P> {
                 port: &mut self.port,
                 inbox: &mut g.inbox,
                 bufs: &mut self.bufs,
+                syn_acks: &mut self.syn_acks,
+                by_tuple: &mut self.by_tuple,
             };
             changed |= g.iface.poll(now, &mut dev, &mut g.sockets)
                 == smoltcp::iface::PollResult::SocketStateChanged;
@@ -535,6 +691,67 @@ impl<P: Port> Stack<P> {
         }
         got || changed
     }
+
+    /// Answers the bare SYNs the device kept from smoltcp for connections the stack holds, as Linux does
+    /// (smoltcp ignores a SYN on a socket past Listen):
+    /// - in a handshake, the client sent its SYN again because the SYN-ACK was lost: the last SYN-ACK goes
+    ///   again, unless one went less than SYN_ACK_AGAIN ago (smoltcp itself resends only on its timer,
+    ///   1 s, 3 s, 7 s: two lost SYN-ACKs outlasted a 5 s connect timeout). The same packet, so a SYN-ACK
+    ///   that crossed the SYN on the way only draws a duplicate ACK;
+    /// - a SYN with another sequence number in a handshake (a client connecting again from the same port,
+    ///   or a forged SYN), or on an established connection (a client that lost it, its reset lost on the
+    ///   way, connecting again from its port): a challenge ACK (RFC 5961 4.2) with the numbers of the
+    ///   connection's last segment. A client in SYN-SENT answers it with a reset that ends the old
+    ///   handshake or connection, and sends its SYN again at once; a live client takes it as a duplicate
+    ///   ACK. At most one per connection per SYN_ACK_AGAIN (handshakes) or CHALLENGE_AGAIN.
+    fn answer_repeated(&mut self, now: Instant) {
+        self.port.admission().take_repeated(&mut self.repeated);
+        if self.repeated.is_empty() {
+            return;
+        }
+        let wall = std::time::Instant::now();
+        for r in self.repeated.drain(..) {
+            if r.half_open {
+                let Some(s) = self.syn_acks.get_mut(&r.tuple) else {
+                    continue;
+                };
+                if wall.duration_since(s.at) < SYN_ACK_AGAIN {
+                    continue;
+                }
+                let Some(tx) = self.port.transmit(now) else {
+                    continue;
+                };
+                s.at = wall;
+                if s.numbers.ack == r.seq.wrapping_add(1) {
+                    let packet = &s.packet;
+                    phy::TxToken::consume(tx, packet.len(), |b| b.copy_from_slice(packet));
+                    self.counters.syn_ack_resent += 1;
+                } else {
+                    challenge_ack(tx, self.addr, r.tuple, s.numbers);
+                    self.counters.challenge_acks += 1;
+                }
+            } else {
+                let Some(k) = self.by_tuple.get_mut(&r.tuple) else {
+                    continue;
+                };
+                let Some(numbers) = k.sent else {
+                    continue;
+                };
+                if k.challenged
+                    .is_some_and(|at| wall.duration_since(at) < CHALLENGE_AGAIN)
+                {
+                    continue;
+                }
+                let Some(tx) = self.port.transmit(now) else {
+                    continue;
+                };
+                k.challenged = Some(wall);
+                challenge_ack(tx, self.addr, r.tuple, numbers);
+                self.counters.challenge_acks += 1;
+            }
+        }
+    }
+
     /// Connections established since the last call. Sockets that took a SYN leave the listening pool for
     /// the half-open list and are replaced; half-open sockets that completed become connections, those
     /// that failed, timed out or are past the cap (oldest first) are dropped.
@@ -557,7 +774,7 @@ impl<P: Port> Stack<P> {
                 };
                 if let Some(t) = self.tuple(id) {
                     self.tuples.insert(id, t);
-                    self.by_tuple.insert(t, id);
+                    self.by_tuple.insert(t, Known::new(id));
                     self.port.admission().track(t, true);
                 }
                 self.half_open.push_back((id, now));
@@ -585,6 +802,13 @@ impl<P: Port> Stack<P> {
                     self.half_open.remove(k);
                     if let Some(&t) = self.tuples.get(&h) {
                         self.port.admission().track(t, false);
+                        // Until the connection sends a segment of its own, a challenge ACK takes the
+                        // handshake's numbers.
+                        if let (Some(s), Some(k)) =
+                            (self.syn_acks.remove(&t), self.by_tuple.get_mut(&t))
+                        {
+                            k.sent.get_or_insert(s.numbers);
+                        }
                     }
                     self.counters.established += 1;
                     let peer = self.peer(h);
@@ -607,6 +831,10 @@ impl<P: Port> Stack<P> {
                 }
                 _ => break,
             }
+        }
+        if self.syn_acks.len() > self.half_open.len() + SYN_ACKS_SLACK {
+            let by_tuple = &self.by_tuple;
+            self.syn_acks.retain(|t, _| by_tuple.contains_key(t));
         }
         let cap = self.pool_cap();
         for g in 0..self.groups.len() {
@@ -647,6 +875,7 @@ impl<P: Port> Stack<P> {
     fn recycle(&mut self, id: ConnId) {
         if let Some(t) = self.tuples.remove(&id) {
             self.by_tuple.remove(&t);
+            self.syn_acks.remove(&t);
             self.port.admission().untrack(t);
         }
         let g = &mut self.groups[usize::from(id.group)];
@@ -859,6 +1088,52 @@ pub struct HandshakeStats {
     pub pool_added: u64,
     /// SYNs dropped for want of half-open room (`max_half_open`).
     pub syn_dropped: u64,
+    /// SYN-ACKs sent again for a client's SYN sent again (see [`Stack::answer_repeated`]).
+    pub syn_ack_resent: u64,
+    /// Challenge ACKs sent for a SYN on an established connection.
+    pub challenge_acks: u64,
+}
+
+/// Sends a challenge ACK (RFC 5961 4.2) on connection `t`, with the numbers of the last segment the stack
+/// sent on it (its sequence number SND.NXT, its acknowledgement number RCV.NXT, its window as sent).
+fn challenge_ack<T: phy::TxToken>(tx: T, addr: Ipv4Addr, t: Tuple, n: Numbers) {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+    let (src, dst) = (to_smol(addr), to_smol(t.0));
+    let tcp = TcpRepr {
+        src_port: t.2,
+        dst_port: t.1,
+        control: TcpControl::None,
+        seq_number: TcpSeqNumber(n.next as i32),
+        ack_number: Some(TcpSeqNumber(n.ack as i32)),
+        window_len: n.window,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let caps = ChecksumCapabilities::default();
+    tx.consume(ip.buffer_len() + tcp.buffer_len(), |b| {
+        let mut p = Ipv4Packet::new_unchecked(&mut b[..]);
+        ip.emit(&mut p, &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &IpAddress::Ipv4(src),
+            &IpAddress::Ipv4(dst),
+            &caps,
+        );
+    });
 }
 
 fn to_smol(a: Ipv4Addr) -> Ipv4Address {

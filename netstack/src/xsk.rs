@@ -59,7 +59,8 @@ pub struct PortStats {
     pub tx_device_dropped: u64,
     /// Of those, frames sent again at once (else smoltcp retransmits after its minimum RTO, 1 s).
     pub tx_resent: u64,
-    /// Retransmitted SYNs of handshakes under way, dropped.
+    /// Bare SYNs for connections the stack holds (a client's SYN sent again), kept from smoltcp and
+    /// answered by the stack (see [`crate::admission`]).
     pub syn_duplicate: u64,
     /// Packets of connections another queue holds, handed to it.
     pub rx_foreign: u64,
@@ -557,12 +558,25 @@ impl Device for XskPort {
         if self.txs.borrow().free.is_empty() {
             return None;
         }
-        if let Some(frame) = self.forwarded.pop_front() {
-            let tx = TxToken {
-                umem: &self.umem,
-                txs: &self.txs,
-            };
-            return Some((RxToken::Copy(frame), tx));
+        // Frames other queues handed over are judged here too: a bare SYN among them is a client's SYN
+        // sent again for a connection this stack holds.
+        while let Some(frame) = self.forwarded.pop_front() {
+            match frame.get(ETH_HLEN..).map(|p| self.admission.classify(p)) {
+                Some(Verdict::Duplicate) => self.txs.get_mut().stats.syn_duplicate += 1,
+                Some(Verdict::Foreign(q)) => {
+                    // (Moved on since the other queue looked.)
+                    if let Some(inbox) = self.admission.inbox(q) {
+                        inbox.deliver(frame);
+                    }
+                }
+                _ => {
+                    let tx = TxToken {
+                        umem: &self.umem,
+                        txs: &self.txs,
+                    };
+                    return Some((RxToken::Copy(frame), tx));
+                }
+            }
         }
         let desc = loop {
             let desc = self.received.pop_front()?;

@@ -161,6 +161,69 @@ def test_xdp_syn_ack_carries_timestamps_and_time_wait_ports_are_reused(lab, serv
     assert p.returncode == 0 and "ok" in p.stdout, (p.stdout, p.stderr)
 
 
+LOST_CONNECTION_CLIENT = r"""
+import json, os, socket, sys, time
+sys.path.insert(0, sys.argv[3])
+from thrift_load import call
+addr, port = sys.argv[1], int(sys.argv[2])
+TCP_REPAIR = 19  # linux/tcp.h: in repair mode, close() sends nothing to the peer
+
+def noop(s, seq, x):
+    s.sendall(call(seq, x))
+    reply = b""
+    while len(reply) < 24:  # REPLY "noop" seqid, field 0 (i32), stop
+        chunk = s.recv(24 - len(reply))
+        if not chunk:
+            sys.exit("connection closed after %r" % reply)
+        reply += chunk
+    assert reply[-5:-1] == x.to_bytes(4, "big"), reply
+
+local = ("0.0.0.0", 10000 + os.getpid() % 10000)  # below the ephemeral range (and the port above)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(local)
+s.settimeout(5)
+s.connect((addr, port))
+noop(s, 1, 11)
+time.sleep(0.2)  # every ACK delivered: the connection is quiet
+s.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+s.close()  # gone here, established at the server, which hears nothing
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(local)
+s.settimeout(8)
+t0 = time.monotonic()
+try:
+    s.connect((addr, port))
+except OSError as e:
+    sys.exit("connect again from port %d: %r after %.1f s" % (local[1], e, time.monotonic() - t0))
+took = time.monotonic() - t0
+noop(s, 2, 22)
+print(json.dumps({"connect_s": round(took, 3)}))
+"""
+
+
+def test_a_client_that_lost_its_connection_connects_again_from_the_same_port(lab, served):
+    """A client loses an established connection without the server hearing of it (its reset was lost;
+    here TCP_REPAIR closes the socket silently) and connects again from the same port. smoltcp ignores a
+    SYN on an established socket, so the SYN went unanswered until the server's idle timeout (300 s).
+    faed answers it with a challenge ACK (RFC 5961), as Linux does; the client's kernel answers that
+    with a reset, which closes the stale connection, and sends its SYN again: it connects."""
+    def challenges():
+        return sum(q["repeated_syn"]["challenge_acks"] for q in served.stats(lab.cli)["xdp"]["queues"])
+    before = challenges()
+    p = lab.cli_run("/usr/bin/python3", "-c", LOST_CONNECTION_CLIENT, SRV_IP, str(XDP_PORT), str(HERE),
+                    check=False, timeout=30)
+    assert p.returncode == 0, (p.stdout, p.stderr, served.stats(lab.cli)["xdp"]["queues"])
+    print("connected again after", json.loads(p.stdout)["connect_s"], "s")
+    deadline = time.monotonic() + 5  # the counters are published every second
+    while challenges() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert challenges() > before, served.stats(lab.cli)["xdp"]["queues"]
+    text = served.metrics(lab.cli)
+    assert re.search(r'^fae_xdp_queue_challenge_acks_total\{queue="\d+"\} [1-9]', text, re.M), text[-3000:]
+
+
 def test_xdp_faed_drops_its_capabilities(lab, served):
     """faed, started as root, attached XDP and then gave up every capability but CAP_NET_BIND_SERVICE
     (bit 10), in every thread; the XDP path and its counters keep working without them."""

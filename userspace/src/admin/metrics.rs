@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 16] = [
+        let per_queue: [(&str, &str, Get); 18] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -277,8 +277,18 @@ pub fn prometheus(state: &AdminState) -> String {
             ),
             (
                 "fae_xdp_queue_syn_duplicate_total",
-                "Retransmitted SYNs of handshakes under way, dropped.",
+                "Bare SYNs for connections the queue holds (a client's SYN sent again), kept from the TCP stack and answered (syn_ack_resent, challenge_acks).",
                 |q| &q.syn_duplicate,
+            ),
+            (
+                "fae_xdp_queue_syn_ack_resent_total",
+                "SYN-ACKs sent again for a client's SYN sent again during its handshake (the SYN-ACK was lost).",
+                |q| &q.syn_ack_resent,
+            ),
+            (
+                "fae_xdp_queue_challenge_acks_total",
+                "Challenge ACKs (RFC 5961) sent for a SYN on an established connection (a client that lost it answers with a reset).",
+                |q| &q.challenge_acks,
             ),
             (
                 "fae_xdp_queue_rx_foreign_total",
@@ -399,6 +409,11 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                         "syn_dropped": get(&q.syn_dropped),
                         "listen_added": get(&q.listen_added),
                         "syn_duplicate": get(&q.syn_duplicate),
+                        // How those SYNs were answered.
+                        "repeated_syn": json!({
+                            "syn_ack_resent": get(&q.syn_ack_resent),
+                            "challenge_acks": get(&q.challenge_acks),
+                        }),
                         "rx_foreign": get(&q.rx_foreign),
                         // Frames the kernel dropped (the AF_XDP socket's counters, and sends the device
                         // dropped), and those of them sent again.

@@ -197,6 +197,9 @@ pub struct QueueStats {
     /// Listening sockets added in a poll for SYNs that found their group's pool empty.
     pub listen_added: AtomicU64,
     pub syn_duplicate: AtomicU64,
+    /// Of those: SYN-ACKs sent again (handshakes), challenge ACKs (established connections).
+    pub syn_ack_resent: AtomicU64,
+    pub challenge_acks: AtomicU64,
     pub rx_foreign: AtomicU64,
     /// The kernel's drops before faed saw the frame (RX ring full, fill ring empty, other).
     pub rx_ring_full: AtomicU64,
@@ -229,6 +232,8 @@ impl QueueStats {
             (&self.syn_dropped, h.syn_dropped),
             (&self.listen_added, h.pool_added),
             (&self.syn_duplicate, s.syn_duplicate),
+            (&self.syn_ack_resent, h.syn_ack_resent),
+            (&self.challenge_acks, h.challenge_acks),
             (&self.rx_foreign, s.rx_foreign),
             (&self.rx_ring_full, s.rx_ring_full),
             (&self.rx_fill_empty, s.rx_fill_empty),
