@@ -4,10 +4,11 @@
 //! - a bare SYN for a connection the stack already holds (a handshake under way, or an established
 //!   connection) never reaches smoltcp: a second listening socket would take it, and two sockets would
 //!   then share one 4-tuple (in a handshake, the second one resets the client's connection). It is
-//!   noted ([`Admission::take_repeated`]) for the stack to answer as Linux does: a handshake's SYN-ACK
-//!   is sent again (the client's SYN came again because the SYN-ACK was lost), an established
-//!   connection's peer gets a challenge ACK (RFC 5961 4.2: a client that lost its connection answers it
-//!   with a reset, which frees the 4-tuple for its new connection);
+//!   noted ([`Admission::take_repeated`]) for the stack to answer as Linux does: the same SYN in a
+//!   handshake draws its SYN-ACK again (the client's SYN came again because the SYN-ACK was lost); a SYN
+//!   with another sequence number in a handshake, or on an established connection, draws a challenge
+//!   ACK (RFC 5961 4.2: a client that lost its connection or handshake answers it with a reset, which
+//!   frees the 4-tuple for its new connection);
 //! - a packet of a connection another queue's stack holds goes to that stack (see [`Connections`]), a
 //!   bare SYN too (that stack notes it).
 

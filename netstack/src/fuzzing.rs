@@ -39,6 +39,7 @@ pub fn admission(data: &[u8]) {
     }
     // What the stack reads of the segments it sends (smoltcp's, bounded all the same).
     let _ = crate::stack::sent_segment(data);
+    let _ = crate::stack::window_scale(data);
     if let Some(t) = tuple {
         for half_open in [true, false] {
             a.track(t, half_open);

@@ -345,6 +345,36 @@ struct GroupDev<'a, P: Port> {
     by_tuple: &'a mut HashMap<Tuple, Known>,
 }
 
+/// The window scale a SYN-ACK (an IPv4 packet) announces, 0 without the option (RFC 7323 2.2; at most
+/// 14).
+pub(crate) fn window_scale(p: &[u8]) -> u16 {
+    let ihl = usize::from(p.first().map_or(0, |b| b & 0x0f)) * 4;
+    let Some(&off) = p.get(ihl + 12) else {
+        return 0;
+    };
+    let opts = p
+        .get(ihl + 20..ihl + usize::from(off >> 4) * 4)
+        .unwrap_or(&[]);
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => break,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(opts.get(i + 1).copied().unwrap_or(0));
+                if len < 2 {
+                    break;
+                }
+                if kind == 3 && len == 3 {
+                    return opts.get(i + 2).map_or(0, |&s| u16::from(s.min(14)));
+                }
+                i += len;
+            }
+        }
+    }
+    0
+}
+
 /// The device's transmit token, keeping a copy of each SYN-ACK it sends and the numbers of each other
 /// segment of a known connection.
 struct Tx<'a, T> {
@@ -382,7 +412,13 @@ impl<T: phy::TxToken> phy::TxToken for Tx<'_, T> {
                 }
                 Some((t, _, numbers)) => {
                     if let Some(k) = by_tuple.get_mut(&t) {
-                        k.sent = Some(numbers);
+                        // A retransmission starts again from the client's last ACK: SND.NXT stays the
+                        // furthest sent.
+                        let next = match k.sent {
+                            Some(o) if (numbers.next.wrapping_sub(o.next) as i32) < 0 => o.next,
+                            _ => numbers.next,
+                        };
+                        k.sent = Some(Numbers { next, ..numbers });
                     }
                 }
                 None => {}
@@ -702,7 +738,8 @@ impl<P: Port> Stack<P> {
     ///   or a forged SYN), or on an established connection (a client that lost it, its reset lost on the
     ///   way, connecting again from its port): a challenge ACK (RFC 5961 4.2) with the numbers of the
     ///   connection's last segment. A client in SYN-SENT answers it with a reset that ends the old
-    ///   handshake or connection, and sends its SYN again at once; a live client takes it as a duplicate
+    ///   handshake or connection, and sends its SYN again (Linux: at once, for its first SYN); a live
+    ///   client takes it as a duplicate
     ///   ACK. At most one per connection per SYN_ACK_AGAIN (handshakes) or CHALLENGE_AGAIN.
     fn answer_repeated(&mut self, now: Instant) {
         self.port.admission().take_repeated(&mut self.repeated);
@@ -773,9 +810,7 @@ impl<P: Port> Stack<P> {
                     handle: h,
                 };
                 if let Some(t) = self.tuple(id) {
-                    self.tuples.insert(id, t);
-                    self.by_tuple.insert(t, Known::new(id));
-                    self.port.admission().track(t, true);
+                    self.track(id, t);
                 }
                 self.half_open.push_back((id, now));
             }
@@ -783,7 +818,19 @@ impl<P: Port> Stack<P> {
         let mut k = 0;
         while k < self.half_open.len() {
             let (h, since) = self.half_open[k];
-            match self.socket(h).state() {
+            let state = self.socket(h).state();
+            if !matches!(state, State::Closed | State::Listen) {
+                let t = self.tuple(h);
+                if let Some(t) = t.filter(|t| self.tuples.get(&h) != Some(t)) {
+                    // Reset back to Listen by its client (a challenge ACK draws such resets), the socket
+                    // took another client's SYN in the same poll: a new handshake, known by its tuple.
+                    self.untrack(h);
+                    self.track(h, t);
+                    self.half_open[k].1 = now;
+                    continue;
+                }
+            }
+            match state {
                 State::SynReceived => {
                     if now.saturating_duration_since(since) >= self.cfg.half_open_timeout {
                         self.half_open.remove(k);
@@ -807,7 +854,12 @@ impl<P: Port> Stack<P> {
                         if let (Some(s), Some(k)) =
                             (self.syn_acks.remove(&t), self.by_tuple.get_mut(&t))
                         {
-                            k.sent.get_or_insert(s.numbers);
+                            // (The SYN-ACK's window is not scaled; the client scales what follows.)
+                            let shift = window_scale(&s.packet);
+                            k.sent.get_or_insert(Numbers {
+                                window: s.numbers.window >> shift,
+                                ..s.numbers
+                            });
                         }
                     }
                     self.counters.established += 1;
@@ -870,14 +922,26 @@ impl<P: Port> Stack<P> {
             .max(1)
     }
 
-    /// Takes a socket out of the set (without a packet to the peer) and keeps it, while there are few
-    /// spares, to listen again.
-    fn recycle(&mut self, id: ConnId) {
+    /// The socket is past Listen with its client `t`: the device knows it (see `tuples`).
+    fn track(&mut self, id: ConnId, t: Tuple) {
+        self.tuples.insert(id, t);
+        self.by_tuple.insert(t, Known::new(id));
+        self.port.admission().track(t, true);
+    }
+
+    /// The socket no longer has the client it had.
+    fn untrack(&mut self, id: ConnId) {
         if let Some(t) = self.tuples.remove(&id) {
             self.by_tuple.remove(&t);
             self.syn_acks.remove(&t);
             self.port.admission().untrack(t);
         }
+    }
+
+    /// Takes a socket out of the set (without a packet to the peer) and keeps it, while there are few
+    /// spares, to listen again.
+    fn recycle(&mut self, id: ConnId) {
+        self.untrack(id);
         let g = &mut self.groups[usize::from(id.group)];
         let s = g.sockets.remove(id.handle);
         if self.spare.len() < self.cfg.backlog.max(64) {
@@ -1090,7 +1154,8 @@ pub struct HandshakeStats {
     pub syn_dropped: u64,
     /// SYN-ACKs sent again for a client's SYN sent again (see [`Stack::answer_repeated`]).
     pub syn_ack_resent: u64,
-    /// Challenge ACKs sent for a SYN on an established connection.
+    /// Challenge ACKs sent for a SYN on an established connection, or with another sequence number in a
+    /// handshake.
     pub challenge_acks: u64,
 }
 

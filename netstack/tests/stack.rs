@@ -406,3 +406,54 @@ fn a_new_syn_from_the_port_of_a_lost_handshake_draws_a_challenge_ack_and_connect
     assert!(hs.challenge_acks >= 1, "{hs:?}");
     assert_eq!((hs.established, hs.timed_out), (1, 0), "{hs:?}");
 }
+
+#[test]
+fn a_handshake_reset_back_to_listen_that_takes_another_syn_is_known_by_its_new_client() {
+    // A half-open socket gets its client's reset (as a challenge ACK draws) and goes back to Listen; in
+    // the same poll it takes another client's SYN. The stack knows it by its new client: that client's
+    // packets reach the application (touched), not only the 1 s sweep.
+    let (mut stack, mut client) = lab(1, 8);
+    let a = client.connect(46000, true);
+    client.poll();
+    stack.poll();
+    let _ = stack.accept();
+    client.poll();
+    assert_eq!(
+        client.sockets.get::<tcp::Socket>(a).state(),
+        tcp::State::Established
+    );
+    assert_eq!(client.dev.discard_sent(), 1, "client A's ACK, lost");
+    client.sockets.get_mut::<tcp::Socket>(a).abort();
+    client.poll();
+    let b = client.connect(46001, true);
+    client.poll();
+    assert_eq!(client.dev.in_flight().len(), 2, "A's reset, then B's SYN");
+    let mut open = Vec::new();
+    run(&mut stack, &mut open, &mut client, |c| {
+        c.sockets.get::<tcp::Socket>(b).state() == tcp::State::Established
+    });
+    // (A's packets touched the same socket: only what comes now counts.)
+    stack.take_touched(&mut Vec::new());
+    let mut touched = Vec::new();
+    client
+        .sockets
+        .get_mut::<tcp::Socket>(b)
+        .send_slice(b"b")
+        .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stack.connections() == 0 || touched.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "B's data never reached its connection: {:?}",
+            stack.handshakes()
+        );
+        client.poll();
+        stack.poll();
+        open.extend(stack.accept());
+        stack.take_touched(&mut touched);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(open.len(), 1);
+    assert!(touched.contains(&open[0]), "{touched:?} {open:?}");
+    assert_eq!(stack.handshakes().established, 1);
+}

@@ -287,7 +287,7 @@ pub fn prometheus(state: &AdminState) -> String {
             ),
             (
                 "fae_xdp_queue_challenge_acks_total",
-                "Challenge ACKs (RFC 5961) sent for a SYN on an established connection (a client that lost it answers with a reset).",
+                "Challenge ACKs (RFC 5961) sent for a SYN on an established connection, or with another sequence number in a handshake (a client that lost it answers with a reset).",
                 |q| &q.challenge_acks,
             ),
             (

@@ -197,7 +197,7 @@ pub struct QueueStats {
     /// Listening sockets added in a poll for SYNs that found their group's pool empty.
     pub listen_added: AtomicU64,
     pub syn_duplicate: AtomicU64,
-    /// Of those: SYN-ACKs sent again (handshakes), challenge ACKs (established connections).
+    /// Of those: SYN-ACKs sent again (the same SYN in a handshake), challenge ACKs (the others).
     pub syn_ack_resent: AtomicU64,
     pub challenge_acks: AtomicU64,
     pub rx_foreign: AtomicU64,
