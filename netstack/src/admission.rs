@@ -100,13 +100,15 @@ pub struct Admission {
 }
 
 /// A bare SYN received for a connection the stack already holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepeatedSyn {
     pub tuple: Tuple,
     /// The SYN's sequence number (the client's initial one).
     pub seq: u32,
     /// The connection is in its handshake (else established, or closing).
     pub half_open: bool,
+    /// The SYN (the IPv4 packet).
+    pub packet: Vec<u8>,
 }
 
 /// Repeated SYNs kept between two polls at most (a poll takes them all; more in one poll are dropped
@@ -186,6 +188,7 @@ impl Admission {
                         tuple: t,
                         seq,
                         half_open,
+                        packet: f.to_vec(),
                     });
                 }
                 Verdict::Duplicate

@@ -193,6 +193,11 @@ pub struct Stack<P: Port = XskPort> {
     syn_acks: HashMap<Tuple, SentSynAck>,
     /// Bare SYNs for connections the stack holds, taken from the device (kept for reuse).
     repeated: Vec<RepeatedSyn>,
+    /// Those answered with a challenge ACK, with when they came, to admit once their connection is gone
+    /// (see [`Stack::answer_repeated`]).
+    retry: Vec<(Vec<u8>, std::time::Instant)>,
+    /// Those of them to admit in the poll under way (kept for reuse).
+    ready: Vec<Vec<u8>>,
 }
 
 /// A connection's socket, and the numbers of the last segment smoltcp sent on it (smoltcp does not tell
@@ -268,6 +273,11 @@ struct SentSynAck {
 /// A client's SYN sent again this long after the last SYN-ACK draws that SYN-ACK again; sooner, the
 /// SYN was duplicated on the way or crossed a SYN-ACK (a client retransmits after 1 s at the earliest).
 const SYN_ACK_AGAIN: Duration = Duration::from_millis(250);
+
+/// SYNs kept to admit once their connection is gone, at most, and for how long (see
+/// [`Stack::answer_repeated`]).
+const MAX_RETRY: usize = 256;
+const RETRY_FOR: Duration = Duration::from_millis(100);
 
 /// Challenge ACKs go to one connection's client at most this often (RFC 5961 7; a client retransmits its
 /// SYN after 1 s).
@@ -541,6 +551,8 @@ impl<P: Port> Stack<P> {
             addr,
             syn_acks: HashMap::new(),
             repeated: Vec::new(),
+            retry: Vec::new(),
+            ready: Vec::new(),
         };
         for g in 0..stack.groups.len() {
             for p in stack.cfg.ports.clone() {
@@ -638,6 +650,29 @@ impl<P: Port> Stack<P> {
     pub fn poll(&mut self) -> bool {
         let got = self.port.pull();
         let now = self.now();
+        // SYNs kept from smoltcp in an earlier poll whose connection is gone since (reset by the client
+        // that a challenge ACK reached, and released): the client's new connection. Kept while their
+        // connection is over but not yet released (the loop polls twice before it releases), for at
+        // most RETRY_FOR; dropped if it lives on (the SYN was a duplicate).
+        let mut ready = std::mem::take(&mut self.ready);
+        if !self.retry.is_empty() {
+            let wall = std::time::Instant::now();
+            for (p, since) in std::mem::take(&mut self.retry) {
+                match tuple_of(&p).map(|t| self.by_tuple.get(&t).map(|k| k.id)) {
+                    Some(None) => ready.push(p),
+                    Some(Some(id))
+                        if wall.duration_since(since) < RETRY_FOR
+                            && matches!(
+                                self.socket(id).state(),
+                                tcp::State::Closed | tcp::State::TimeWait | tcp::State::Listen
+                            ) =>
+                    {
+                        self.retry.push((p, since))
+                    }
+                    _ => {}
+                }
+            }
+        }
         // The device's admission judges retransmitted SYNs and other queues' packets; the SYN budget is
         // kept here, per group: each listening socket takes one SYN, and no more SYNs than the half-open
         // cap has room for. A SYN beyond them is dropped (smoltcp would answer it with a reset, refusing
@@ -664,34 +699,42 @@ impl<P: Port> Stack<P> {
         let groups = &mut self.groups;
         let bufs = &mut self.bufs;
         let (by_tuple, touched) = (&self.by_tuple, &mut self.touched);
-        while let Some((rx, _tx)) = self.port.receive(now) {
-            phy::RxToken::consume(rx, |p: &[u8]| {
-                let t = tuple_of(p);
-                if let Some(k) = t.as_ref().and_then(|t| by_tuple.get(t)) {
-                    touched.push(k.id);
+        let mut admit = |p: &[u8]| {
+            let t = tuple_of(p);
+            if let Some(k) = t.as_ref().and_then(|t| by_tuple.get(t)) {
+                touched.push(k.id);
+            }
+            let g = group_of(p, n);
+            if is_syn(p) {
+                if room == 0 {
+                    dropped += 1;
+                    return;
                 }
-                let g = group_of(p, n);
-                if is_syn(p) {
-                    if room == 0 {
-                        dropped += 1;
-                        return;
-                    }
-                    room -= 1;
-                    if groups[g].free == 0 {
-                        // No listening socket left in this group for this poll: one is added before the
-                        // group is polled (below), so the SYN is answered now, not after the client's
-                        // 1 s retransmission.
-                        groups[g].ran_out = true;
-                        extra.push((g, t.map_or(0, |t| t.2)));
-                    } else {
-                        groups[g].free -= 1;
-                    }
+                room -= 1;
+                if groups[g].free == 0 {
+                    // No listening socket left in this group for this poll: one is added before the
+                    // group is polled (below), so the SYN is answered now, not after the client's
+                    // 1 s retransmission.
+                    groups[g].ran_out = true;
+                    extra.push((g, t.map_or(0, |t| t.2)));
+                } else {
+                    groups[g].free -= 1;
                 }
-                let mut b = bufs.pop().unwrap_or_default();
-                b.extend_from_slice(p);
-                groups[g].inbox.push_back(b);
-            });
+            }
+            let mut b = bufs.pop().unwrap_or_default();
+            b.extend_from_slice(p);
+            groups[g].inbox.push_back(b);
+        };
+        for p in ready.drain(..) {
+            if self.port.admission().classify(&p) == crate::admission::Verdict::Pass {
+                self.counters.syn_retried += 1;
+                admit(&p);
+            }
         }
+        while let Some((rx, _tx)) = self.port.receive(now) {
+            phy::RxToken::consume(rx, &mut admit);
+        }
+        self.ready = ready;
         self.counters.syn_dropped += dropped;
         self.answer_repeated(now);
         for &(g, port) in &extra {
@@ -740,7 +783,11 @@ impl<P: Port> Stack<P> {
     ///   connection's last segment. A client in SYN-SENT answers it with a reset that ends the old
     ///   handshake or connection, and sends its SYN again (Linux: at once, for its first SYN); a live
     ///   client takes it as a duplicate
-    ///   ACK. At most one per connection per SYN_ACK_AGAIN (handshakes) or CHALLENGE_AGAIN.
+    ///   ACK. At most one per connection per SYN_ACK_AGAIN (handshakes) or CHALLENGE_AGAIN. Such a SYN
+    ///   (any of them, answered or not) is admitted at a later poll once its connection is gone (within
+    ///   RETRY_FOR): a Linux client sends its SYN again right after its reset, often in the same batch,
+    ///   before smoltcp has taken the reset (else the client waits a second for its next
+    ///   retransmission).
     fn answer_repeated(&mut self, now: Instant) {
         self.port.admission().take_repeated(&mut self.repeated);
         if self.repeated.is_empty() {
@@ -748,6 +795,13 @@ impl<P: Port> Stack<P> {
         }
         let wall = std::time::Instant::now();
         for r in self.repeated.drain(..) {
+            let same = self
+                .syn_acks
+                .get(&r.tuple)
+                .is_some_and(|s| s.numbers.ack == r.seq.wrapping_add(1));
+            if !(r.half_open && same) && self.retry.len() < MAX_RETRY {
+                self.retry.push((r.packet, wall));
+            }
             if r.half_open {
                 let Some(s) = self.syn_acks.get_mut(&r.tuple) else {
                     continue;
@@ -759,7 +813,7 @@ impl<P: Port> Stack<P> {
                     continue;
                 };
                 s.at = wall;
-                if s.numbers.ack == r.seq.wrapping_add(1) {
+                if same {
                     let packet = &s.packet;
                     phy::TxToken::consume(tx, packet.len(), |b| b.copy_from_slice(packet));
                     self.counters.syn_ack_resent += 1;
@@ -1104,7 +1158,7 @@ impl<P: Port> Stack<P> {
         if self.groups.iter().any(|g| g.dirty || !g.inbox.is_empty()) {
             return Duration::ZERO;
         }
-        if self.port.tx_pending() {
+        if self.port.tx_pending() || !self.retry.is_empty() {
             // Frames wait for room (a full TX ring, or a peer that dropped one): try again soon, not at
             // once (the device is full).
             return TX_RETRY.min(max);
@@ -1157,6 +1211,8 @@ pub struct HandshakeStats {
     /// Challenge ACKs sent for a SYN on an established connection, or with another sequence number in a
     /// handshake.
     pub challenge_acks: u64,
+    /// Such SYNs admitted at a later poll, their connection gone (reset by the client).
+    pub syn_retried: u64,
 }
 
 /// Sends a challenge ACK (RFC 5961 4.2) on connection `t`, with the numbers of the last segment the stack

@@ -457,3 +457,41 @@ fn a_handshake_reset_back_to_listen_that_takes_another_syn_is_known_by_its_new_c
     assert!(touched.contains(&open[0]), "{touched:?} {open:?}");
     assert_eq!(stack.handshakes().established, 1);
 }
+
+#[test]
+fn a_syn_sent_again_right_after_the_reset_a_challenge_ack_drew_connects_at_once() {
+    // As a Linux client does after a challenge ACK: its reset and, right behind it, its SYN again (one
+    // batch: the stack sees the SYN before smoltcp has taken the reset). The SYN is kept and admitted at
+    // the next poll, once the stale connection is gone; the client connects on that SYN, without
+    // waiting for its own retransmission (smoltcp's client: 1 s).
+    let (mut stack, mut client) = lab(1, 8);
+    let mut open = Vec::new();
+    let h = connect_and_send(&mut stack, &mut open, &mut client, 45500, b"one");
+    let until = Instant::now() + Duration::from_millis(100);
+    run(&mut stack, &mut open, &mut client, |_| {
+        Instant::now() >= until
+    });
+    client.sockets.remove(h);
+    let h2 = client.connect(45500, true);
+    client.poll();
+    let syn = client.dev.in_flight()[0].clone();
+    poll_until_client_has(&mut stack, &client, 1, Duration::from_secs(1));
+    assert_eq!(stack.handshakes().challenge_acks, 1);
+    client.poll();
+    assert_eq!(client.dev.in_flight().len(), 1, "the client's reset");
+    client.dev.injector().send(syn);
+    let sent = client.dev.sent_counter();
+    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
+    run(&mut stack, &mut open, &mut client, |c| {
+        c.sockets.get::<tcp::Socket>(h2).state() == tcp::State::Established
+    });
+    let hs = stack.handshakes();
+    assert_eq!((hs.syn_retried, hs.established), (1, 2), "{hs:?}");
+    // The client sent its ACK of the SYN-ACK, and no SYN of its own again.
+    let after = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after - before, 1, "{hs:?}");
+    assert_eq!(
+        round_trip(&mut stack, &mut open, &mut client, h2, b"two"),
+        b"two"
+    );
+}

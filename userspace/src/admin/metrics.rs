@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 18] = [
+        let per_queue: [(&str, &str, Get); 19] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -289,6 +289,11 @@ pub fn prometheus(state: &AdminState) -> String {
                 "fae_xdp_queue_challenge_acks_total",
                 "Challenge ACKs (RFC 5961) sent for a SYN on an established connection, or with another sequence number in a handshake (a client that lost it answers with a reset).",
                 |q| &q.challenge_acks,
+            ),
+            (
+                "fae_xdp_queue_syn_retried_total",
+                "Such SYNs admitted once the connection they hit was gone (reset by the client the challenge ACK reached).",
+                |q| &q.syn_retried,
             ),
             (
                 "fae_xdp_queue_rx_foreign_total",
@@ -413,6 +418,7 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                         "repeated_syn": json!({
                             "syn_ack_resent": get(&q.syn_ack_resent),
                             "challenge_acks": get(&q.challenge_acks),
+                            "retried": get(&q.syn_retried),
                         }),
                         "rx_foreign": get(&q.rx_foreign),
                         // Frames the kernel dropped (the AF_XDP socket's counters, and sends the device

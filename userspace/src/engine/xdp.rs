@@ -200,6 +200,8 @@ pub struct QueueStats {
     /// Of those: SYN-ACKs sent again (the same SYN in a handshake), challenge ACKs (the others).
     pub syn_ack_resent: AtomicU64,
     pub challenge_acks: AtomicU64,
+    /// SYNs admitted once the connection they hit was gone.
+    pub syn_retried: AtomicU64,
     pub rx_foreign: AtomicU64,
     /// The kernel's drops before faed saw the frame (RX ring full, fill ring empty, other).
     pub rx_ring_full: AtomicU64,
@@ -234,6 +236,7 @@ impl QueueStats {
             (&self.syn_duplicate, s.syn_duplicate),
             (&self.syn_ack_resent, h.syn_ack_resent),
             (&self.challenge_acks, h.challenge_acks),
+            (&self.syn_retried, h.syn_retried),
             (&self.rx_foreign, s.rx_foreign),
             (&self.rx_ring_full, s.rx_ring_full),
             (&self.rx_fill_empty, s.rx_fill_empty),
