@@ -193,8 +193,9 @@ pub struct Stack<P: Port = XskPort> {
     syn_acks: HashMap<Tuple, SentSynAck>,
     /// Bare SYNs for connections the stack holds, taken from the device (kept for reuse).
     repeated: Vec<RepeatedSyn>,
-    /// Those answered with a challenge ACK, with when they came, to admit once their connection is gone
-    /// (see [`Stack::answer_repeated`]).
+    /// The others (a SYN with another sequence number than the one that opened the connection, answered
+    /// or not), with when they came, to admit once their connection is gone (see
+    /// [`Stack::answer_repeated`]).
     retry: Vec<(Vec<u8>, std::time::Instant)>,
     /// Those of them to admit in the poll under way (kept for reuse).
     ready: Vec<Vec<u8>>,
@@ -206,6 +207,9 @@ pub struct Stack<P: Port = XskPort> {
 struct Known {
     id: ConnId,
     sent: Option<Numbers>,
+    /// The client's initial sequence number + 1 (once established): a copy of its own SYN, late, is
+    /// not a new connection.
+    syn_next: Option<u32>,
     /// When a challenge ACK last went to the client (at most one per CHALLENGE_AGAIN).
     challenged: Option<std::time::Instant>,
 }
@@ -215,6 +219,7 @@ impl Known {
         Known {
             id,
             sent: None,
+            syn_next: None,
             challenged: None,
         }
     }
@@ -708,7 +713,7 @@ impl<P: Port> Stack<P> {
             if is_syn(p) {
                 if room == 0 {
                     dropped += 1;
-                    return;
+                    return false;
                 }
                 room -= 1;
                 if groups[g].free == 0 {
@@ -724,11 +729,11 @@ impl<P: Port> Stack<P> {
             let mut b = bufs.pop().unwrap_or_default();
             b.extend_from_slice(p);
             groups[g].inbox.push_back(b);
+            true
         };
         for p in ready.drain(..) {
-            if self.port.admission().classify(&p) == crate::admission::Verdict::Pass {
+            if self.port.admission().classify(&p) == crate::admission::Verdict::Pass && admit(&p) {
                 self.counters.syn_retried += 1;
-                admit(&p);
             }
         }
         while let Some((rx, _tx)) = self.port.receive(now) {
@@ -784,8 +789,8 @@ impl<P: Port> Stack<P> {
     ///   handshake or connection, and sends its SYN again (Linux: at once, for its first SYN); a live
     ///   client takes it as a duplicate
     ///   ACK. At most one per connection per SYN_ACK_AGAIN (handshakes) or CHALLENGE_AGAIN. Such a SYN
-    ///   (any of them, answered or not) is admitted at a later poll once its connection is gone (within
-    ///   RETRY_FOR): a Linux client sends its SYN again right after its reset, often in the same batch,
+    ///   (answered or not; not a copy of the SYN that opened the connection) is admitted at a later poll
+    ///   if its connection is over and released within RETRY_FOR (else dropped): a Linux client sends its SYN again right after its reset, often in the same batch,
     ///   before smoltcp has taken the reset (else the client waits a second for its next
     ///   retransmission).
     fn answer_repeated(&mut self, now: Instant) {
@@ -795,11 +800,13 @@ impl<P: Port> Stack<P> {
         }
         let wall = std::time::Instant::now();
         for r in self.repeated.drain(..) {
-            let same = self
-                .syn_acks
-                .get(&r.tuple)
-                .is_some_and(|s| s.numbers.ack == r.seq.wrapping_add(1));
-            if !(r.half_open && same) && self.retry.len() < MAX_RETRY {
+            // The SYN that opened the connection (sent again, or a late copy): not a new one.
+            let isn_next = match r.half_open {
+                true => self.syn_acks.get(&r.tuple).map(|s| s.numbers.ack),
+                false => self.by_tuple.get(&r.tuple).and_then(|k| k.syn_next),
+            };
+            let same = isn_next == Some(r.seq.wrapping_add(1));
+            if !same && self.retry.len() < MAX_RETRY {
                 self.retry.push((r.packet, wall));
             }
             if r.half_open {
@@ -910,6 +917,7 @@ impl<P: Port> Stack<P> {
                         {
                             // (The SYN-ACK's window is not scaled; the client scales what follows.)
                             let shift = window_scale(&s.packet);
+                            k.syn_next = Some(s.numbers.ack);
                             k.sent.get_or_insert(Numbers {
                                 window: s.numbers.window >> shift,
                                 ..s.numbers
@@ -1159,8 +1167,8 @@ impl<P: Port> Stack<P> {
             return Duration::ZERO;
         }
         if self.port.tx_pending() || !self.retry.is_empty() {
-            // Frames wait for room (a full TX ring, or a peer that dropped one): try again soon, not at
-            // once (the device is full).
+            // Frames wait for room (a full TX ring, or a peer that dropped one), or SYNs for their old
+            // connection to be released: try again soon, not at once (the device is full).
             return TX_RETRY.min(max);
         }
         // Until the next tick, if any group has a timer at all; else up to `max`.
@@ -1211,7 +1219,8 @@ pub struct HandshakeStats {
     /// Challenge ACKs sent for a SYN on an established connection, or with another sequence number in a
     /// handshake.
     pub challenge_acks: u64,
-    /// Such SYNs admitted at a later poll, their connection gone (reset by the client).
+    /// SYNs kept from smoltcp (a connection held their 4-tuple) admitted at a later poll, that connection
+    /// over and released (reset by its client after a challenge ACK, mostly).
     pub syn_retried: u64,
 }
 

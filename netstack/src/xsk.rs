@@ -98,6 +98,49 @@ struct TxState {
     lens: Vec<u16>,
 }
 
+impl TxState {
+    /// An established connection's peer: its MAC (a candidate's) becomes a neighbour, kept while it has
+    /// connections.
+    fn pin(&mut self, ip: Ipv4Addr) {
+        if let Some(n) = self.neighbours.get_mut(&ip) {
+            n.pins += 1;
+        } else if self.neighbours.len() < MAX_NEIGHBOURS {
+            if let Some(mac) = self.candidates.remove(&ip) {
+                let n = Neighbour {
+                    mac,
+                    pins: 1,
+                    kernel: false,
+                };
+                self.neighbours.insert(ip, n);
+            }
+        }
+    }
+
+    fn unpin(&mut self, ip: Ipv4Addr) {
+        if let Some(n) = self.neighbours.get_mut(&ip) {
+            n.pins = n.pins.saturating_sub(1);
+            if n.pins == 0 && !n.kernel {
+                // Kept as a candidate: a SYN that came while the peer was pinned (kept by the stack until
+                // its old connection is released) is answered through it.
+                let mac = n.mac;
+                self.neighbours.remove(&ip);
+                self.candidate(ip, mac);
+            }
+        }
+    }
+
+    /// Remembers the MAC last seen for a peer that is not a neighbour (bounded).
+    fn candidate(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+        if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&ip) {
+            // Full (a flood of spoofed sources): forget one to make room.
+            if let Some(old) = self.candidates.keys().next().copied() {
+                self.candidates.remove(&old);
+            }
+        }
+        self.candidates.insert(ip, mac);
+    }
+}
+
 /// In [`TxState::lens`]: the frame was already sent again once (a frame is length ≤ 2 KiB).
 const RESENT: u16 = 0x8000;
 
@@ -288,15 +331,7 @@ impl XskPort {
                 if !txs.neighbours.contains_key(&src_ip) {
                     let mut src_mac = [0u8; 6];
                     src_mac.copy_from_slice(&frame[6..12]);
-                    if txs.candidates.len() >= MAX_CANDIDATES
-                        && !txs.candidates.contains_key(&src_ip)
-                    {
-                        // Full (a flood of spoofed sources): forget one to make room.
-                        if let Some(old) = txs.candidates.keys().next().copied() {
-                            txs.candidates.remove(&old);
-                        }
-                    }
-                    txs.candidates.insert(src_ip, src_mac);
+                    txs.candidate(src_ip, src_mac);
                 }
                 txs.stats.rx_packets += 1;
                 self.received.push_back(*desc);
@@ -422,31 +457,11 @@ impl XskPort {
 
     /// Pins `ip`'s MAC (the one its frames came from) for an established connection.
     pub fn pin(&mut self, ip: Ipv4Addr) {
-        let txs = self.txs.get_mut();
-        if let Some(n) = txs.neighbours.get_mut(&ip) {
-            n.pins += 1;
-        } else if txs.neighbours.len() < MAX_NEIGHBOURS {
-            if let Some(mac) = txs.candidates.remove(&ip) {
-                let n = Neighbour {
-                    mac,
-                    pins: 1,
-                    kernel: false,
-                };
-                txs.neighbours.insert(ip, n);
-            }
-        }
+        self.txs.get_mut().pin(ip)
     }
 
-    /// Ends one connection's pin of `ip`; the entry goes with its last connection (unless the kernel
-    /// knows it).
     pub fn unpin(&mut self, ip: Ipv4Addr) {
-        let txs = self.txs.get_mut();
-        if let Some(n) = txs.neighbours.get_mut(&ip) {
-            n.pins = n.pins.saturating_sub(1);
-            if n.pins == 0 && !n.kernel {
-                txs.neighbours.remove(&ip);
-            }
-        }
+        self.txs.get_mut().unpin(ip)
     }
 
     /// Shares one table of connections (and inboxes) with the other queues' ports.
@@ -630,5 +645,52 @@ impl Device for XskPort {
         // Bursts larger than what the TX ring takes at once only get dropped and retransmitted.
         caps.max_burst_size = Some(BATCH);
         caps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txs() -> TxState {
+        TxState {
+            free: Vec::new(),
+            queued: Vec::new(),
+            in_flight: 0,
+            neighbours: HashMap::new(),
+            candidates: HashMap::new(),
+            mac: [0; 6],
+            stats: PortStats::default(),
+            lens: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_peer_whose_last_connection_went_keeps_its_mac_as_a_candidate() {
+        // Its next SYN may have come while it was pinned (the stack admits it once the old connection
+        // is released, without the frame going through `pull` again): the SYN-ACK needs the MAC.
+        let mut t = txs();
+        let ip = Ipv4Addr::new(192, 0, 2, 2);
+        t.candidate(ip, [2, 0, 0, 0, 0, 2]);
+        t.pin(ip);
+        t.pin(ip);
+        assert!(t.candidates.is_empty() && t.neighbours[&ip].pins == 2);
+        t.unpin(ip);
+        assert!(t.candidates.is_empty(), "still pinned by one connection");
+        t.unpin(ip);
+        assert!(t.neighbours.is_empty());
+        assert_eq!(t.candidates.get(&ip), Some(&[2, 0, 0, 0, 0, 2]));
+    }
+
+    #[test]
+    fn candidates_stay_bounded() {
+        let mut t = txs();
+        for i in 0..(MAX_CANDIDATES as u32 + 100) {
+            let ip = Ipv4Addr::from(0x0a00_0000 + i);
+            t.candidate(ip, [2; 6]);
+            t.pin(ip);
+            t.unpin(ip);
+        }
+        assert_eq!(t.candidates.len(), MAX_CANDIDATES);
     }
 }

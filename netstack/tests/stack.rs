@@ -495,3 +495,36 @@ fn a_syn_sent_again_right_after_the_reset_a_challenge_ack_drew_connects_at_once(
         b"two"
     );
 }
+
+#[test]
+fn a_late_copy_of_the_syn_that_opened_a_connection_is_not_a_new_one() {
+    // A copy of a client's first SYN arrives after its connection is established (a retransmission that
+    // crossed the SYN-ACK), and the connection ends right after (the client resets it). The copy is not
+    // kept to open a new connection once the old one is gone.
+    let (mut stack, mut client) = lab(1, 8);
+    let h = client.connect(45600, true);
+    client.poll();
+    let syn = client.dev.in_flight()[0].clone();
+    let mut open = Vec::new();
+    run(&mut stack, &mut open, &mut client, |c| {
+        c.sockets.get::<tcp::Socket>(h).state() == tcp::State::Established
+    });
+    assert_eq!(
+        round_trip(&mut stack, &mut open, &mut client, h, b"one"),
+        b"one"
+    );
+    client.dev.injector().send(syn);
+    client.sockets.get_mut::<tcp::Socket>(h).abort();
+    let until = Instant::now() + Duration::from_millis(200);
+    run(&mut stack, &mut open, &mut client, |_| {
+        Instant::now() >= until
+    });
+    let hs = stack.handshakes();
+    assert_eq!(stack.connections(), 0, "{hs:?}");
+    assert_eq!(
+        (hs.syn_retried, hs.half_open, hs.established),
+        (0, 0, 1),
+        "{hs:?}"
+    );
+    assert_eq!(hs.challenge_acks, 1, "the copy was seen: {hs:?}");
+}

@@ -292,7 +292,7 @@ pub fn prometheus(state: &AdminState) -> String {
             ),
             (
                 "fae_xdp_queue_syn_retried_total",
-                "Such SYNs admitted once the connection they hit was gone (reset by the client the challenge ACK reached).",
+                "Bare SYNs kept from the TCP stack for a held connection, admitted once that connection was over and released (its client's reset after a challenge ACK, mostly).",
                 |q| &q.syn_retried,
             ),
             (
