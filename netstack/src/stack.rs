@@ -96,7 +96,10 @@ pub trait Port: smoltcp::phy::Device {
     }
     /// What the device lets through to smoltcp.
     fn admission(&mut self) -> &mut Admission;
-    fn pin(&mut self, _ip: Ipv4Addr) {}
+    /// An established connection's peer: keep its next hop (true if pinned: then `unpin` when it goes).
+    fn pin(&mut self, _ip: Ipv4Addr) -> bool {
+        false
+    }
     fn unpin(&mut self, _ip: Ipv4Addr) {}
     fn set_waker(&mut self, _wake: Waker) {}
     fn has_forwarded(&self) -> bool {
@@ -124,7 +127,7 @@ impl Port for XskPort {
     fn admission(&mut self) -> &mut Admission {
         XskPort::admission(self)
     }
-    fn pin(&mut self, ip: Ipv4Addr) {
+    fn pin(&mut self, ip: Ipv4Addr) -> bool {
         XskPort::pin(self, ip)
     }
     fn unpin(&mut self, ip: Ipv4Addr) {
@@ -925,11 +928,10 @@ impl<P: Port> Stack<P> {
                         }
                     }
                     self.counters.established += 1;
-                    let peer = self.peer(h);
-                    if let Some(ip) = peer {
-                        self.port.pin(ip);
-                    }
-                    self.conns.insert(h, peer);
+                    // (Only a peer actually pinned is unpinned when the connection goes: an unpin
+                    // without its pin would drop a neighbour another connection still uses.)
+                    let pinned = self.peer(h).filter(|&ip| self.port.pin(ip));
+                    self.conns.insert(h, pinned);
                     new.push(h);
                 }
             }

@@ -6,7 +6,8 @@
 //! start) and the peers of established connections, pinned while they have one: a frame can neither
 //! change a pinned entry nor grow the table past its bound. MACs seen in other frames (a handshake's SYN)
 //! go to a small, bounded table of candidates, used only for a peer with no pinned entry; the stack pins
-//! the candidate once the peer's handshake completes.
+//! the candidate once the peer's handshake completes, and puts it back among the candidates when the
+//! peer's last connection goes (a SYN of its that came meanwhile is answered through it).
 //!
 //! Frames: half of the UMEM is lent to the kernel through the fill ring for receiving, half is kept for
 //! transmitting. The fill ring is twice the receive share, and received frames go back to it in batches
@@ -100,20 +101,25 @@ struct TxState {
 
 impl TxState {
     /// An established connection's peer: its MAC (a candidate's) becomes a neighbour, kept while it has
-    /// connections.
-    fn pin(&mut self, ip: Ipv4Addr) {
+    /// connections. False if it could not be (no MAC seen, or the table full): no `unpin` then.
+    fn pin(&mut self, ip: Ipv4Addr) -> bool {
         if let Some(n) = self.neighbours.get_mut(&ip) {
             n.pins += 1;
-        } else if self.neighbours.len() < MAX_NEIGHBOURS {
-            if let Some(mac) = self.candidates.remove(&ip) {
-                let n = Neighbour {
-                    mac,
-                    pins: 1,
-                    kernel: false,
-                };
-                self.neighbours.insert(ip, n);
-            }
+            return true;
         }
+        if self.neighbours.len() >= MAX_NEIGHBOURS {
+            return false;
+        }
+        let Some(mac) = self.candidates.remove(&ip) else {
+            return false;
+        };
+        let n = Neighbour {
+            mac,
+            pins: 1,
+            kernel: false,
+        };
+        self.neighbours.insert(ip, n);
+        true
     }
 
     fn unpin(&mut self, ip: Ipv4Addr) {
@@ -456,10 +462,12 @@ impl XskPort {
     }
 
     /// Pins `ip`'s MAC (the one its frames came from) for an established connection.
-    pub fn pin(&mut self, ip: Ipv4Addr) {
+    /// An established connection's peer: its MAC is kept while it has connections (true if pinned).
+    pub fn pin(&mut self, ip: Ipv4Addr) -> bool {
         self.txs.get_mut().pin(ip)
     }
 
+    /// One of the peer's connections went; its MAC stays a candidate after the last.
     pub fn unpin(&mut self, ip: Ipv4Addr) {
         self.txs.get_mut().unpin(ip)
     }
@@ -671,9 +679,9 @@ mod tests {
         // is released, without the frame going through `pull` again): the SYN-ACK needs the MAC.
         let mut t = txs();
         let ip = Ipv4Addr::new(192, 0, 2, 2);
+        assert!(!t.pin(ip), "no MAC seen: not pinned");
         t.candidate(ip, [2, 0, 0, 0, 0, 2]);
-        t.pin(ip);
-        t.pin(ip);
+        assert!(t.pin(ip) && t.pin(ip));
         assert!(t.candidates.is_empty() && t.neighbours[&ip].pins == 2);
         t.unpin(ip);
         assert!(t.candidates.is_empty(), "still pinned by one connection");
