@@ -790,12 +790,13 @@ impl<P: Port> Stack<P> {
     ///   way, connecting again from its port): a challenge ACK (RFC 5961 4.2) with the numbers of the
     ///   connection's last segment. A client in SYN-SENT answers it with a reset that ends the old
     ///   handshake or connection, and sends its SYN again (Linux: at once, for its first SYN); a live
-    ///   client takes it as a duplicate
-    ///   ACK. At most one per connection per SYN_ACK_AGAIN (handshakes) or CHALLENGE_AGAIN. Such a SYN
-    ///   (answered or not; not a copy of the SYN that opened the connection) is admitted at a later poll
-    ///   if its connection is over and released within RETRY_FOR (else dropped): a Linux client sends its SYN again right after its reset, often in the same batch,
-    ///   before smoltcp has taken the reset (else the client waits a second for its next
-    ///   retransmission).
+    ///   client takes it as a duplicate ACK. At most one per connection per SYN_ACK_AGAIN (handshakes)
+    ///   or CHALLENGE_AGAIN.
+    ///
+    /// Such a SYN (answered or not; not a copy of the SYN that opened the connection) is admitted at a
+    /// later poll if its connection is over and released within RETRY_FOR (else dropped): a Linux client
+    /// sends its SYN again right after its reset, often in the same batch, before smoltcp has taken the
+    /// reset (else the client waits a second for its next retransmission).
     fn answer_repeated(&mut self, now: Instant) {
         self.port.admission().take_repeated(&mut self.repeated);
         if self.repeated.is_empty() {
@@ -1229,10 +1230,7 @@ pub struct HandshakeStats {
 /// Sends a challenge ACK (RFC 5961 4.2) on connection `t`, with the numbers of the last segment the stack
 /// sent on it (its sequence number SND.NXT, its acknowledgement number RCV.NXT, its window as sent).
 fn challenge_ack<T: phy::TxToken>(tx: T, addr: Ipv4Addr, t: Tuple, n: Numbers) {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    };
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
     let (src, dst) = (to_smol(addr), to_smol(t.0));
     let tcp = TcpRepr {
         src_port: t.2,
@@ -1248,6 +1246,24 @@ fn challenge_ack<T: phy::TxToken>(tx: T, addr: Ipv4Addr, t: Tuple, n: Numbers) {
         timestamp: None,
         payload: &[],
     };
+    tx.consume(ipv4_tcp_len(&tcp), |b| emit_ipv4_tcp(b, src, dst, &tcp));
+}
+
+/// The length of the IPv4 packet (no options) that carries `tcp`.
+pub fn ipv4_tcp_len(tcp: &smoltcp::wire::TcpRepr) -> usize {
+    20 + tcp.buffer_len()
+}
+
+/// Writes an IPv4 packet carrying `tcp` from `src` to `dst` into `buf` (of [`ipv4_tcp_len`] bytes),
+/// checksums done (smoltcp checks them on receipt).
+pub fn emit_ipv4_tcp(
+    buf: &mut [u8],
+    src: Ipv4Address,
+    dst: Ipv4Address,
+    tcp: &smoltcp::wire::TcpRepr,
+) {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket};
     let ip = Ipv4Repr {
         src_addr: src,
         dst_addr: dst,
@@ -1256,16 +1272,14 @@ fn challenge_ack<T: phy::TxToken>(tx: T, addr: Ipv4Addr, t: Tuple, n: Numbers) {
         hop_limit: 64,
     };
     let caps = ChecksumCapabilities::default();
-    tx.consume(ip.buffer_len() + tcp.buffer_len(), |b| {
-        let mut p = Ipv4Packet::new_unchecked(&mut b[..]);
-        ip.emit(&mut p, &caps);
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &IpAddress::Ipv4(src),
-            &IpAddress::Ipv4(dst),
-            &caps,
-        );
-    });
+    let mut p = Ipv4Packet::new_unchecked(buf);
+    ip.emit(&mut p, &caps);
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(p.payload_mut()),
+        &IpAddress::Ipv4(src),
+        &IpAddress::Ipv4(dst),
+        &caps,
+    );
 }
 
 fn to_smol(a: Ipv4Addr) -> Ipv4Address {

@@ -52,10 +52,7 @@ struct Served {
 
 /// A bare SYN to the server from `src`:`sport`, checksums done (smoltcp checks them).
 fn syn(src: Ipv4Address, sport: u16) -> Vec<u8> {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{
-        IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    };
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
     let o = SERVER.octets();
     let dst = Ipv4Address::new(o[0], o[1], o[2], o[3]);
     let tcp = TcpRepr {
@@ -72,22 +69,8 @@ fn syn(src: Ipv4Address, sport: u16) -> Vec<u8> {
         timestamp: None,
         payload: &[],
     };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0; ip.buffer_len() + tcp.buffer_len()];
-    let caps = ChecksumCapabilities::default();
-    ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(&mut buf[ip.buffer_len()..]),
-        &IpAddress::Ipv4(src),
-        &IpAddress::Ipv4(dst),
-        &caps,
-    );
+    let mut buf = vec![0; fae_netstack::stack::ipv4_tcp_len(&tcp)];
+    fae_netstack::stack::emit_ipv4_tcp(&mut buf, src, dst, &tcp);
     buf
 }
 
