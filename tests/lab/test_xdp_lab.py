@@ -164,19 +164,13 @@ def test_xdp_syn_ack_carries_timestamps_and_time_wait_ports_are_reused(lab, serv
 LOST_CONNECTION_CLIENT = r"""
 import json, os, socket, sys, time
 sys.path.insert(0, sys.argv[3])
-from thrift_load import call
+from thrift_load import call, reply_to
 addr, port = sys.argv[1], int(sys.argv[2])
 TCP_REPAIR = 19  # linux/tcp.h: in repair mode, close() sends nothing to the peer
 
 def noop(s, seq, x):
     s.sendall(call(seq, x))
-    reply = b""
-    while len(reply) < 24:  # REPLY "noop" seqid, field 0 (i32), stop
-        chunk = s.recv(24 - len(reply))
-        if not chunk:
-            sys.exit("connection closed after %r" % reply)
-        reply += chunk
-    assert reply[-5:-1] == x.to_bytes(4, "big"), reply
+    reply_to(s, x)
 
 local = ("0.0.0.0", 10000 + os.getpid() % 10000)  # below the ephemeral range (and the port above)
 s = socket.socket()
@@ -305,6 +299,83 @@ def test_a_panic_on_an_xdp_loop_ends_faed(tools, tmp_path):
         finally:
             f.stop(signal.SIGKILL)
         assert_detached(lab, "after the panic")
+
+
+AT_THE_CAP_CLIENT = r"""
+import socket, sys, time
+sys.path.insert(0, sys.argv[3])
+from thrift_load import call, reply_to as reply
+addr, port = sys.argv[1], int(sys.argv[2])
+
+held = []
+for i in range(2):  # every session slot (max_sessions = 2)
+    s = socket.create_connection((addr, port), timeout=5)
+    s.sendall(call(1, i))
+    reply(s, i, 5)
+    held.append(s)
+waiting = socket.create_connection((addr, port), timeout=5)  # the handshake completes
+waiting.sendall(call(2, 77))
+try:
+    reply(waiting, 77, 1.0)
+    sys.exit("answered with no session slot free")
+except socket.timeout:
+    pass  # waits: neither answered nor reset
+held.pop().close()  # a slot frees: the waiting connection gets it and its call is answered
+t = time.monotonic()
+reply(waiting, 77, 5)
+print("served %.3f s after a slot freed" % (time.monotonic() - t))
+waiting.sendall(call(3, 78))
+reply(waiting, 78, 5)
+for s in held + [waiting]:
+    s.close()
+print("ok")
+"""
+
+
+IDLE_CLIENT = r"""
+import socket, sys, time
+sys.path.insert(0, sys.argv[3])
+from thrift_load import call, reply_to
+addr, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((addr, port), timeout=5)
+s.sendall(call(1, 5))
+reply_to(s, 5)
+t = time.monotonic()
+s.settimeout(15)
+rest = s.recv(100)  # the server's FIN: end of stream, not a reset (ConnectionResetError)
+assert rest == b"", rest
+print("closed %.1f s after the last reply" % (time.monotonic() - t))
+"""
+
+
+def test_the_session_cap_and_the_idle_timeout_alike_on_both_paths(tools, tmp_path):
+    """At `server.max_sessions` a new connection is neither refused nor reset: it waits, as in a kernel
+    listener's accept queue, and is served once a session closes. The kernel path holds it in its
+    listener's backlog, the XDP path in its own accept queue. A session idle past `server.idle_timeout_ms`
+    is closed with a FIN on both paths (the driver's sweep decides, each transport closes)."""
+    with fresh_lab("fc") as lab:
+        f = Faed(lab.srv, lab.srv_if, tmp_path,
+                 extra_toml="[server]\nmax_sessions = 2\nidle_timeout_ms = 3000\n")
+        try:
+            f.wait_ready(lab.cli)
+            for port in (KERNEL_PORT, XDP_PORT):
+                deadline = time.monotonic() + 10  # the sessions of the ready check and the last port
+                while f.stats(lab.cli)["sessions"] > 0 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                p = lab.cli_run("/usr/bin/python3", "-c", AT_THE_CAP_CLIENT, SRV_IP, str(port), str(HERE),
+                                check=False, timeout=30)
+                assert p.returncode == 0 and "ok" in p.stdout, (port, p.stdout, p.stderr, f.log_tail())
+                print(port, p.stdout.strip().splitlines()[0])
+            for port in (KERNEL_PORT, XDP_PORT):
+                p = lab.cli_run("/usr/bin/python3", "-c", IDLE_CLIENT, SRV_IP, str(port), str(HERE),
+                                check=False, timeout=30)
+                assert p.returncode == 0, (port, p.stdout, p.stderr, f.log_tail())
+                closed_after = float(p.stdout.split()[1])
+                # Not before the timeout (the sweep, once a second, closes it within a second or so after).
+                assert 2.9 <= closed_after <= 12, (port, p.stdout)
+                print(port, p.stdout.strip())
+        finally:
+            assert f.stop() == 0, f.log_tail()
 
 
 def test_frames_the_kernel_drops_are_counted(tools, tmp_path):

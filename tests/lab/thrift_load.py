@@ -27,6 +27,19 @@ def call(seq, x):
             + struct.pack(">bhi", 8, 1, x) + b"\x00")
 
 
+def reply_to(sock, x, timeout=5):
+    """A blocking socket's next reply to noop(x) (checked): REPLY "noop", seqid, field 0 = x, stop; exits
+    if the connection closes first, raises socket.timeout if nothing comes within TIMEOUT seconds."""
+    sock.settimeout(timeout)
+    got = b""
+    while len(got) < 24:
+        chunk = sock.recv(24 - len(got))
+        if not chunk:
+            sys.exit("connection closed after %r" % got)
+        got += chunk
+    assert got[-5:-1] == x.to_bytes(4, "big"), got
+
+
 async def answer(reader, seq, x):
     """Reads one reply and checks it: REPLY, same name and seqid, field 0 = x."""
     head = await reader.readexactly(8)

@@ -159,6 +159,7 @@ fn serve_through_the_wire(imp: Impairment, conns: usize, calls: usize) -> Served
         stopping: stopping.clone(),
         shutdown_timeout: Duration::from_secs(2),
         busy_poll: Duration::ZERO,
+        accept_queue: 64,
     };
     let server = std::thread::Builder::new()
         .name("fae-xdp-pipe".into())

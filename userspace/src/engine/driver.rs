@@ -10,7 +10,11 @@
 //! - the sweep: deferred calls past their deadline, idle and stalled sessions;
 //! - draining at shutdown, and closing: the session abandoned, its slot given back.
 //!
-//! A transport gives the driver a [`ByteStream`] per connection for the time of a pump.
+//! A transport gives the driver a [`ByteStream`] per connection for the time of a pump, and its table of
+//! connections as a [`Transport`]: the steps a loop takes on its connections ([`pump`], [`completions`],
+//! [`sweep`], [`drain`]) are written here against that trait, so that both loops run the same code. What
+//! stays with each loop is what only its transport has: accepting (a listener's backlog, smoltcp's
+//! listening pool), readiness (epoll events, the sockets a packet reached) and how a close completes.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -20,6 +24,7 @@ use super::metrics::LoopMetrics;
 use super::session::{Env, Session};
 use super::Completion;
 use crate::backend::SessionId;
+use crossbeam_channel::Receiver;
 
 /// What one read from a transport gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,4 +258,141 @@ pub fn session_of(done: &Completion) -> SessionId {
         Completion::Forward(f) => f.ticket.session,
         Completion::Backend(b) => b.ticket.session,
     }
+}
+
+/// How faed ends a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Everything is said, or the session timed out: what is queued goes out, then a FIN (a peer that does
+    /// not finish within [`CLOSE_LINGER`] is reset by the sweep).
+    Finish,
+    /// The connection is broken, or its close lingered too long: reset it.
+    Reset,
+}
+
+/// A loop's table of connections, as the lifecycle steps below see it.
+pub trait Transport {
+    type Key: Copy + Ord;
+    /// Whether a pump reads without a readiness event (smoltcp: reading an empty socket costs nothing, and
+    /// no event says it has bytes) or only on one (a kernel socket: epoll says when).
+    const READ_ALWAYS: bool;
+    /// The connection's driver state, while it is in the table.
+    fn link(&mut self, key: Self::Key) -> Option<&mut Conn>;
+    /// The connection a deferred reply's session belongs to, if that session is still open.
+    fn find(&self, session: SessionId) -> Option<Self::Key>;
+    /// Every connection in the table.
+    fn keys(&self) -> Vec<Self::Key>;
+    /// Runs `f` on the connection's state and its byte stream.
+    fn with_stream<R>(
+        &mut self,
+        key: Self::Key,
+        f: impl FnOnce(&mut Conn, &mut dyn ByteStream) -> R,
+    ) -> Option<R>;
+    /// faed ends the connection; the session slot is given back ([`Conn::closed`]) when the transport
+    /// lets the connection go (the kernel path at once, the XDP path once smoltcp has finished it).
+    fn close(&mut self, key: Self::Key, how: Close, now: Instant);
+    /// After a pump that left the connection open (the XDP path notes those with replies left to send).
+    fn pumped(&mut self, _key: Self::Key) {}
+}
+
+/// Pumps one connection and ends it when it is broken (reset) or everything is said (finished). True if
+/// anything moved.
+pub fn pump<T: Transport>(
+    t: &mut T,
+    key: T::Key,
+    readable: bool,
+    env: &Env,
+    metrics: &LoopMetrics,
+    now: Instant,
+) -> bool {
+    let readable = readable || T::READ_ALWAYS;
+    let pumped = t.with_stream(key, |c, s| {
+        if c.closing.is_some() {
+            return None;
+        }
+        let r = c.pump(s, readable, env, metrics, now);
+        Some((r, c.done()))
+    });
+    match pumped.flatten() {
+        None => false,
+        Some((Err(_), _)) => {
+            t.close(key, Close::Reset, now);
+            true
+        }
+        Some((Ok(_), true)) => {
+            t.close(key, Close::Finish, now);
+            true
+        }
+        Some((Ok(work), false)) => {
+            t.pumped(key);
+            work
+        }
+    }
+}
+
+/// Deferred replies that came back (forwarded calls, back-end calls): each into its session, then each
+/// session once per batch resumed (the calls held back served) and pumped (one write for all its
+/// replies). True if any came.
+pub fn completions<T: Transport>(
+    t: &mut T,
+    returns: &Receiver<Completion>,
+    env: &Env,
+    metrics: &LoopMetrics,
+    now: Instant,
+) -> bool {
+    let mut touched: Vec<T::Key> = Vec::new();
+    while let Ok(done) = returns.try_recv() {
+        // A session closed meanwhile: its reply is dropped (the slot may serve another session).
+        let Some(key) = t.find(session_of(&done)) else {
+            continue;
+        };
+        if let Some(c) = t.link(key) {
+            c.complete(done, env, metrics);
+            touched.push(key);
+        }
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    for &key in &touched {
+        if let Some(c) = t.link(key) {
+            c.resume(env, metrics, now);
+            pump(t, key, false, env, metrics, now);
+        }
+    }
+    !touched.is_empty()
+}
+
+/// Once a second, every connection: deferred calls past their deadline answered, sessions idle past the
+/// idle timeout or stalled mid-message finished, closes that lingered past [`CLOSE_LINGER`] reset.
+pub fn sweep<T: Transport>(t: &mut T, env: &Env, metrics: &LoopMetrics, now: Instant) {
+    for key in t.keys() {
+        let Some(c) = t.link(key) else {
+            continue;
+        };
+        match c.sweep(env, metrics, now) {
+            Sweep::Keep => {}
+            Sweep::Pump => {
+                pump(t, key, false, env, metrics, now);
+            }
+            Sweep::TimedOut => {
+                tracing::debug!(session = c.session.id.slot, "session timed out");
+                t.close(key, Close::Finish, now);
+            }
+            Sweep::Reset => t.close(key, Close::Reset, now),
+        }
+    }
+}
+
+/// One turn of a drain at shutdown: every connection with no reply left to send and no deferred call out
+/// is finished. True when the loop may stop: no connection left, or the deadline passed (the loop then
+/// ends what is left).
+pub fn drain<T: Transport>(t: &mut T, deadline: Instant, now: Instant) -> bool {
+    for key in t.keys() {
+        if t.link(key)
+            .is_some_and(|c| c.closing.is_none() && c.drained())
+        {
+            t.close(key, Close::Finish, now);
+        }
+    }
+    now >= deadline || t.keys().is_empty()
 }

@@ -13,11 +13,11 @@ use mio::net::{TcpListener, UnixListener};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::driver::{self, ByteStream, Recv, Sweep};
+use super::driver::{self, ByteStream, Close, Recv, Transport};
 use super::metrics::LoopMetrics;
 use super::session::Env;
 use super::Completion;
-use crate::backend::Doorbell;
+use crate::backend::{Doorbell, SessionId};
 use crate::sock::Stream;
 use crossbeam_channel::Receiver;
 
@@ -286,9 +286,12 @@ impl KernelLoop {
         let mut events = Events::with_capacity(1024);
         let mut last_sweep = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
+        // Held apart from `self`, which the driver's steps take as the transport.
+        let (env, metrics, returns) =
+            (self.env.clone(), self.metrics.clone(), self.returns.clone());
+        let (env, metrics) = (&*env, &*metrics);
         loop {
             // Sleep only if no deferred reply came in meanwhile (the doorbell rings only a sleeping loop).
-            let returns = &self.returns;
             let timeout = if self.bell.sleep(|| !returns.is_empty()) {
                 TICK
             } else {
@@ -302,7 +305,7 @@ impl KernelLoop {
                 }
                 return Err(e);
             }
-            self.on_completions();
+            driver::completions(&mut self, &returns, env, metrics, Instant::now());
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER | UNIX_LISTENER => self.accept(),
@@ -313,7 +316,14 @@ impl KernelLoop {
                                 c.read_closed = true;
                             }
                         }
-                        self.on_conn_event(key, ev.is_readable())
+                        driver::pump(
+                            &mut self,
+                            key,
+                            ev.is_readable(),
+                            env,
+                            metrics,
+                            Instant::now(),
+                        );
                     }
                 }
             }
@@ -323,8 +333,7 @@ impl KernelLoop {
                     self.begin_drain();
                     now + self.shutdown_timeout
                 });
-                self.close_drained();
-                if self.conns.is_empty() || now >= deadline {
+                if driver::drain(&mut self, deadline, now) {
                     let left = self.conns.len();
                     if left > 0 {
                         tracing::warn!(
@@ -341,7 +350,7 @@ impl KernelLoop {
             }
             if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
                 last_sweep = now;
-                self.sweep(now);
+                driver::sweep(&mut self, env, metrics, now);
             }
         }
     }
@@ -416,59 +425,6 @@ impl KernelLoop {
         }
     }
 
-    fn on_conn_event(&mut self, key: usize, readable: bool) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let mut stream = SocketStream {
-            stream: &mut conn.stream,
-            scratch: &mut self.scratch,
-            read_closed: conn.read_closed,
-        };
-        let alive = conn
-            .link
-            .pump(
-                &mut stream,
-                readable,
-                &self.env,
-                &self.metrics,
-                Instant::now(),
-            )
-            .is_ok();
-        if !alive || conn.link.done() {
-            self.close(key);
-        }
-    }
-
-    /// Deferred calls answered: each goes into its session's stream, which then carries on.
-    fn on_completions(&mut self) {
-        let mut touched: Vec<usize> = Vec::new();
-        while let Ok(done) = self.returns.try_recv() {
-            let session = driver::session_of(&done);
-            let key = session.slot as usize;
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if conn.link.session.id != session {
-                continue; // the session closed meanwhile; its slot serves another
-            }
-            conn.link.complete(done, &self.env, &self.metrics);
-            if touched.last() != Some(&key) {
-                touched.push(key);
-            }
-        }
-        // Each session once per batch: serve what waited, then one write for all its replies.
-        touched.sort_unstable();
-        touched.dedup();
-        let now = Instant::now();
-        for key in touched {
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.link.resume(&self.env, &self.metrics, now);
-                self.on_conn_event(key, false);
-            }
-        }
-    }
-
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
             conn.link.closed(&self.env, &self.gate, &self.metrics);
@@ -491,25 +447,6 @@ impl KernelLoop {
         }
     }
 
-    /// Answers deferred calls past their deadline; closes sessions idle past the idle timeout or stuck in
-    /// the middle of a message.
-    fn sweep(&mut self, now: Instant) {
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        for key in keys {
-            let Some(c) = self.conns.get_mut(key) else {
-                continue;
-            };
-            match c.link.sweep(&self.env, &self.metrics, now) {
-                Sweep::Keep => {}
-                Sweep::Pump => self.on_conn_event(key, false),
-                Sweep::TimedOut | Sweep::Reset => {
-                    tracing::debug!(session = key, "session timed out");
-                    self.close(key);
-                }
-            }
-        }
-    }
-
     /// Stops accepting: the listener closes, its queued connections are refused, other loops' listeners on
     /// the port are closing too.
     fn begin_drain(&mut self) {
@@ -521,17 +458,46 @@ impl KernelLoop {
         }
         self.accept_paused = false;
     }
+}
 
-    /// While draining: every session without unsent replies is done.
-    fn close_drained(&mut self) {
-        let done: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.link.drained())
-            .map(|(k, _)| k)
-            .collect();
-        for key in done {
-            self.close(key);
-        }
+impl Transport for KernelLoop {
+    type Key = usize;
+    const READ_ALWAYS: bool = false;
+
+    fn link(&mut self, key: usize) -> Option<&mut driver::Conn> {
+        self.conns.get_mut(key).map(|c| &mut c.link)
+    }
+
+    fn find(&self, session: SessionId) -> Option<usize> {
+        // The slab's key is the session's slot; a slot serves one session after another (the generation).
+        let key = session.slot as usize;
+        self.conns
+            .get(key)
+            .is_some_and(|c| c.link.session.id == session)
+            .then_some(key)
+    }
+
+    fn keys(&self) -> Vec<usize> {
+        self.conns.iter().map(|(k, _)| k).collect()
+    }
+
+    fn with_stream<R>(
+        &mut self,
+        key: usize,
+        f: impl FnOnce(&mut driver::Conn, &mut dyn ByteStream) -> R,
+    ) -> Option<R> {
+        let conn = self.conns.get_mut(key)?;
+        let mut stream = SocketStream {
+            stream: &mut conn.stream,
+            scratch: &mut self.scratch,
+            read_closed: conn.read_closed,
+        };
+        Some(f(&mut conn.link, &mut stream))
+    }
+
+    /// The kernel finishes every close (a FIN after what is queued; a reset if the socket is broken): the
+    /// socket leaves the loop, and its session slot is given back, at once.
+    fn close(&mut self, key: usize, _how: Close, _now: Instant) {
+        KernelLoop::close(self, key);
     }
 }

@@ -25,7 +25,11 @@ use session::Env;
 
 /// A fault for the tests to inject: `FAED_TEST_PANIC=kernel` or `=xdp` makes a loop of that kind panic
 /// when it accepts a connection (tests/robustness.rs and the XDP lab check that faed then exits non-zero).
+/// Debug builds only: a release faed ignores the variable, so it cannot be crashed by its environment.
 pub fn injected_panic(kind: &str) -> bool {
+    if !cfg!(debug_assertions) {
+        return false;
+    }
     static KIND: OnceLock<Option<String>> = OnceLock::new();
     KIND.get_or_init(|| std::env::var("FAED_TEST_PANIC").ok())
         .as_deref()
@@ -312,6 +316,7 @@ impl Server {
                     stopping: stopping.clone(),
                     shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
                     busy_poll: Duration::from_micros(cfg.listener.busy_poll_us),
+                    accept_queue: cfg.listener.xdp_backlog,
                 };
                 let h = std::thread::Builder::new()
                     .name(format!("fae-xdp-q{q}"))

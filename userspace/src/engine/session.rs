@@ -614,8 +614,11 @@ fn run(
         Reply::app_error(out, dialect, header.name, header.seqid, kind, msg)
     };
     let Some(method) = method else {
-        // The name goes back in the reply's header (clients match on it); the text quotes at most 64
-        // bytes of it, escaped (an escaped control byte takes up to six).
+        // The name goes back in the reply's header (some clients, Go's, match on it before they look at
+        // the message type), up to ECHOED bytes: no IDL method name comes near that, and a name of a
+        // megabyte does not come back whole. The text quotes at most 64 bytes of it, escaped (an escaped
+        // control byte takes up to six).
+        const ECHOED: usize = 256;
         const QUOTED: usize = 64;
         let shown = String::from_utf8_lossy(&header.name[..header.name.len().min(QUOTED)]);
         let msg = if header.name.len() > QUOTED {
@@ -623,7 +626,15 @@ fn run(
         } else {
             format!("unknown method {shown:?}")
         };
-        app_error(out, AppErrorKind::UnknownMethod, &msg);
+        let echoed = &header.name[..header.name.len().min(ECHOED)];
+        Reply::app_error(
+            out,
+            dialect,
+            echoed,
+            header.seqid,
+            AppErrorKind::UnknownMethod,
+            &msg,
+        );
         metrics.call(UNKNOWN_SLOT, 0, true);
         return (started, Left::Answered);
     };

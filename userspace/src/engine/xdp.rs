@@ -1,7 +1,7 @@
 //! The kernel-bypass path: one thread per AF_XDP queue runs a smoltcp stack (fae-netstack) and feeds its
 //! connections to the same `Session`s as the kernel path. Only the byte pumping differs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,12 +10,12 @@ use fae_netstack::stack::{ConnId, Port, Stack, StackConfig};
 use fae_netstack::xdp::{AttachMode, XdpCounters, XdpProgram};
 use fae_netstack::NetError;
 
-use super::driver::{self, ByteStream, Recv, Sweep};
+use super::driver::{self, ByteStream, Close, Recv, Transport};
 use super::kernel::Gate;
 use super::metrics::LoopMetrics;
 use super::session::Env;
 use super::Completion;
-use crate::backend::Doorbell;
+use crate::backend::{Doorbell, SessionId};
 use crate::config::{Config, XdpMode};
 use crossbeam_channel::Receiver;
 
@@ -265,84 +265,151 @@ pub struct XdpLoop<P: Port = fae_netstack::xsk::XskPort> {
     pub shutdown_timeout: Duration,
     /// After work, keep polling this long before sleeping (`listener.busy_poll_us`).
     pub busy_poll: Duration,
+    /// Established connections that may wait for a session slot (`listener.xdp_backlog`, as the kernel
+    /// path's listeners hold theirs in their accept queue, up to `server.backlog`: fewer here, each holds
+    /// its two socket buffers); past it, or waiting past the idle timeout, they are reset.
+    pub accept_queue: usize,
+}
+
+/// The XDP loop's connections: the driver's state of each, by smoltcp connection.
+#[derive(Default)]
+struct Live {
+    conns: HashMap<ConnId, driver::Conn>,
+    /// Deferred replies find their connection by its slot, a number that is never reused.
+    slots: HashMap<u64, ConnId>,
+    next_slot: u64,
+    /// Connections to pump again next turn (replies left to send), and those faed closed or refused, whose
+    /// sockets are looked at until they are gone. Each turn pumps only these, the connections that
+    /// received packets and those whose deferred replies came: not every connection.
+    again: Vec<ConnId>,
+    closing: Vec<ConnId>,
+    /// Established connections waiting for a session slot (faed at `server.max_sessions`), oldest first,
+    /// with when they came: the XDP path's accept queue.
+    waiting: VecDeque<(ConnId, Instant)>,
+}
+
+/// The connections with their stack: the driver's [`Transport`] for one step.
+struct Table<'a, P: Port> {
+    stack: &'a mut Stack<P>,
+    live: &'a mut Live,
+}
+
+impl<P: Port> Transport for Table<'_, P> {
+    type Key = ConnId;
+    const READ_ALWAYS: bool = true;
+
+    fn link(&mut self, key: ConnId) -> Option<&mut driver::Conn> {
+        self.live.conns.get_mut(&key)
+    }
+
+    fn find(&self, session: SessionId) -> Option<ConnId> {
+        self.live.slots.get(&session.slot).copied()
+    }
+
+    fn keys(&self) -> Vec<ConnId> {
+        self.live.conns.keys().copied().collect()
+    }
+
+    fn with_stream<R>(
+        &mut self,
+        key: ConnId,
+        f: impl FnOnce(&mut driver::Conn, &mut dyn ByteStream) -> R,
+    ) -> Option<R> {
+        let c = self.live.conns.get_mut(&key)?;
+        let mut stream = SocketStream {
+            stack: self.stack,
+            id: key,
+        };
+        Some(f(c, &mut stream))
+    }
+
+    /// smoltcp finishes the close (sends what is queued, then a FIN; or a reset); the connection stays in
+    /// the table, and keeps its session slot, until its socket is gone.
+    fn close(&mut self, key: ConnId, how: Close, now: Instant) {
+        if let Some(c) = self.live.conns.get_mut(&key) {
+            c.closing.get_or_insert(now);
+        }
+        match how {
+            Close::Finish => self.stack.close(key),
+            Close::Reset => self.stack.abort(key),
+        }
+        self.live.closing.push(key);
+    }
+
+    fn pumped(&mut self, key: ConnId) {
+        if let Some(c) = self.live.conns.get(&key) {
+            if !c.session.out.is_empty() || c.read_paused {
+                self.live.again.push(key);
+            }
+        }
+    }
 }
 
 impl<P: Port> XdpLoop<P> {
     pub fn run(mut self) {
-        let mut conns: HashMap<ConnId, driver::Conn> = HashMap::new();
-        // Forwarded replies find their connection by a number that is never reused.
-        let mut slots: HashMap<u64, ConnId> = HashMap::new();
-        let mut next_slot = 0u64;
+        let mut live = Live::default();
         let mut last_sweep = Instant::now();
         let mut drain_deadline: Option<Instant> = None;
         let mut last_work = Instant::now();
-        // Connections to pump again next turn (replies left to send), and those faed closed or refused,
-        // whose sockets are looked at until they are gone. Each turn pumps only these, the connections
-        // that received packets and those whose deferred replies came: not every connection.
-        let mut again: Vec<ConnId> = Vec::new();
-        let mut closing: Vec<ConnId> = Vec::new();
         let mut work: Vec<ConnId> = Vec::new();
+        let (env, metrics) = (self.env.clone(), self.metrics.clone());
+        let (env, metrics) = (&*env, &*metrics);
         loop {
             let mut busy = self.stack.poll();
             let now = Instant::now();
             let stopping = self.stopping.load(Ordering::Acquire);
             work.clear();
             self.stack.take_touched(&mut work);
-            work.append(&mut again);
+            work.append(&mut live.again);
             for id in self.stack.accept() {
+                live.waiting.push_back((id, now));
+            }
+            // A connection takes a session slot in the order it came; at the session cap it waits, as in a
+            // kernel listener's accept queue, until a session closes (on any loop: the cap is shared).
+            while let Some(&(id, _)) = live.waiting.front() {
                 if stopping || !self.gate.try_enter() {
-                    // At the session cap (or draining): refuse at once rather than hold a connection the
-                    // client would wait on.
-                    self.stack.abort(id);
-                    closing.push(id);
-                    continue;
+                    break;
                 }
+                live.waiting.pop_front();
                 work.push(id);
                 let peer = self.stack.peer(id).map_or(
                     std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                     std::net::IpAddr::V4,
                 );
-                next_slot += 1;
-                slots.insert(next_slot, id);
-                let c =
-                    driver::Conn::open(self.index, next_slot, next_slot, peer, &self.metrics, now);
-                conns.insert(id, c);
+                live.next_slot += 1;
+                let slot = live.next_slot;
+                live.slots.insert(slot, id);
+                let c = driver::Conn::open(self.index, slot, slot, peer, metrics, now);
+                live.conns.insert(id, c);
                 if super::injected_panic("xdp") {
                     panic!("FAED_TEST_PANIC: an XDP loop panics on accepting a connection");
                 }
             }
-            let mut touched = Vec::new();
-            while let Ok(done) = self.returns.try_recv() {
-                let session = driver::session_of(&done);
-                let Some(&id) = slots.get(&session.slot) else {
-                    continue;
-                };
-                if let Some(c) = conns.get_mut(&id) {
-                    c.complete(done, &self.env, &self.metrics);
-                    touched.push(id);
-                }
+            // Refused: all of them while draining, the newest past the queue's bound, those that waited
+            // past the idle timeout.
+            let keep = if stopping { 0 } else { self.accept_queue };
+            while live.waiting.len() > keep {
+                let (id, _) = live.waiting.pop_back().expect("not empty");
+                self.stack.abort(id);
+                live.closing.push(id);
             }
-            touched.sort_unstable();
-            touched.dedup();
-            for &id in &touched {
-                if let Some(c) = conns.get_mut(&id) {
-                    c.resume(&self.env, &self.metrics, now);
-                    busy = true;
+            while let Some(&(id, since)) = live.waiting.front() {
+                if now.saturating_duration_since(since) <= env.idle_timeout {
+                    break;
                 }
+                live.waiting.pop_front();
+                self.stack.abort(id);
+                live.closing.push(id);
             }
-            work.append(&mut touched);
+            let mut table = Table {
+                stack: &mut self.stack,
+                live: &mut live,
+            };
+            busy |= driver::completions(&mut table, &self.returns, env, metrics, now);
             work.sort_unstable();
             work.dedup();
             for &id in &work {
-                let Some(c) = conns.get_mut(&id) else {
-                    continue;
-                };
-                busy |= self.pump(id, c, now);
-                if c.closing.is_some() {
-                    closing.push(id);
-                } else if !c.session.out.is_empty() || c.read_paused {
-                    again.push(id);
-                }
+                busy |= driver::pump(&mut table, id, true, env, metrics, now);
             }
             if busy {
                 self.stack.poll();
@@ -350,7 +417,7 @@ impl<P: Port> XdpLoop<P> {
             // Release connections that are gone, and sockets refused above: those a packet reached or faed
             // closed, and once a second every connection (a socket smoltcp closed on a timer).
             let full = now.saturating_duration_since(last_sweep) >= Duration::from_secs(1);
-            work.extend_from_slice(&closing);
+            work.extend_from_slice(&live.closing);
             // (Those the second poll reached stay touched: they are pumped next turn.)
             work.extend_from_slice(self.stack.touched());
             work.sort_unstable();
@@ -361,56 +428,36 @@ impl<P: Port> XdpLoop<P> {
                 self.stack.closed_among(&work)
             };
             for id in gone {
-                if let Some(mut c) = conns.remove(&id) {
-                    c.closed(&self.env, &self.gate, &self.metrics);
-                    slots.remove(&c.session.id.slot);
+                if let Some(mut c) = live.conns.remove(&id) {
+                    c.closed(env, &self.gate, metrics);
+                    live.slots.remove(&c.session.id.slot);
+                } else if !live.waiting.is_empty() {
+                    // Gone while it waited (the client gave up): its id may serve another connection.
+                    live.waiting.retain(|&(w, _)| w != id);
                 }
                 self.stack.release(id);
             }
-            closing.retain(|id| self.stack.is_connection(*id));
-            closing.sort_unstable();
-            closing.dedup();
+            live.closing.retain(|id| self.stack.is_connection(*id));
+            live.closing.sort_unstable();
+            live.closing.dedup();
+            let mut table = Table {
+                stack: &mut self.stack,
+                live: &mut live,
+            };
             if stopping {
                 let deadline = *drain_deadline.get_or_insert(now + self.shutdown_timeout);
-                for (&id, c) in conns.iter_mut() {
-                    if c.drained() && c.closing.is_none() {
-                        c.closing = Some(now);
-                        self.stack.close(id);
-                    }
-                }
-                if conns.is_empty() || now >= deadline {
-                    for &id in conns.keys() {
+                if driver::drain(&mut table, deadline, now) {
+                    for &id in live.conns.keys() {
                         self.stack.abort(id);
                     }
                     self.stack.poll();
                     return;
                 }
-            } else if now.saturating_duration_since(last_sweep) >= Duration::from_secs(1) {
+            } else if full {
                 last_sweep = now;
+                driver::sweep(&mut table, env, metrics, now);
                 self.queue_stats
                     .publish(&self.stack.stats(), &self.stack.handshakes());
-                let ids: Vec<ConnId> = conns.keys().copied().collect();
-                for id in ids {
-                    let Some(c) = conns.get_mut(&id) else {
-                        continue;
-                    };
-                    match c.sweep(&self.env, &self.metrics, now) {
-                        Sweep::Keep => {}
-                        Sweep::Pump => {
-                            self.pump(id, c, now);
-                            again.push(id);
-                        }
-                        Sweep::TimedOut => {
-                            c.closing = Some(now);
-                            self.stack.abort(id);
-                            closing.push(id);
-                        }
-                        Sweep::Reset => {
-                            self.stack.abort(id);
-                            closing.push(id);
-                        }
-                    }
-                }
             }
             if busy {
                 last_work = now;
@@ -418,35 +465,14 @@ impl<P: Port> XdpLoop<P> {
                 // Busy polling: no sleep (and no wake-up to pay) while traffic may come any moment.
                 std::hint::spin_loop();
             } else {
-                let max = Duration::from_millis(if stopping { 5 } else { 100 });
+                // Connections waiting for a session slot look again soon: the slot may free on any loop.
+                let max = Duration::from_millis(if stopping || !live.waiting.is_empty() {
+                    5
+                } else {
+                    100
+                });
                 self.waiter.wait(&mut self.stack, &self.returns, max);
             }
-        }
-    }
-
-    /// Moves one connection's bytes (the driver's pump); closes it once everything is said. True if it
-    /// did work.
-    fn pump(&mut self, id: ConnId, c: &mut driver::Conn, now: Instant) -> bool {
-        if c.closing.is_some() {
-            return false;
-        }
-        let mut stream = SocketStream {
-            stack: &mut self.stack,
-            id,
-        };
-        match c.pump(&mut stream, true, &self.env, &self.metrics, now) {
-            Err(_) => {
-                c.closing = Some(now);
-                self.stack.abort(id);
-                true
-            }
-            Ok(work) if c.done() => {
-                c.closing = Some(now);
-                self.stack.close(id);
-                let _ = work;
-                true
-            }
-            Ok(work) => work,
         }
     }
 }
