@@ -4,10 +4,13 @@
 //! on transmitted packets. The kernel keeps answering ARP (the XDP program passes it on), so the stack
 //! cannot resolve neighbours itself. The neighbour table holds the kernel's resolved neighbours (read at
 //! start) and the peers of established connections, pinned while they have one: a frame can neither
-//! change a pinned entry nor grow the table past its bound. MACs seen in other frames (a handshake's SYN)
-//! go to a small, bounded table of candidates, used only for a peer with no pinned entry; the stack pins
-//! the candidate once the peer's handshake completes, and puts it back among the candidates when the
-//! peer's last connection goes (a SYN of its that came meanwhile is answered through it).
+//! change a pinned entry nor grow the table past its bound. MACs seen in other frames (a handshake's) go
+//! to a small, bounded table of candidates by the sender's address *and port*, used only to answer that
+//! address and port while its address has no pinned entry; the stack pins the candidate of a connection's
+//! own address and port once its handshake completes (the MAC of that handshake's last frame: a frame
+//! forged from another port of the client's address, a SYN of a flood, cannot be what gets pinned), and
+//! puts it back among the candidates when the peer's last connection goes (a SYN from that port that came
+//! meanwhile is answered through it).
 //!
 //! Frames: half of the UMEM is lent to the kernel through the fill ring for receiving, half is kept for
 //! transmitting. The fill ring is twice the receive share, and received frames go back to it in batches
@@ -41,7 +44,7 @@ const FRAME_SIZE: u32 = 2048;
 const BATCH: usize = 64;
 /// Pinned neighbours at most (the kernel's and those of established connections).
 const MAX_NEIGHBOURS: usize = 65536;
-/// Candidate MACs (from frames of peers with no established connection) at most.
+/// Candidate MACs (from frames of peers with no established connection, by address and port) at most.
 const MAX_CANDIDATES: usize = 4096;
 
 /// Counters of one socket.
@@ -90,8 +93,8 @@ struct TxState {
     in_flight: usize,
     /// Peer IPv4 → MAC: the kernel's neighbours and the peers of established connections.
     neighbours: HashMap<Ipv4Addr, Neighbour>,
-    /// Peer IPv4 → MAC last seen in a frame, for peers not in `neighbours` (bounded).
-    candidates: HashMap<Ipv4Addr, [u8; 6]>,
+    /// Peer (IPv4, TCP port) → MAC last seen in a frame from it, for peers not in `neighbours` (bounded).
+    candidates: HashMap<(Ipv4Addr, u16), [u8; 6]>,
     mac: [u8; 6],
     stats: PortStats,
     /// The length of the frame last written in each UMEM frame (by index), to send it again, with
@@ -100,9 +103,10 @@ struct TxState {
 }
 
 impl TxState {
-    /// An established connection's peer: its MAC (a candidate's) becomes a neighbour, kept while it has
-    /// connections. False if it could not be (no MAC seen, or the table full): no `unpin` then.
-    fn pin(&mut self, ip: Ipv4Addr) -> bool {
+    /// An established connection's peer (address, port): the MAC its frames came from (the candidate of
+    /// that address and port) becomes its address's neighbour, kept while it has connections. False if it
+    /// could not be (no MAC seen, or the table full): no `unpin` then.
+    fn pin(&mut self, ip: Ipv4Addr, port: u16) -> bool {
         if let Some(n) = self.neighbours.get_mut(&ip) {
             n.pins += 1;
             return true;
@@ -110,7 +114,7 @@ impl TxState {
         if self.neighbours.len() >= MAX_NEIGHBOURS {
             return false;
         }
-        let Some(mac) = self.candidates.remove(&ip) else {
+        let Some(mac) = self.candidates.remove(&(ip, port)) else {
             return false;
         };
         let n = Neighbour {
@@ -122,29 +126,43 @@ impl TxState {
         true
     }
 
-    fn unpin(&mut self, ip: Ipv4Addr) {
+    fn unpin(&mut self, ip: Ipv4Addr, port: u16) {
         if let Some(n) = self.neighbours.get_mut(&ip) {
             n.pins = n.pins.saturating_sub(1);
             if n.pins == 0 && !n.kernel {
-                // Kept as a candidate: a SYN that came while the peer was pinned (kept by the stack until
-                // its old connection is released) is answered through it.
+                // Kept as the candidate of the connection's port: a SYN from that port that came while
+                // the peer was pinned (kept by the stack until the old connection is released, when it
+                // hit that connection) is answered through it.
                 let mac = n.mac;
                 self.neighbours.remove(&ip);
-                self.candidate(ip, mac);
+                self.candidate((ip, port), mac);
             }
         }
     }
 
-    /// Remembers the MAC last seen for a peer that is not a neighbour (bounded).
-    fn candidate(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
-        if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&ip) {
+    /// Remembers the MAC last seen from a peer's address and port, its address not a neighbour (bounded).
+    fn candidate(&mut self, from: (Ipv4Addr, u16), mac: [u8; 6]) {
+        if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&from) {
             // Full (a flood of spoofed sources): forget one to make room.
             if let Some(old) = self.candidates.keys().next().copied() {
                 self.candidates.remove(&old);
             }
         }
-        self.candidates.insert(ip, mac);
+        self.candidates.insert(from, mac);
     }
+}
+
+/// An IPv4 packet's TCP (source, destination) ports, if it is TCP and long enough to carry them.
+fn tcp_ports(ip: &[u8]) -> Option<(u16, u16)> {
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    if ip.get(9) != Some(&6) || ihl < 20 {
+        return None;
+    }
+    let p = ip.get(ihl..ihl + 4)?;
+    Some((
+        u16::from_be_bytes([p[0], p[1]]),
+        u16::from_be_bytes([p[2], p[3]]),
+    ))
 }
 
 /// In [`TxState::lens`]: the frame was already sent again once (a frame is length ≤ 2 KiB).
@@ -335,9 +353,11 @@ impl XskPort {
                 }
                 let src_ip = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
                 if !txs.neighbours.contains_key(&src_ip) {
-                    let mut src_mac = [0u8; 6];
-                    src_mac.copy_from_slice(&frame[6..12]);
-                    txs.candidate(src_ip, src_mac);
+                    if let Some((src_port, _)) = tcp_ports(&frame[ETH_HLEN..]) {
+                        let mut src_mac = [0u8; 6];
+                        src_mac.copy_from_slice(&frame[6..12]);
+                        txs.candidate((src_ip, src_port), src_mac);
+                    }
                 }
                 txs.stats.rx_packets += 1;
                 self.received.push_back(*desc);
@@ -461,15 +481,15 @@ impl XskPort {
         Ok(false)
     }
 
-    /// Pins `ip`'s MAC (the one its frames came from) for an established connection.
-    /// An established connection's peer: its MAC is kept while it has connections (true if pinned).
-    pub fn pin(&mut self, ip: Ipv4Addr) -> bool {
-        self.txs.get_mut().pin(ip)
+    /// An established connection's peer (address, port): the MAC its frames came from is kept for its
+    /// address while it has connections (true if pinned).
+    pub fn pin(&mut self, ip: Ipv4Addr, port: u16) -> bool {
+        self.txs.get_mut().pin(ip, port)
     }
 
-    /// One of the peer's connections went; its MAC stays a candidate after the last.
-    pub fn unpin(&mut self, ip: Ipv4Addr) {
-        self.txs.get_mut().unpin(ip)
+    /// One of the peer's connections went; its MAC stays a candidate of its port after the last.
+    pub fn unpin(&mut self, ip: Ipv4Addr, port: u16) {
+        self.txs.get_mut().unpin(ip, port)
     }
 
     /// Shares one table of connections (and inboxes) with the other queues' ports.
@@ -549,11 +569,10 @@ impl phy::TxToken for TxToken<'_> {
         let frame = data.contents_mut();
         let r = f(&mut frame[ETH_HLEN..]);
         let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-        let next = txs
-            .neighbours
-            .get(&dst)
-            .map(|n| n.mac)
-            .or_else(|| txs.candidates.get(&dst).copied());
+        let next = txs.neighbours.get(&dst).map(|n| n.mac).or_else(|| {
+            let (_, dst_port) = tcp_ports(&frame[ETH_HLEN..])?;
+            txs.candidates.get(&(dst, dst_port)).copied()
+        });
         match next {
             Some(dst_mac) => {
                 frame[0..6].copy_from_slice(&dst_mac);
@@ -679,15 +698,45 @@ mod tests {
         // is released, without the frame going through `pull` again): the SYN-ACK needs the MAC.
         let mut t = txs();
         let ip = Ipv4Addr::new(192, 0, 2, 2);
-        assert!(!t.pin(ip), "no MAC seen: not pinned");
-        t.candidate(ip, [2, 0, 0, 0, 0, 2]);
-        assert!(t.pin(ip) && t.pin(ip));
+        assert!(!t.pin(ip, 40000), "no MAC seen: not pinned");
+        t.candidate((ip, 40000), [2, 0, 0, 0, 0, 2]);
+        assert!(
+            t.pin(ip, 40000) && t.pin(ip, 40001),
+            "the second connection finds it pinned"
+        );
         assert!(t.candidates.is_empty() && t.neighbours[&ip].pins == 2);
-        t.unpin(ip);
+        t.unpin(ip, 40001);
         assert!(t.candidates.is_empty(), "still pinned by one connection");
-        t.unpin(ip);
+        t.unpin(ip, 40000);
         assert!(t.neighbours.is_empty());
-        assert_eq!(t.candidates.get(&ip), Some(&[2, 0, 0, 0, 0, 2]));
+        assert_eq!(t.candidates.get(&(ip, 40000)), Some(&[2, 0, 0, 0, 0, 2]));
+    }
+
+    #[test]
+    fn a_frame_forged_from_another_port_of_the_clients_address_is_not_pinned() {
+        // The client's handshake from port 40000 (its last frame from the client's MAC); meanwhile a SYN
+        // forged from the same address, another port, and another MAC: the connection pins its own.
+        let mut t = txs();
+        let ip = Ipv4Addr::new(192, 0, 2, 2);
+        t.candidate((ip, 40000), [2, 0, 0, 0, 0, 2]);
+        t.candidate((ip, 40001), [6, 6, 6, 6, 6, 6]);
+        assert!(t.pin(ip, 40000));
+        assert_eq!(t.neighbours[&ip].mac, [2, 0, 0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn tcp_ports_of_a_packet() {
+        let mut p = [0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[20..24].copy_from_slice(&[0x9c, 0x40, 0x23, 0x2a]);
+        assert_eq!(tcp_ports(&p), Some((40000, 9002)));
+        assert_eq!(tcp_ports(&p[..22]), None, "too short");
+        p[9] = 17;
+        assert_eq!(tcp_ports(&p), None, "not TCP");
+        p[9] = 6;
+        p[0] = 0x44;
+        assert_eq!(tcp_ports(&p), None, "a header length under 20");
     }
 
     #[test]
@@ -695,9 +744,9 @@ mod tests {
         let mut t = txs();
         for i in 0..(MAX_CANDIDATES as u32 + 100) {
             let ip = Ipv4Addr::from(0x0a00_0000 + i);
-            t.candidate(ip, [2; 6]);
-            t.pin(ip);
-            t.unpin(ip);
+            t.candidate((ip, 40000), [2; 6]);
+            t.pin(ip, 40000);
+            t.unpin(ip, 40000);
         }
         assert_eq!(t.candidates.len(), MAX_CANDIDATES);
     }

@@ -358,15 +358,21 @@ def test_the_session_cap_and_the_idle_timeout_alike_on_both_paths(tools, tmp_pat
                  extra_toml="[server]\nmax_sessions = 2\nidle_timeout_ms = 3000\n")
         try:
             f.wait_ready(lab.cli)
-            for port in (KERNEL_PORT, XDP_PORT):
-                deadline = time.monotonic() + 10  # the sessions of the ready check and the last port
+            def no_sessions():  # those of the ready check and of the last run are gone
+                deadline = time.monotonic() + 10
                 while f.stats(lab.cli)["sessions"] > 0 and time.monotonic() < deadline:
                     time.sleep(0.1)
+                assert f.stats(lab.cli)["sessions"] == 0, f.stats(lab.cli)
+            for port in (KERNEL_PORT, XDP_PORT):
+                no_sessions()
                 p = lab.cli_run("/usr/bin/python3", "-c", AT_THE_CAP_CLIENT, SRV_IP, str(port), str(HERE),
                                 check=False, timeout=30)
                 assert p.returncode == 0 and "ok" in p.stdout, (port, p.stdout, p.stderr, f.log_tail())
                 print(port, p.stdout.strip().splitlines()[0])
+            queues = f.stats(lab.cli)["xdp"]["queues"]
+            assert sum(q["accept_queue"]["refused"] for q in queues) == 0, queues  # it waited, not refused
             for port in (KERNEL_PORT, XDP_PORT):
+                no_sessions()
                 p = lab.cli_run("/usr/bin/python3", "-c", IDLE_CLIENT, SRV_IP, str(port), str(HERE),
                                 check=False, timeout=30)
                 assert p.returncode == 0, (port, p.stdout, p.stderr, f.log_tail())

@@ -248,6 +248,11 @@ fn unknown_method_is_answered_and_session_kept() {
         assert!(text.contains("65536 bytes"), "{text}");
         assert_eq!(m.name, long[..256]);
         assert_eq!(m.seqid, 60);
+        // A long name of two-byte characters, the 256th byte inside one: cut at its start, still UTF-8.
+        let wide = format!("a{}", "é".repeat(1000));
+        c.send(&call(&wide, 58, ctx_arg));
+        let m = c.expect_app_error(UNKNOWN_METHOD);
+        assert_eq!(m.name, wide[..255]);
         c.call(&ping_call(59)).success("ping", 59);
 
         // A call missing its Context: an application error, the session stays.

@@ -234,7 +234,7 @@ pub fn prometheus(state: &AdminState) -> String {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         type Get = fn(&crate::engine::xdp::QueueStats) -> &std::sync::atomic::AtomicU64;
-        let per_queue: [(&str, &str, Get); 19] = [
+        let per_queue: [(&str, &str, Get); 20] = [
             (
                 "fae_xdp_queue_rx_packets_total",
                 "Packets received on the queue's AF_XDP socket.",
@@ -330,6 +330,11 @@ pub fn prometheus(state: &AdminState) -> String {
                 "Half-open connections dropped, oldest first, past listener.xdp_max_half_open.",
                 |q| &q.half_open_evicted,
             ),
+            (
+                "fae_xdp_queue_accept_refused_total",
+                "Established connections reset from the accept queue (waiting for a session slot at server.max_sessions): past listener.xdp_backlog, past server.idle_timeout_ms, or at shutdown.",
+                |q| &q.accept_refused,
+            ),
         ];
         if !state.xdp_queues.is_empty() {
             for (name, help, get) in per_queue {
@@ -342,14 +347,24 @@ pub fn prometheus(state: &AdminState) -> String {
                     let _ = writeln!(o, "{name}{{queue=\"{}\"}} {v}", q.queue);
                 }
             }
-            let name = "fae_xdp_queue_half_open";
-            let _ = writeln!(
-                o,
-                "# HELP {name} Connections in their TCP handshake on the queue.\n# TYPE {name} gauge"
-            );
-            for (q, _) in &state.xdp_queues {
-                let v = q.half_open.load(std::sync::atomic::Ordering::Relaxed);
-                let _ = writeln!(o, "{name}{{queue=\"{}\"}} {v}", q.queue);
+            let gauges: [(&str, &str, Get); 2] = [
+                (
+                    "fae_xdp_queue_half_open",
+                    "Connections in their TCP handshake on the queue.",
+                    |q| &q.half_open,
+                ),
+                (
+                    "fae_xdp_queue_accept_waiting",
+                    "Established connections waiting for a session slot (faed at server.max_sessions).",
+                    |q| &q.accept_waiting,
+                ),
+            ];
+            for (name, help, get) in gauges {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (q, _) in &state.xdp_queues {
+                    let v = get(q).load(std::sync::atomic::Ordering::Relaxed);
+                    let _ = writeln!(o, "{name}{{queue=\"{}\"}} {v}", q.queue);
+                }
             }
         }
     }
@@ -404,7 +419,7 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                 .xdp_queues
                 .iter()
                 .map(|(q, m)| {
-                    json!({
+                    let mut v = json!({
                         "queue": q.queue,
                         "rx_packets": get(&q.rx_packets),
                         "tx_packets": get(&q.tx_packets),
@@ -440,7 +455,13 @@ pub fn stats_json(state: &AdminState) -> serde_json::Value {
                             .iter()
                             .map(|x| x.calls)
                             .sum::<u64>(),
-                    })
+                    });
+                    // Established connections waiting for a session slot, and reset from there.
+                    v["accept_queue"] = json!({
+                        "waiting": get(&q.accept_waiting),
+                        "refused": get(&q.accept_refused),
+                    });
+                    v
                 })
                 .collect();
             json!({"redirected": c.redirected, "passed": c.passed, "no_socket": c.no_socket,

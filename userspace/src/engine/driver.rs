@@ -14,7 +14,8 @@
 //! connections as a [`Transport`]: the steps a loop takes on its connections ([`pump`], [`completions`],
 //! [`sweep`], [`drain`]) are written here against that trait, so that both loops run the same code. What
 //! stays with each loop is what only its transport has: accepting (a listener's backlog, smoltcp's
-//! listening pool), readiness (epoll events, the sockets a packet reached) and how a close completes.
+//! accept queue of established connections), readiness (epoll events, the sockets a packet reached) and
+//! how a close completes.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -263,8 +264,9 @@ pub fn session_of(done: &Completion) -> SessionId {
 /// How faed ends a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Close {
-    /// Everything is said, or the session timed out: what is queued goes out, then a FIN (a peer that does
-    /// not finish within [`CLOSE_LINGER`] is reset by the sweep).
+    /// Everything is said, or the session timed out: what the transport holds goes out, then a FIN
+    /// (replies still in the session are dropped on a timeout; a peer that does not finish within
+    /// [`CLOSE_LINGER`] is reset by the sweep; the kernel resets a socket with unread input).
     Finish,
     /// The connection is broken, or its close lingered too long: reset it.
     Reset,
@@ -282,6 +284,8 @@ pub trait Transport {
     fn find(&self, session: SessionId) -> Option<Self::Key>;
     /// Every connection in the table.
     fn keys(&self) -> Vec<Self::Key>;
+    /// No connection in the table.
+    fn is_empty(&self) -> bool;
     /// Runs `f` on the connection's state and its byte stream.
     fn with_stream<R>(
         &mut self,
@@ -293,6 +297,11 @@ pub trait Transport {
     fn close(&mut self, key: Self::Key, how: Close, now: Instant);
     /// After a pump that left the connection open (the XDP path notes those with replies left to send).
     fn pumped(&mut self, _key: Self::Key) {}
+    /// Deferred replies came for the connection: true if the transport pumps it itself this turn (the
+    /// XDP loop, which pumps every connection a turn touched once), false to have it pumped now.
+    fn replied(&mut self, _key: Self::Key) -> bool {
+        false
+    }
 }
 
 /// Pumps one connection and ends it when it is broken (reset) or everything is said (finished). True if
@@ -354,9 +363,12 @@ pub fn completions<T: Transport>(
     touched.sort_unstable();
     touched.dedup();
     for &key in &touched {
-        if let Some(c) = t.link(key) {
+        // (A connection faed is closing serves nothing more: what it held back stays unserved.)
+        if let Some(c) = t.link(key).filter(|c| c.closing.is_none()) {
             c.resume(env, metrics, now);
-            pump(t, key, false, env, metrics, now);
+            if !t.replied(key) {
+                pump(t, key, false, env, metrics, now);
+            }
         }
     }
     !touched.is_empty()
@@ -394,5 +406,5 @@ pub fn drain<T: Transport>(t: &mut T, deadline: Instant, now: Instant) -> bool {
             t.close(key, Close::Finish, now);
         }
     }
-    now >= deadline || t.keys().is_empty()
+    now >= deadline || t.is_empty()
 }

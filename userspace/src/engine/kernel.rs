@@ -481,6 +481,10 @@ impl Transport for KernelLoop {
         self.conns.iter().map(|(k, _)| k).collect()
     }
 
+    fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
     fn with_stream<R>(
         &mut self,
         key: usize,

@@ -626,7 +626,12 @@ fn run(
         } else {
             format!("unknown method {shown:?}")
         };
-        let echoed = &header.name[..header.name.len().min(ECHOED)];
+        // (Cut at a character's start: a client decoding the name as UTF-8 must not fail on it.)
+        let mut cut = header.name.len().min(ECHOED);
+        while cut < header.name.len() && cut > 0 && header.name[cut] & 0xc0 == 0x80 {
+            cut -= 1;
+        }
+        let echoed = &header.name[..cut];
         Reply::app_error(
             out,
             dialect,

@@ -1,5 +1,7 @@
 //! The kernel-bypass path: one thread per AF_XDP queue runs a smoltcp stack (fae-netstack) and feeds its
-//! connections to the same `Session`s as the kernel path. Only the byte pumping differs.
+//! connections to the same `Session`s, through the same connection lifecycle (engine/driver.rs), as the
+//! kernel path. What differs is the transport's: the byte pumping, accepting (an accept queue of
+//! established connections), which connections a turn looks at, and how a close completes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -212,6 +214,10 @@ pub struct QueueStats {
     pub established: AtomicU64,
     pub half_open_timed_out: AtomicU64,
     pub half_open_evicted: AtomicU64,
+    /// The accept queue: established connections waiting for a session slot now (a gauge), and those
+    /// reset from it (past `listener.xdp_backlog`, past the idle timeout, or at shutdown).
+    pub accept_waiting: AtomicU64,
+    pub accept_refused: AtomicU64,
 }
 
 impl QueueStats {
@@ -310,6 +316,10 @@ impl<P: Port> Transport for Table<'_, P> {
         self.live.conns.keys().copied().collect()
     }
 
+    fn is_empty(&self) -> bool {
+        self.live.conns.is_empty()
+    }
+
     fn with_stream<R>(
         &mut self,
         key: ConnId,
@@ -336,6 +346,11 @@ impl<P: Port> Transport for Table<'_, P> {
         self.live.closing.push(key);
     }
 
+    fn replied(&mut self, key: ConnId) -> bool {
+        self.live.again.push(key);
+        true
+    }
+
     fn pumped(&mut self, key: ConnId) {
         if let Some(c) = self.live.conns.get(&key) {
             if !c.session.out.is_empty() || c.read_paused {
@@ -352,12 +367,19 @@ impl<P: Port> XdpLoop<P> {
         let mut drain_deadline: Option<Instant> = None;
         let mut last_work = Instant::now();
         let mut work: Vec<ConnId> = Vec::new();
+        let mut refused = 0u64;
         let (env, metrics) = (self.env.clone(), self.metrics.clone());
         let (env, metrics) = (&*env, &*metrics);
         loop {
             let mut busy = self.stack.poll();
             let now = Instant::now();
             let stopping = self.stopping.load(Ordering::Acquire);
+            // Deferred replies first: the connections they reached join this turn's pumps.
+            let mut table = Table {
+                stack: &mut self.stack,
+                live: &mut live,
+            };
+            busy |= driver::completions(&mut table, &self.returns, env, metrics, now);
             work.clear();
             self.stack.take_touched(&mut work);
             work.append(&mut live.again);
@@ -392,6 +414,7 @@ impl<P: Port> XdpLoop<P> {
                 let (id, _) = live.waiting.pop_back().expect("not empty");
                 self.stack.abort(id);
                 live.closing.push(id);
+                refused += 1;
             }
             while let Some(&(id, since)) = live.waiting.front() {
                 if now.saturating_duration_since(since) <= env.idle_timeout {
@@ -400,12 +423,12 @@ impl<P: Port> XdpLoop<P> {
                 live.waiting.pop_front();
                 self.stack.abort(id);
                 live.closing.push(id);
+                refused += 1;
             }
             let mut table = Table {
                 stack: &mut self.stack,
                 live: &mut live,
             };
-            busy |= driver::completions(&mut table, &self.returns, env, metrics, now);
             work.sort_unstable();
             work.dedup();
             for &id in &work {
@@ -431,6 +454,8 @@ impl<P: Port> XdpLoop<P> {
                 if let Some(mut c) = live.conns.remove(&id) {
                     c.closed(env, &self.gate, metrics);
                     live.slots.remove(&c.session.id.slot);
+                    // A slot freed: a connection waiting for one is admitted next turn, not after a sleep.
+                    busy |= !live.waiting.is_empty();
                 } else if !live.waiting.is_empty() {
                     // Gone while it waited (the client gave up): its id may serve another connection.
                     live.waiting.retain(|&(w, _)| w != id);
@@ -458,6 +483,10 @@ impl<P: Port> XdpLoop<P> {
                 driver::sweep(&mut table, env, metrics, now);
                 self.queue_stats
                     .publish(&self.stack.stats(), &self.stack.handshakes());
+                let q = &self.queue_stats;
+                q.accept_waiting
+                    .store(live.waiting.len() as u64, Ordering::Relaxed);
+                q.accept_refused.store(refused, Ordering::Relaxed);
             }
             if busy {
                 last_work = now;
