@@ -96,12 +96,12 @@ pub trait Port: smoltcp::phy::Device {
     }
     /// What the device lets through to smoltcp.
     fn admission(&mut self) -> &mut Admission;
-    /// An established connection's peer (address, port): keep its next hop (true if pinned: then `unpin`
-    /// when it goes).
-    fn pin(&mut self, _ip: Ipv4Addr, _port: u16) -> bool {
+    /// An established connection (its 4-tuple): keep its next hop (true if pinned: then `unpin` when it
+    /// goes).
+    fn pin(&mut self, _t: Tuple) -> bool {
         false
     }
-    fn unpin(&mut self, _ip: Ipv4Addr, _port: u16) {}
+    fn unpin(&mut self, _t: Tuple) {}
     fn set_waker(&mut self, _wake: Waker) {}
     fn has_forwarded(&self) -> bool {
         false
@@ -128,11 +128,11 @@ impl Port for XskPort {
     fn admission(&mut self) -> &mut Admission {
         XskPort::admission(self)
     }
-    fn pin(&mut self, ip: Ipv4Addr, port: u16) -> bool {
-        XskPort::pin(self, ip, port)
+    fn pin(&mut self, t: Tuple) -> bool {
+        XskPort::pin(self, t)
     }
-    fn unpin(&mut self, ip: Ipv4Addr, port: u16) {
-        XskPort::unpin(self, ip, port)
+    fn unpin(&mut self, t: Tuple) {
+        XskPort::unpin(self, t)
     }
     fn set_waker(&mut self, wake: Waker) {
         XskPort::set_waker(self, wake)
@@ -167,8 +167,8 @@ pub struct Stack<P: Port = XskPort> {
     groups: Vec<Group>,
     /// Sockets in their handshake, oldest first, with when they left the pool.
     half_open: VecDeque<(ConnId, std::time::Instant)>,
-    /// Connections, with the peer address and port whose MAC they pinned.
-    conns: HashMap<ConnId, Option<(Ipv4Addr, u16)>>,
+    /// Connections, with the 4-tuple whose MAC they pinned.
+    conns: HashMap<ConnId, Option<Tuple>>,
     /// The 4-tuple of every socket past Listen, also known to the device (see `admission::Connections`):
     /// it keeps a bare SYN for one of them from smoltcp (which would let another listening socket take
     /// it: two sockets on one 4-tuple), for the stack to answer; and it hands a packet of a connection
@@ -930,13 +930,8 @@ impl<P: Port> Stack<P> {
                         }
                     }
                     self.counters.established += 1;
-                    // (Only a peer actually pinned is unpinned when the connection goes: an unpin
-                    // without its pin would drop a neighbour another connection still uses.)
-                    let pinned = self
-                        .tuples
-                        .get(&h)
-                        .map(|&(ip, port, _)| (ip, port))
-                        .filter(|&(ip, port)| self.port.pin(ip, port));
+                    // (Only a connection actually pinned is unpinned when it goes.)
+                    let pinned = self.tuples.get(&h).copied().filter(|&t| self.port.pin(t));
                     self.conns.insert(h, pinned);
                     new.push(h);
                 }
@@ -1102,8 +1097,8 @@ impl<P: Port> Stack<P> {
     /// Frees a connection that is closed; its socket is kept (while there are few spares) to listen
     /// again.
     pub fn release(&mut self, id: ConnId) {
-        if let Some(Some((ip, port))) = self.conns.remove(&id) {
-            self.port.unpin(ip, port);
+        if let Some(Some(t)) = self.conns.remove(&id) {
+            self.port.unpin(t);
         }
         self.recycle(id);
     }

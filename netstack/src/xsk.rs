@@ -2,15 +2,17 @@
 //!
 //! smoltcp runs with `Medium::Ip`: this device takes the Ethernet header off received frames and puts one
 //! on transmitted packets. The kernel keeps answering ARP (the XDP program passes it on), so the stack
-//! cannot resolve neighbours itself. The neighbour table holds the kernel's resolved neighbours (read at
-//! start) and the peers of established connections, pinned while they have one: a frame can neither
-//! change a pinned entry nor grow the table past its bound. MACs seen in other frames (a handshake's) go
-//! to a small, bounded table of candidates by the sender's address *and port*, used only to answer that
-//! address and port while its address has no pinned entry; the stack pins the candidate of a connection's
-//! own address and port once its handshake completes (the MAC of that handshake's last frame: a frame
-//! forged from another port of the client's address, a SYN of a flood, cannot be what gets pinned), and
-//! puts it back among the candidates when the peer's last connection goes (a SYN from that port that came
-//! meanwhile is answered through it).
+//! cannot resolve neighbours itself. Every packet it sends belongs to a connection (its 4-tuple), and goes
+//! to the MAC that connection's frames came from: pinned once the handshake completes (the MAC of the
+//! handshake's last frame) and kept for the connection's life, so a frame can neither redirect an
+//! established connection's replies nor grow the table past its bound; before that, the MAC last seen in
+//! a frame of that 4-tuple (a bounded table of candidates: a SYN-ACK goes back where its SYN came from,
+//! and a frame forged from another port of the client's address, a SYN of a flood, concerns only its own
+//! 4-tuple). Per connection, not per address: when an address moves to another host (a DHCP lease, a VM
+//! moved) while a connection from the old one is open, the new host's connections are answered at the
+//! new host's MAC. The kernel's resolved neighbours (read at start) are the last resort, for a 4-tuple
+//! with neither. A connection's pinned MAC goes back among the candidates when it goes (a SYN of the same
+//! 4-tuple that came meanwhile is answered through it).
 //!
 //! Frames: half of the UMEM is lent to the kernel through the fill ring for receiving, half is kept for
 //! transmitting. The fill ring is twice the receive share, and received frames go back to it in batches
@@ -29,7 +31,7 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
-use crate::admission::{Admission, Connections, Inbox, Verdict, Waker};
+use crate::admission::{Admission, Connections, Inbox, Tuple, Verdict, Waker};
 use crate::NetError;
 
 const ETH_HLEN: usize = 14;
@@ -42,9 +44,9 @@ const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 pub const DEFAULT_FRAMES: u32 = 8192;
 const FRAME_SIZE: u32 = 2048;
 const BATCH: usize = 64;
-/// Pinned neighbours at most (the kernel's and those of established connections).
+/// Pinned MACs (one per established connection) at most, and kernel neighbours at most.
 const MAX_NEIGHBOURS: usize = 65536;
-/// Candidate MACs (from frames of peers with no established connection, by address and port) at most.
+/// Candidate MACs (from frames of 4-tuples with no established connection) at most.
 const MAX_CANDIDATES: usize = 4096;
 
 /// Counters of one socket.
@@ -76,14 +78,6 @@ pub struct PortStats {
     pub rx_kernel_dropped: u64,
 }
 
-/// A pinned neighbour: from the kernel's table, or the peer of `pins` established connections.
-#[derive(Debug, Clone, Copy)]
-struct Neighbour {
-    mac: [u8; 6],
-    pins: u32,
-    kernel: bool,
-}
-
 struct TxState {
     /// Frames owned by us, free to transmit.
     free: Vec<FrameDesc>,
@@ -91,10 +85,12 @@ struct TxState {
     queued: Vec<FrameDesc>,
     /// Frames on the TX ring, not yet completed.
     in_flight: usize,
-    /// Peer IPv4 → MAC: the kernel's neighbours and the peers of established connections.
-    neighbours: HashMap<Ipv4Addr, Neighbour>,
-    /// Peer (IPv4, TCP port) → MAC last seen in a frame from it, for peers not in `neighbours` (bounded).
-    candidates: HashMap<(Ipv4Addr, u16), [u8; 6]>,
+    /// Established connections (4-tuple) → the MAC of their handshake (bounded).
+    pinned: HashMap<Tuple, [u8; 6]>,
+    /// 4-tuple → MAC last seen in a frame of it, for those not pinned (bounded).
+    candidates: HashMap<Tuple, [u8; 6]>,
+    /// The kernel's resolved neighbours (read at start): for a 4-tuple with neither.
+    kernel: HashMap<Ipv4Addr, [u8; 6]>,
     mac: [u8; 6],
     stats: PortStats,
     /// The length of the frame last written in each UMEM frame (by index), to send it again, with
@@ -103,52 +99,51 @@ struct TxState {
 }
 
 impl TxState {
-    /// An established connection's peer (address, port): the MAC its frames came from (the candidate of
-    /// that address and port) becomes its address's neighbour, kept while it has connections. False if it
-    /// could not be (no MAC seen, or the table full): no `unpin` then.
-    fn pin(&mut self, ip: Ipv4Addr, port: u16) -> bool {
-        if let Some(n) = self.neighbours.get_mut(&ip) {
-            n.pins += 1;
-            return true;
-        }
-        if self.neighbours.len() >= MAX_NEIGHBOURS {
+    /// An established connection: the MAC its frames came from (its candidate's) is kept for its replies
+    /// until `unpin`. False if it could not be (no MAC seen, or the table full): no `unpin` then.
+    fn pin(&mut self, t: Tuple) -> bool {
+        if self.pinned.len() >= MAX_NEIGHBOURS {
             return false;
         }
-        let Some(mac) = self.candidates.remove(&(ip, port)) else {
+        let Some(mac) = self
+            .candidates
+            .remove(&t)
+            .or_else(|| self.kernel.get(&t.0).copied())
+        else {
             return false;
         };
-        let n = Neighbour {
-            mac,
-            pins: 1,
-            kernel: false,
-        };
-        self.neighbours.insert(ip, n);
+        self.pinned.insert(t, mac);
         true
     }
 
-    fn unpin(&mut self, ip: Ipv4Addr, port: u16) {
-        if let Some(n) = self.neighbours.get_mut(&ip) {
-            n.pins = n.pins.saturating_sub(1);
-            if n.pins == 0 && !n.kernel {
-                // Kept as the candidate of the connection's port: a SYN from that port that came while
-                // the peer was pinned (kept by the stack until the old connection is released, when it
-                // hit that connection) is answered through it.
-                let mac = n.mac;
-                self.neighbours.remove(&ip);
-                self.candidate((ip, port), mac);
-            }
+    /// The connection went; its MAC stays a candidate of its 4-tuple: a SYN of that 4-tuple that came
+    /// while it was pinned (kept by the stack until the old connection is released, when it hit that
+    /// connection) is answered through it.
+    fn unpin(&mut self, t: Tuple) {
+        if let Some(mac) = self.pinned.remove(&t) {
+            self.candidate(t, mac);
         }
     }
 
-    /// Remembers the MAC last seen from a peer's address and port, its address not a neighbour (bounded).
-    fn candidate(&mut self, from: (Ipv4Addr, u16), mac: [u8; 6]) {
-        if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&from) {
+    /// Remembers the MAC last seen in a frame of a 4-tuple that is not pinned (bounded).
+    fn candidate(&mut self, t: Tuple, mac: [u8; 6]) {
+        if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&t) {
             // Full (a flood of spoofed sources): forget one to make room.
             if let Some(old) = self.candidates.keys().next().copied() {
                 self.candidates.remove(&old);
             }
         }
-        self.candidates.insert(from, mac);
+        self.candidates.insert(t, mac);
+    }
+
+    /// Where a packet of this 4-tuple goes: its connection's MAC, else the last seen in its frames, else
+    /// the kernel's neighbour's.
+    fn next_hop(&self, t: Tuple) -> Option<[u8; 6]> {
+        self.pinned
+            .get(&t)
+            .or_else(|| self.candidates.get(&t))
+            .or_else(|| self.kernel.get(&t.0))
+            .copied()
     }
 }
 
@@ -278,19 +273,12 @@ impl XskPort {
                 free: tx_frames,
                 queued: Vec::with_capacity(BATCH),
                 in_flight: 0,
-                neighbours: crate::sys::neighbours(iface)
+                pinned: HashMap::new(),
+                candidates: HashMap::new(),
+                kernel: crate::sys::neighbours(iface)
                     .into_iter()
                     .take(MAX_NEIGHBOURS)
-                    .map(|(ip, mac)| {
-                        let n = Neighbour {
-                            mac,
-                            pins: 0,
-                            kernel: true,
-                        };
-                        (ip, n)
-                    })
                     .collect(),
-                candidates: HashMap::new(),
                 mac: crate::sys::mac(iface)?,
                 stats: PortStats::default(),
                 lens: vec![0; count.get() as usize],
@@ -352,11 +340,12 @@ impl XskPort {
                     continue;
                 }
                 let src_ip = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
-                if !txs.neighbours.contains_key(&src_ip) {
-                    if let Some((src_port, _)) = tcp_ports(&frame[ETH_HLEN..]) {
+                if let Some((src_port, dst_port)) = tcp_ports(&frame[ETH_HLEN..]) {
+                    let t = (src_ip, src_port, dst_port);
+                    if !txs.pinned.contains_key(&t) {
                         let mut src_mac = [0u8; 6];
                         src_mac.copy_from_slice(&frame[6..12]);
-                        txs.candidate((src_ip, src_port), src_mac);
+                        txs.candidate(t, src_mac);
                     }
                 }
                 txs.stats.rx_packets += 1;
@@ -481,15 +470,15 @@ impl XskPort {
         Ok(false)
     }
 
-    /// An established connection's peer (address, port): the MAC its frames came from is kept for its
-    /// address while it has connections (true if pinned).
-    pub fn pin(&mut self, ip: Ipv4Addr, port: u16) -> bool {
-        self.txs.get_mut().pin(ip, port)
+    /// An established connection (its 4-tuple): the MAC its frames came from is kept for its replies
+    /// (true if pinned).
+    pub fn pin(&mut self, t: Tuple) -> bool {
+        self.txs.get_mut().pin(t)
     }
 
-    /// One of the peer's connections went; its MAC stays a candidate of its port after the last.
-    pub fn unpin(&mut self, ip: Ipv4Addr, port: u16) {
-        self.txs.get_mut().unpin(ip, port)
+    /// The connection went; its MAC stays a candidate of its 4-tuple.
+    pub fn unpin(&mut self, t: Tuple) {
+        self.txs.get_mut().unpin(t)
     }
 
     /// Shares one table of connections (and inboxes) with the other queues' ports.
@@ -569,10 +558,10 @@ impl phy::TxToken for TxToken<'_> {
         let frame = data.contents_mut();
         let r = f(&mut frame[ETH_HLEN..]);
         let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-        let next = txs.neighbours.get(&dst).map(|n| n.mac).or_else(|| {
-            let (_, dst_port) = tcp_ports(&frame[ETH_HLEN..])?;
-            txs.candidates.get(&(dst, dst_port)).copied()
-        });
+        let next = match tcp_ports(&frame[ETH_HLEN..]) {
+            Some((src_port, dst_port)) => txs.next_hop((dst, dst_port, src_port)),
+            None => txs.kernel.get(&dst).copied(),
+        };
         match next {
             Some(dst_mac) => {
                 frame[0..6].copy_from_slice(&dst_mac);
@@ -684,44 +673,84 @@ mod tests {
             free: Vec::new(),
             queued: Vec::new(),
             in_flight: 0,
-            neighbours: HashMap::new(),
+            pinned: HashMap::new(),
             candidates: HashMap::new(),
+            kernel: HashMap::new(),
             mac: [0; 6],
             stats: PortStats::default(),
             lens: Vec::new(),
         }
     }
 
+    const IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+    const A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+
     #[test]
-    fn a_peer_whose_last_connection_went_keeps_its_mac_as_a_candidate() {
+    fn a_connection_that_went_leaves_its_mac_as_a_candidate() {
         // Its next SYN may have come while it was pinned (the stack admits it once the old connection
         // is released, without the frame going through `pull` again): the SYN-ACK needs the MAC.
         let mut t = txs();
-        let ip = Ipv4Addr::new(192, 0, 2, 2);
-        assert!(!t.pin(ip, 40000), "no MAC seen: not pinned");
-        t.candidate((ip, 40000), [2, 0, 0, 0, 0, 2]);
-        assert!(
-            t.pin(ip, 40000) && t.pin(ip, 40001),
-            "the second connection finds it pinned"
-        );
-        assert!(t.candidates.is_empty() && t.neighbours[&ip].pins == 2);
-        t.unpin(ip, 40001);
-        assert!(t.candidates.is_empty(), "still pinned by one connection");
-        t.unpin(ip, 40000);
-        assert!(t.neighbours.is_empty());
-        assert_eq!(t.candidates.get(&(ip, 40000)), Some(&[2, 0, 0, 0, 0, 2]));
+        let c = (IP, 40000, 9002);
+        assert!(!t.pin(c), "no MAC seen: not pinned");
+        t.candidate(c, A);
+        assert!(t.pin(c));
+        assert!(t.candidates.is_empty() && t.next_hop(c) == Some(A));
+        t.unpin(c);
+        assert!(t.pinned.is_empty());
+        assert_eq!(t.next_hop(c), Some(A));
     }
 
     #[test]
     fn a_frame_forged_from_another_port_of_the_clients_address_is_not_pinned() {
         // The client's handshake from port 40000 (its last frame from the client's MAC); meanwhile a SYN
-        // forged from the same address, another port, and another MAC: the connection pins its own.
+        // forged from the same address, another port, and another MAC: the connection pins its own, and
+        // the forged SYN's answer goes to its own sender.
         let mut t = txs();
-        let ip = Ipv4Addr::new(192, 0, 2, 2);
-        t.candidate((ip, 40000), [2, 0, 0, 0, 0, 2]);
-        t.candidate((ip, 40001), [6, 6, 6, 6, 6, 6]);
-        assert!(t.pin(ip, 40000));
-        assert_eq!(t.neighbours[&ip].mac, [2, 0, 0, 0, 0, 2]);
+        let (client, forged) = ((IP, 40000, 9002), (IP, 40001, 9002));
+        t.candidate(client, A);
+        t.candidate(forged, B);
+        assert!(t.pin(client));
+        assert_eq!(t.next_hop(client), Some(A));
+        assert_eq!(t.next_hop(forged), Some(B));
+    }
+
+    #[test]
+    fn an_address_that_moved_to_another_host_is_answered_at_the_new_mac() {
+        // A connection from the old host stays open (pinned at A); the address's new host connects from
+        // B: its handshake is answered, and its connection pinned, at B.
+        let mut t = txs();
+        let (old, new) = ((IP, 40000, 9002), (IP, 50000, 9002));
+        t.candidate(old, A);
+        assert!(t.pin(old));
+        t.candidate(new, B);
+        assert_eq!(t.next_hop(new), Some(B), "the SYN-ACK");
+        assert!(t.pin(new));
+        assert_eq!((t.next_hop(old), t.next_hop(new)), (Some(A), Some(B)));
+    }
+
+    #[test]
+    fn the_kernels_neighbours_are_the_last_resort() {
+        let mut t = txs();
+        let c = (IP, 40000, 9002);
+        t.kernel.insert(IP, A);
+        assert_eq!(t.next_hop(c), Some(A));
+        t.candidate(c, B);
+        assert_eq!(t.next_hop(c), Some(B), "a frame of the 4-tuple comes first");
+        assert!(t.pin(c) && t.next_hop(c) == Some(B));
+    }
+
+    #[test]
+    fn candidates_stay_bounded() {
+        let mut t = txs();
+        for i in 0..(MAX_CANDIDATES as u32 + 100) {
+            let c = (Ipv4Addr::from(0x0a00_0000 + i), 40000, 9002);
+            t.candidate(c, A);
+            t.pin(c);
+            t.unpin(c);
+        }
+        assert_eq!(t.candidates.len(), MAX_CANDIDATES);
+        assert!(t.pinned.is_empty());
     }
 
     #[test]
@@ -737,17 +766,5 @@ mod tests {
         p[9] = 6;
         p[0] = 0x44;
         assert_eq!(tcp_ports(&p), None, "a header length under 20");
-    }
-
-    #[test]
-    fn candidates_stay_bounded() {
-        let mut t = txs();
-        for i in 0..(MAX_CANDIDATES as u32 + 100) {
-            let ip = Ipv4Addr::from(0x0a00_0000 + i);
-            t.candidate((ip, 40000), [2; 6]);
-            t.pin(ip, 40000);
-            t.unpin(ip, 40000);
-        }
-        assert_eq!(t.candidates.len(), MAX_CANDIDATES);
     }
 }

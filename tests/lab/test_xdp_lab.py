@@ -384,6 +384,31 @@ def test_the_session_cap_and_the_idle_timeout_alike_on_both_paths(tools, tmp_pat
             assert f.stop() == 0, f.log_tail()
 
 
+def test_an_address_that_moved_to_another_host_is_answered_there(tools, tmp_path):
+    """A client's address moves to another host (a DHCP lease, a VM moved: here the client's MAC changes)
+    while a connection from the old host is still open. The new host's connections must be answered at
+    its own MAC: each connection's replies go to the MAC of its own handshake. (The MAC used to be pinned
+    per address while any connection from it lasted: the new host's SYN-ACKs went to the old MAC.)"""
+    with fresh_lab("fm") as lab:
+        f = Faed(lab.srv, lab.srv_if, tmp_path, mode="xdp")
+        old = None
+        try:
+            f.wait_ready(lab.cli)
+            old = subprocess.Popen(["ip", "netns", "exec", lab.cli, "/usr/bin/python3",
+                                    str(HERE / "thrift_load.py"), "onecall", SRV_IP, str(XDP_PORT)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert old.stdout.readline().strip() == "connected"
+            run("ip", "-n", lab.cli, "link", "set", "dev", lab.cli_if, "address", "02:00:00:00:0b:0b")
+            for _ in range(3):
+                p = lab.cli_run(FAE, "ping", XDP_ADDR, "--timeout-ms", "3000", check=False, timeout=15)
+                assert p.returncode == 0, (p.stdout, p.stderr, f.stats(lab.cli)["xdp"]["queues"])
+        finally:
+            if old is not None:
+                old.kill()
+                old.wait()
+            assert f.stop() == 0, f.log_tail()
+
+
 def test_frames_the_kernel_drops_are_counted(tools, tmp_path):
     # The smallest UMEM (1,024 frames: 512 to receive into) and faed stopped (SIGSTOP) while 2,000 SYNs
     # arrive: the XDP program keeps steering them to the AF_XDP sockets, whose rings fill up, and the
