@@ -44,7 +44,10 @@ const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 pub const DEFAULT_FRAMES: u32 = 8192;
 const FRAME_SIZE: u32 = 2048;
 const BATCH: usize = 64;
-/// Pinned MACs (one per established connection) at most, and kernel neighbours at most.
+/// Pinned MACs at most: one per established connection, which only a completed handshake makes (a flood
+/// cannot), so the bound is a safety net far above any session cap a queue serves; a connection past it
+/// is answered through its candidate (and the kernel's table), not refused. Kernel neighbours at most.
+const MAX_PINNED: usize = 1 << 20;
 const MAX_NEIGHBOURS: usize = 65536;
 /// Candidate MACs (from frames of 4-tuples with no established connection) at most.
 const MAX_CANDIDATES: usize = 4096;
@@ -102,7 +105,7 @@ impl TxState {
     /// An established connection: the MAC its frames came from (its candidate's) is kept for its replies
     /// until `unpin`. False if it could not be (no MAC seen, or the table full): no `unpin` then.
     fn pin(&mut self, t: Tuple) -> bool {
-        if self.pinned.len() >= MAX_NEIGHBOURS {
+        if self.pinned.len() >= MAX_PINNED {
             return false;
         }
         let Some(mac) = self
