@@ -2,17 +2,18 @@
 //!
 //! smoltcp runs with `Medium::Ip`: this device takes the Ethernet header off received frames and puts one
 //! on transmitted packets. The kernel keeps answering ARP (the XDP program passes it on), so the stack
-//! cannot resolve neighbours itself. Every packet it sends belongs to a connection (its 4-tuple), and goes
-//! to the MAC that connection's frames came from: pinned once the handshake completes (the MAC of the
-//! handshake's last frame) and kept for the connection's life, so a frame can neither redirect an
-//! established connection's replies nor grow the table past its bound; before that, the MAC last seen in
-//! a frame of that 4-tuple (a bounded table of candidates: a SYN-ACK goes back where its SYN came from,
-//! and a frame forged from another port of the client's address, a SYN of a flood, concerns only its own
-//! 4-tuple). Per connection, not per address: when an address moves to another host (a DHCP lease, a VM
+//! cannot resolve neighbours itself. A TCP packet it sends goes to the MAC its 4-tuple's frames came from:
+//! a connection's is pinned once the handshake completes (the MAC of the handshake's last frame) and kept
+//! for the connection's life, so a frame can neither redirect an established connection's replies nor
+//! grow the table past its bound; before that (and for a reset answering a stray segment), the MAC last
+//! seen in a frame of that 4-tuple (a bounded table of candidates, the least recently seen evicted first:
+//! a SYN-ACK goes back where its SYN came from, and a frame forged from another port of the client's
+//! address, a SYN of a flood, concerns only its own 4-tuple). Frames other queues hand over count as
+//! seen. Per connection, not per address: when an address moves to another host (a DHCP lease, a VM
 //! moved) while a connection from the old one is open, the new host's connections are answered at the
-//! new host's MAC. The kernel's resolved neighbours (read at start) are the last resort, for a 4-tuple
-//! with neither. A connection's pinned MAC goes back among the candidates when it goes (a SYN of the same
-//! 4-tuple that came meanwhile is answered through it).
+//! new host's MAC. The kernel's resolved neighbours (read at start) are the last resort. A connection's
+//! pinned MAC goes back among the candidates when it goes, unless a bare SYN of the same 4-tuple came
+//! meanwhile (kept by the stack until the connection is released): that SYN's MAC answers it.
 //!
 //! Frames: half of the UMEM is lent to the kernel through the fill ring for receiving, half is kept for
 //! transmitting. The fill ring is twice the receive share, and received frames go back to it in batches
@@ -46,8 +47,9 @@ const FRAME_SIZE: u32 = 2048;
 const BATCH: usize = 64;
 /// Pinned MACs at most: one per established connection, which only a completed handshake makes (a flood
 /// cannot), so the bound is a safety net far above any session cap a queue serves; a connection past it
-/// is answered through its candidate (and the kernel's table), not refused. Kernel neighbours at most.
+/// is answered through its candidate (and the kernel's table), not refused.
 const MAX_PINNED: usize = 1 << 20;
+/// The kernel's neighbours kept at most.
 const MAX_NEIGHBOURS: usize = 65536;
 /// Candidate MACs (from frames of 4-tuples with no established connection) at most.
 const MAX_CANDIDATES: usize = 4096;
@@ -90,8 +92,12 @@ struct TxState {
     in_flight: usize,
     /// Established connections (4-tuple) → the MAC of their handshake (bounded).
     pinned: HashMap<Tuple, [u8; 6]>,
-    /// 4-tuple → MAC last seen in a frame of it, for those not pinned (bounded).
-    candidates: HashMap<Tuple, [u8; 6]>,
+    /// 4-tuple → MAC last seen in a frame of it, for those not pinned (bounded), with when it was seen (a
+    /// sequence number); `seen` holds the same in the order they were seen (and stale entries, skipped),
+    /// so the least recently seen is evicted first.
+    candidates: HashMap<Tuple, ([u8; 6], u64)>,
+    seen: VecDeque<(Tuple, u64)>,
+    next_seen: u64,
     /// The kernel's resolved neighbours (read at start): for a 4-tuple with neither.
     kernel: HashMap<Ipv4Addr, [u8; 6]>,
     mac: [u8; 6],
@@ -111,6 +117,7 @@ impl TxState {
         let Some(mac) = self
             .candidates
             .remove(&t)
+            .map(|(mac, _)| mac)
             .or_else(|| self.kernel.get(&t.0).copied())
         else {
             return false;
@@ -119,24 +126,59 @@ impl TxState {
         true
     }
 
-    /// The connection went; its MAC stays a candidate of its 4-tuple: a SYN of that 4-tuple that came
-    /// while it was pinned (kept by the stack until the old connection is released, when it hit that
-    /// connection) is answered through it.
+    /// The connection went; its MAC stays a candidate of its 4-tuple, unless a bare SYN of that 4-tuple
+    /// came while it was pinned (kept by the stack until the old connection is released): that SYN's MAC
+    /// answers it.
     fn unpin(&mut self, t: Tuple) {
         if let Some(mac) = self.pinned.remove(&t) {
-            self.candidate(t, mac);
+            if !self.candidates.contains_key(&t) {
+                self.candidate(t, mac);
+            }
         }
     }
 
-    /// Remembers the MAC last seen in a frame of a 4-tuple that is not pinned (bounded).
+    /// A received frame (Ethernet): the MAC it came from becomes its 4-tuple's candidate, unless the
+    /// 4-tuple is pinned (a bare SYN of a pinned 4-tuple counts: a client connecting again).
+    fn learn(&mut self, frame: &[u8]) {
+        let Some(ip) = frame.get(ETH_HLEN..) else {
+            return;
+        };
+        let Some((src_port, dst_port)) = tcp_ports(ip) else {
+            return;
+        };
+        let t = (
+            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            src_port,
+            dst_port,
+        );
+        if self.pinned.contains_key(&t) && !bare_syn(ip) {
+            return;
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&frame[6..12]);
+        self.candidate(t, mac);
+    }
+
+    /// Remembers the MAC last seen in a frame of a 4-tuple (bounded: the least recently seen goes first).
     fn candidate(&mut self, t: Tuple, mac: [u8; 6]) {
-        if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&t) {
-            // Full (a flood of spoofed sources): forget one to make room.
-            if let Some(old) = self.candidates.keys().next().copied() {
+        self.next_seen += 1;
+        let n = self.next_seen;
+        self.candidates.insert(t, (mac, n));
+        self.seen.push_back((t, n));
+        while self.candidates.len() > MAX_CANDIDATES {
+            let Some((old, at)) = self.seen.pop_front() else {
+                break;
+            };
+            if self.candidates.get(&old).is_some_and(|&(_, m)| m == at) {
                 self.candidates.remove(&old);
             }
         }
-        self.candidates.insert(t, mac);
+        // Each sighting adds to `seen`: drop the stale entries once they are most of it.
+        if self.seen.len() > 2 * MAX_CANDIDATES {
+            let live = &self.candidates;
+            self.seen
+                .retain(|(t, at)| live.get(t).is_some_and(|&(_, m)| m == *at));
+        }
     }
 
     /// Where a packet of this 4-tuple goes: its connection's MAC, else the last seen in its frames, else
@@ -144,16 +186,18 @@ impl TxState {
     fn next_hop(&self, t: Tuple) -> Option<[u8; 6]> {
         self.pinned
             .get(&t)
-            .or_else(|| self.candidates.get(&t))
+            .or_else(|| self.candidates.get(&t).map(|(mac, _)| mac))
             .or_else(|| self.kernel.get(&t.0))
             .copied()
     }
 }
 
-/// An IPv4 packet's TCP (source, destination) ports, if it is TCP and long enough to carry them.
+/// An IPv4 packet's TCP (source, destination) ports, if it is TCP, not a later fragment, and long
+/// enough to carry them.
 fn tcp_ports(ip: &[u8]) -> Option<(u16, u16)> {
     let ihl = usize::from(*ip.first()? & 0x0f) * 4;
-    if ip.get(9) != Some(&6) || ihl < 20 {
+    let offset = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x1fff;
+    if ip.get(9) != Some(&6) || ihl < 20 || offset != 0 {
         return None;
     }
     let p = ip.get(ihl..ihl + 4)?;
@@ -161,6 +205,12 @@ fn tcp_ports(ip: &[u8]) -> Option<(u16, u16)> {
         u16::from_be_bytes([p[0], p[1]]),
         u16::from_be_bytes([p[2], p[3]]),
     ))
+}
+
+/// Whether an IPv4 TCP packet is a bare SYN (SYN without ACK: a client opening a connection).
+fn bare_syn(ip: &[u8]) -> bool {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    ip.get(ihl + 13).is_some_and(|&flags| flags & 0x12 == 0x02)
 }
 
 /// In [`TxState::lens`]: the frame was already sent again once (a frame is length ≤ 2 KiB).
@@ -278,6 +328,8 @@ impl XskPort {
                 in_flight: 0,
                 pinned: HashMap::new(),
                 candidates: HashMap::new(),
+                seen: VecDeque::new(),
+                next_seen: 0,
                 kernel: crate::sys::neighbours(iface)
                     .into_iter()
                     .take(MAX_NEIGHBOURS)
@@ -322,6 +374,10 @@ impl XskPort {
             let mut inbox = self.inbox.frames();
             if !inbox.is_empty() {
                 got = true;
+                let txs = self.txs.get_mut();
+                for frame in inbox.iter() {
+                    txs.learn(frame);
+                }
                 self.forwarded.extend(inbox.drain(..));
             }
         }
@@ -342,15 +398,7 @@ impl XskPort {
                     self.refill.borrow_mut().push(*desc);
                     continue;
                 }
-                let src_ip = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
-                if let Some((src_port, dst_port)) = tcp_ports(&frame[ETH_HLEN..]) {
-                    let t = (src_ip, src_port, dst_port);
-                    if !txs.pinned.contains_key(&t) {
-                        let mut src_mac = [0u8; 6];
-                        src_mac.copy_from_slice(&frame[6..12]);
-                        txs.candidate(t, src_mac);
-                    }
-                }
+                txs.learn(frame);
                 txs.stats.rx_packets += 1;
                 self.received.push_back(*desc);
             }
@@ -678,6 +726,8 @@ mod tests {
             in_flight: 0,
             pinned: HashMap::new(),
             candidates: HashMap::new(),
+            seen: VecDeque::new(),
+            next_seen: 0,
             kernel: HashMap::new(),
             mac: [0; 6],
             stats: PortStats::default(),
@@ -757,6 +807,77 @@ mod tests {
     }
 
     #[test]
+    fn the_least_recently_seen_candidate_goes_first() {
+        // Past the bound (a flood of spoofed sources, or many short connections), the newest candidates
+        // stay: a SYN's MAC must outlive the poll that answers it, whatever came before.
+        let mut t = txs();
+        let tuple = |i: u32| (Ipv4Addr::from(0x0a00_0000 + i), 40000, 9002);
+        let n = 100_000;
+        for i in 0..n {
+            t.candidate(tuple(i), A);
+        }
+        assert_eq!(t.candidates.len(), MAX_CANDIDATES);
+        for i in n - MAX_CANDIDATES as u32..n {
+            assert!(
+                t.candidates.contains_key(&tuple(i)),
+                "candidate {i} evicted"
+            );
+        }
+        assert!(
+            t.seen.len() <= 2 * MAX_CANDIDATES + 1,
+            "{} sightings kept",
+            t.seen.len()
+        );
+        // Seen again, the oldest becomes the newest: the next one goes instead.
+        let oldest = tuple(n - MAX_CANDIDATES as u32);
+        t.candidate(oldest, B);
+        t.candidate(tuple(n), A);
+        assert_eq!(t.next_hop(oldest), Some(B));
+        assert!(!t
+            .candidates
+            .contains_key(&tuple(n - MAX_CANDIDATES as u32 + 1)));
+    }
+
+    /// An Ethernet frame from `mac` of a TCP segment from 192.0.2.2:`port` to port 9002 with `flags`.
+    fn frame(mac: [u8; 6], port: u16, flags: u8) -> Vec<u8> {
+        let mut f = vec![0u8; ETH_HLEN + 40];
+        f[6..12].copy_from_slice(&mac);
+        f[12..14].copy_from_slice(&ETH_P_IP);
+        let ip = &mut f[ETH_HLEN..];
+        ip[0] = 0x45;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&IP.octets());
+        ip[20..22].copy_from_slice(&port.to_be_bytes());
+        ip[22..24].copy_from_slice(&9002u16.to_be_bytes());
+        ip[33] = flags;
+        f
+    }
+
+    #[test]
+    fn a_bare_syn_of_a_pinned_connection_is_answered_at_its_own_mac() {
+        // The client connects again from the same port (its old connection lost to it): the SYN is kept
+        // until the old connection is released, and its SYN-ACK goes where the SYN came from.
+        let mut t = txs();
+        let c = (IP, 40000, 9002);
+        t.learn(&frame(A, 40000, 0x02));
+        assert!(t.pin(c));
+        t.learn(&frame(B, 40000, 0x10));
+        assert_eq!(
+            t.next_hop(c),
+            Some(A),
+            "an ACK does not move a pinned connection"
+        );
+        t.learn(&frame(B, 40000, 0x02));
+        assert_eq!(t.next_hop(c), Some(A), "nor does a SYN, while it is pinned");
+        t.unpin(c);
+        assert_eq!(
+            t.next_hop(c),
+            Some(B),
+            "the SYN's MAC, not the old connection's"
+        );
+    }
+
+    #[test]
     fn tcp_ports_of_a_packet() {
         let mut p = [0u8; 40];
         p[0] = 0x45;
@@ -767,6 +888,9 @@ mod tests {
         p[9] = 17;
         assert_eq!(tcp_ports(&p), None, "not TCP");
         p[9] = 6;
+        p[7] = 1;
+        assert_eq!(tcp_ports(&p), None, "a later fragment: no ports");
+        p[7] = 0;
         p[0] = 0x44;
         assert_eq!(tcp_ports(&p), None, "a header length under 20");
     }
