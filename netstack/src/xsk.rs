@@ -51,8 +51,10 @@ const BATCH: usize = 64;
 const MAX_PINNED: usize = 1 << 20;
 /// The kernel's neighbours kept at most.
 const MAX_NEIGHBOURS: usize = 65536;
-/// Candidate MACs (from frames of 4-tuples with no established connection) at most.
-const MAX_CANDIDATES: usize = 4096;
+/// Candidate MACs (from frames of 4-tuples with no established connection) at most: four times the
+/// default receive share (4,096 frames), so that a SYN's MAC outlives a full RX ring of other 4-tuples'
+/// frames before its SYN-ACK goes.
+const MAX_CANDIDATES: usize = 16384;
 
 /// Counters of one socket.
 #[derive(Debug, Default, Clone, Copy)]
@@ -131,9 +133,9 @@ impl TxState {
     /// answers it.
     fn unpin(&mut self, t: Tuple) {
         if let Some(mac) = self.pinned.remove(&t) {
-            if !self.candidates.contains_key(&t) {
-                self.candidate(t, mac);
-            }
+            // (Seen again now, either way: it is about to be needed.)
+            let mac = self.candidates.get(&t).map_or(mac, |&(m, _)| m);
+            self.candidate(t, mac);
         }
     }
 
@@ -374,11 +376,14 @@ impl XskPort {
             let mut inbox = self.inbox.frames();
             if !inbox.is_empty() {
                 got = true;
+                let before = self.forwarded.len();
+                self.forwarded.extend(inbox.drain(..));
+                drop(inbox);
+                // (Learnt outside the inbox's lock, which the other queues take to deliver.)
                 let txs = self.txs.get_mut();
-                for frame in inbox.iter() {
+                for frame in self.forwarded.iter().skip(before) {
                     txs.learn(frame);
                 }
-                self.forwarded.extend(inbox.drain(..));
             }
         }
         loop {
