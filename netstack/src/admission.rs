@@ -18,6 +18,34 @@ use std::net::Ipv4Addr;
 /// A connection's (remote address, remote port, local port).
 pub type Tuple = (Ipv4Addr, u16, u16);
 
+/// (source address, source port, destination port) of an IPv4 TCP packet: a received packet's 4-tuple.
+/// None unless it is TCP, not a later fragment, and long enough to carry its ports.
+pub(crate) fn tuple_of(p: &[u8]) -> Option<Tuple> {
+    if p.len() < 20
+        || p[9] != 6
+        || p[0] & 0x0f < 5
+        || u16::from_be_bytes([p[6], p[7]]) & 0x1fff != 0
+    {
+        return None;
+    }
+    let tcp = usize::from(p[0] & 0x0f) * 4;
+    let ports = p.get(tcp..tcp + 4)?;
+    Some((
+        Ipv4Addr::new(p[12], p[13], p[14], p[15]),
+        u16::from_be_bytes([ports[0], ports[1]]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
+}
+
+/// Whether an IPv4 packet is a bare TCP SYN (no ACK, no RST): a client opening a connection.
+pub(crate) fn is_syn(p: &[u8]) -> bool {
+    if p.len() < 20 || p[9] != 6 {
+        return false;
+    }
+    let tcp = usize::from(p[0] & 0x0f) * 4;
+    p.len() >= tcp + 14 && p[tcp + 13] & 0x16 == 0x02
+}
+
 /// The connections of every queue's stack: which queue holds each one's socket. A client's packets
 /// normally all arrive on one RX queue (a NIC hashes the 4-tuple), but some devices pick the queue
 /// otherwise: veth uses the sender's TX queue, which Linux changes when it retransmits or answers from
@@ -201,5 +229,32 @@ impl Admission {
                 _ => Verdict::Pass,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuple_of_a_packet() {
+        let mut p = [0u8; 40];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[192, 0, 2, 2]);
+        p[20..24].copy_from_slice(&[0x9c, 0x40, 0x23, 0x2a]);
+        assert_eq!(
+            tuple_of(&p),
+            Some((Ipv4Addr::new(192, 0, 2, 2), 40000, 9002))
+        );
+        assert_eq!(tuple_of(&p[..22]), None, "too short");
+        p[9] = 17;
+        assert_eq!(tuple_of(&p), None, "not TCP");
+        p[9] = 6;
+        p[7] = 1;
+        assert_eq!(tuple_of(&p), None, "a later fragment: no ports");
+        p[7] = 0;
+        p[0] = 0x44;
+        assert_eq!(tuple_of(&p), None, "a header length under 20");
     }
 }

@@ -34,7 +34,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-use crate::admission::{Admission, Connections, RepeatedSyn, Tuple, Waker};
+use crate::admission::{is_syn, tuple_of, Admission, Connections, RepeatedSyn, Tuple, Waker};
 use crate::xsk::{PortStats, XskPort};
 use crate::NetError;
 
@@ -328,31 +328,6 @@ fn group_of(p: &[u8], groups: usize) -> usize {
     let key = u64::from(u32::from_be_bytes([p[12], p[13], p[14], p[15]])) << 16
         | u64::from(u16::from_be_bytes([p[tcp], p[tcp + 1]]));
     ((key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % groups as u64) as usize
-}
-
-/// (client address, client port, local port) of a received TCP packet.
-fn tuple_of(p: &[u8]) -> Option<Tuple> {
-    if p.len() < 20 || p[9] != 6 {
-        return None;
-    }
-    let tcp = usize::from(p[0] & 0x0f) * 4;
-    if p.len() < tcp + 4 {
-        return None;
-    }
-    Some((
-        Ipv4Addr::new(p[12], p[13], p[14], p[15]),
-        u16::from_be_bytes([p[tcp], p[tcp + 1]]),
-        u16::from_be_bytes([p[tcp + 2], p[tcp + 3]]),
-    ))
-}
-
-/// A bare SYN (no ACK, no RST).
-fn is_syn(p: &[u8]) -> bool {
-    if p.len() < 20 || p[9] != 6 {
-        return false;
-    }
-    let tcp = usize::from(p[0] & 0x0f) * 4;
-    p.len() >= tcp + 14 && p[tcp + 13] & 0x16 == 0x02
 }
 
 /// One group's view of the device: its own received packets, the device's transmit.

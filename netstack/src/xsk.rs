@@ -32,7 +32,7 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
-use crate::admission::{Admission, Connections, Inbox, Tuple, Verdict, Waker};
+use crate::admission::{is_syn, tuple_of, Admission, Connections, Inbox, Tuple, Verdict, Waker};
 use crate::NetError;
 
 const ETH_HLEN: usize = 14;
@@ -142,18 +142,10 @@ impl TxState {
     /// A received frame (Ethernet): the MAC it came from becomes its 4-tuple's candidate, unless the
     /// 4-tuple is pinned (a bare SYN of a pinned 4-tuple counts: a client connecting again).
     fn learn(&mut self, frame: &[u8]) {
-        let Some(ip) = frame.get(ETH_HLEN..) else {
+        let Some(t) = frame.get(ETH_HLEN..).and_then(tuple_of) else {
             return;
         };
-        let Some((src_port, dst_port)) = tcp_ports(ip) else {
-            return;
-        };
-        let t = (
-            Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-            src_port,
-            dst_port,
-        );
-        if self.pinned.contains_key(&t) && !bare_syn(ip) {
+        if self.pinned.contains_key(&t) && !is_syn(&frame[ETH_HLEN..]) {
             return;
         }
         let mut mac = [0u8; 6];
@@ -192,27 +184,6 @@ impl TxState {
             .or_else(|| self.kernel.get(&t.0))
             .copied()
     }
-}
-
-/// An IPv4 packet's TCP (source, destination) ports, if it is TCP, not a later fragment, and long
-/// enough to carry them.
-fn tcp_ports(ip: &[u8]) -> Option<(u16, u16)> {
-    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
-    let offset = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x1fff;
-    if ip.get(9) != Some(&6) || ihl < 20 || offset != 0 {
-        return None;
-    }
-    let p = ip.get(ihl..ihl + 4)?;
-    Some((
-        u16::from_be_bytes([p[0], p[1]]),
-        u16::from_be_bytes([p[2], p[3]]),
-    ))
-}
-
-/// Whether an IPv4 TCP packet is a bare SYN (SYN without ACK: a client opening a connection).
-fn bare_syn(ip: &[u8]) -> bool {
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    ip.get(ihl + 13).is_some_and(|&flags| flags & 0x12 == 0x02)
 }
 
 /// In [`TxState::lens`]: the frame was already sent again once (a frame is length ≤ 2 KiB).
@@ -614,8 +585,9 @@ impl phy::TxToken for TxToken<'_> {
         let frame = data.contents_mut();
         let r = f(&mut frame[ETH_HLEN..]);
         let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-        let next = match tcp_ports(&frame[ETH_HLEN..]) {
-            Some((src_port, dst_port)) => txs.next_hop((dst, dst_port, src_port)),
+        // (A sent packet's tuple_of is (our address, our port, its port).)
+        let next = match tuple_of(&frame[ETH_HLEN..]) {
+            Some((_, local, remote)) => txs.next_hop((dst, remote, local)),
             None => txs.kernel.get(&dst).copied(),
         };
         match next {
@@ -880,23 +852,5 @@ mod tests {
             Some(B),
             "the SYN's MAC, not the old connection's"
         );
-    }
-
-    #[test]
-    fn tcp_ports_of_a_packet() {
-        let mut p = [0u8; 40];
-        p[0] = 0x45;
-        p[9] = 6;
-        p[20..24].copy_from_slice(&[0x9c, 0x40, 0x23, 0x2a]);
-        assert_eq!(tcp_ports(&p), Some((40000, 9002)));
-        assert_eq!(tcp_ports(&p[..22]), None, "too short");
-        p[9] = 17;
-        assert_eq!(tcp_ports(&p), None, "not TCP");
-        p[9] = 6;
-        p[7] = 1;
-        assert_eq!(tcp_ports(&p), None, "a later fragment: no ports");
-        p[7] = 0;
-        p[0] = 0x44;
-        assert_eq!(tcp_ports(&p), None, "a header length under 20");
     }
 }

@@ -805,7 +805,10 @@ fn sigterm_with_a_client_not_reading_exits_after_the_shutdown_timeout() {
         c.call(&lc_set_call(1, b"v", &value)).success("lc_set", 1),
         &Val::Bool(true)
     );
-    let batch: Vec<u8> = (0..16).flat_map(|i| lc_get_call(i, b"v")).collect();
+    // 16 MiB of replies: more than the server's send buffer (up to tcp_wmem's 4 MiB) and the client's
+    // unread receive buffer can take, so some stay in faed (with 4 MiB, faed could hand them all to the
+    // kernel under load, count the session drained and exit before the timeout).
+    let batch: Vec<u8> = (0..64).flat_map(|i| lc_get_call(i, b"v")).collect();
     c.send_raw(&batch);
     assert!(!c.r.fill_buf().expect("first reply bytes").is_empty());
     // An idle session too: it has nothing in flight and must not hold the exit up.

@@ -295,8 +295,9 @@ pub trait Transport {
     /// faed ends the connection; the session slot is given back ([`Conn::closed`]) when the transport
     /// lets the connection go (the kernel path at once, the XDP path once smoltcp has finished it).
     fn close(&mut self, key: Self::Key, how: Close, now: Instant);
-    /// After a pump that left the connection open (the XDP path notes those with replies left to send).
-    fn pumped(&mut self, _key: Self::Key) {}
+    /// After a pump that left the connection open; `pending`: replies are left to send, or reads paused
+    /// (the XDP path pumps those again next turn; the kernel path waits for the socket's readiness).
+    fn pumped(&mut self, _key: Self::Key, _pending: bool) {}
     /// Deferred replies came for the connection: true if the transport pumps it itself this turn (the
     /// XDP loop, which pumps every connection a turn touched once), false to have it pumped now.
     fn replied(&mut self, _key: Self::Key) -> bool {
@@ -320,20 +321,21 @@ pub fn pump<T: Transport>(
             return None;
         }
         let r = c.pump(s, readable, env, metrics, now);
-        Some((r, c.done()))
+        let pending = !c.session.out.is_empty() || c.read_paused;
+        Some((r, c.done(), pending))
     });
     match pumped.flatten() {
         None => false,
-        Some((Err(_), _)) => {
+        Some((Err(_), _, _)) => {
             t.close(key, Close::Reset, now);
             true
         }
-        Some((Ok(_), true)) => {
+        Some((Ok(_), true, _)) => {
             t.close(key, Close::Finish, now);
             true
         }
-        Some((Ok(work), false)) => {
-            t.pumped(key);
+        Some((Ok(work), false, pending)) => {
+            t.pumped(key, pending);
             work
         }
     }

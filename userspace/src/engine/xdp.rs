@@ -351,11 +351,9 @@ impl<P: Port> Transport for Table<'_, P> {
         true
     }
 
-    fn pumped(&mut self, key: ConnId) {
-        if let Some(c) = self.live.conns.get(&key) {
-            if !c.session.out.is_empty() || c.read_paused {
-                self.live.again.push(key);
-            }
+    fn pumped(&mut self, key: ConnId, pending: bool) {
+        if pending {
+            self.live.again.push(key);
         }
     }
 }
@@ -410,17 +408,18 @@ impl<P: Port> XdpLoop<P> {
             // Refused: all of them while draining, the newest past the queue's bound, those that waited
             // past the idle timeout.
             let keep = if stopping { 0 } else { self.accept_queue };
-            while live.waiting.len() > keep {
-                let (id, _) = live.waiting.pop_back().expect("not empty");
-                self.stack.abort(id);
-                live.closing.push(id);
-                refused += 1;
-            }
-            while let Some(&(id, since)) = live.waiting.front() {
-                if now.saturating_duration_since(since) <= env.idle_timeout {
+            let expired = |&(_, since): &(ConnId, Instant)| {
+                now.saturating_duration_since(since) > env.idle_timeout
+            };
+            loop {
+                let refuse = if live.waiting.len() > keep {
+                    live.waiting.pop_back()
+                } else if live.waiting.front().is_some_and(expired) {
+                    live.waiting.pop_front()
+                } else {
                     break;
-                }
-                live.waiting.pop_front();
+                };
+                let Some((id, _)) = refuse else { break };
                 self.stack.abort(id);
                 live.closing.push(id);
                 refused += 1;
